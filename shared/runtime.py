@@ -1,0 +1,136 @@
+"""Accelerator setup, the command-line flags every training script shares, and the run summary."""
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, nominal_batch_size: int):
+    """Flags with the same meaning in every training script."""
+    g = parser.add_argument_group("run and hardware")
+    g.add_argument("--output-dir", required=True, type=Path, help="where args.json, results.csv, metrics.json, model/, checkpoints/ and logs/ go")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"samples per device per forward pass (default {batch_size})")
+    g.add_argument("--nominal-batch-size", type=int, default=nominal_batch_size,
+                   help="effective batch per optimizer step; gradient accumulation steps = nominal / (batch size x processes) "
+                        f"(default {nominal_batch_size})")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation (default 0)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes per device")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="overrides the accelerate config; fp16 needs a GPU, bf16 runs on recent GPUs and CPUs")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (helps when the per-device batch is small)")
+    g.add_argument("--no-augment", action="store_true", help="turn off all training augmentation (for equivalence checks and debugging)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints, or from PATH")
+    g.add_argument("--checkpoint-steps", type=int, default=0, help="also save a checkpoint every N optimizer steps (0: only at epoch ends)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
+
+
+def setup_accelerator(args, run_name: str, kwargs_handlers=None) -> Accelerator:
+    """Build the Accelerator, derive gradient accumulation from the process count, and seed everything.
+
+    Sets args.num_processes, args.accumulation_steps and args.effective_batch_size."""
+    if args.mixed_precision:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
+    if args.cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    _refuse_impossible_launch(args)
+    state = PartialState(cpu=args.cpu)
+    args.num_processes = state.num_processes
+    per_step = args.batch_size * state.num_processes
+    args.accumulation_steps = max(1, round(args.nominal_batch_size / per_step))
+    args.effective_batch_size = per_step * args.accumulation_steps
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        gradient_accumulation_steps=args.accumulation_steps,
+        # Shuffling seeded by (seed, epoch) gives every process count the same sample order,
+        # so 1 device x 2 accumulation steps sees the same batches as 2 devices x 1 step.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
+        kwargs_handlers=kwargs_handlers,
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SystemExit("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16 "
+                         "(or the preset accelerate_configs/cpu.yaml).")
+    if args.effective_batch_size != args.nominal_batch_size:
+        accelerator.print(f"note: nominal batch {args.nominal_batch_size} is not a multiple of "
+                          f"{args.batch_size} x {args.num_processes} processes; the effective batch is {args.effective_batch_size}")
+    set_seed(args.seed)
+    accelerator.init_trackers(run_name, config=_flat_config(args))
+    return accelerator
+
+
+def _refuse_impossible_launch(args):
+    """Stop, with the fix, when the launch asks for hardware this machine does not have."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if on_cpu:
+        return
+    gpus = torch.cuda.device_count()
+    if world_size > 1 and gpus == 0:
+        raise SystemExit(f"{world_size} processes were launched for GPUs, but this machine has none. "
+                         "On CPUs run: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N ... "
+                         "or accelerate launch --config_file accelerate_configs/cpu_2proc.yaml ...")
+    if gpus and local_rank >= gpus:
+        raise SystemExit(f"process with LOCAL_RANK {local_rank} has no GPU: this machine has {gpus}. "
+                         f"Launch at most {gpus} processes per machine (--num_processes / --nproc_per_node); "
+                         "the effective batch stays the same because accumulation grows.")
+
+
+def _flat_config(args) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+
+
+def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_last=False):
+    """A DataLoader with the settings that keep the device fed."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
+        drop_last=drop_last, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+    )
+
+
+def environment_facts(accelerator: Accelerator) -> dict:
+    import accelerate
+    facts = {
+        "python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__,
+        "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision, "command": " ".join(sys.argv),
+    }
+    for name in ("torchvision", "torchaudio"):
+        if name in sys.modules:
+            facts[name] = sys.modules[name].__version__
+    return facts
+
+
+def write_args_json(args, accelerator: Accelerator, **extra):
+    """Every argument as resolved, plus processes, accumulation and library versions."""
+    if not accelerator.is_main_process:
+        return
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    record.update(environment_facts(accelerator), **extra)
+    write_json(args.output_dir / "args.json", record)
+
+
+def write_json(path: Path, obj):
+    """Write through a temporary file so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def print_summary(accelerator: Accelerator, title: str, rows: dict):
+    width = max(len(k) for k in rows)
+    lines = [title] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]
+    accelerator.print("\n".join(lines))
