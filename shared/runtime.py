@@ -41,6 +41,9 @@ def setup_accelerator(args, run_name: str, kwargs_handlers=None) -> Accelerator:
     Sets args.num_processes, args.accumulation_steps and args.effective_batch_size."""
     if args.mixed_precision:
         os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
+    # accelerate's multi-GPU launcher does not pass a config's use_cpu on, and PartialState does not
+    # read ACCELERATE_USE_CPU: settle "CPU or not" once, from the flag or the environment.
+    args.cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if args.cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     _refuse_impossible_launch(args)
@@ -74,14 +77,13 @@ def _refuse_impossible_launch(args):
     """Stop, with the fix, when the launch asks for hardware this machine does not have."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    on_cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if on_cpu:
+    if args.cpu:
         return
     gpus = torch.cuda.device_count()
     if world_size > 1 and gpus == 0:
         raise SystemExit(f"{world_size} processes were launched for GPUs, but this machine has none. "
-                         "On CPUs run: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N ... "
-                         "or accelerate launch --config_file accelerate_configs/cpu_2proc.yaml ...")
+                         "To train with several CPU processes add --cpu (or set ACCELERATE_USE_CPU=true), e.g. "
+                         "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml SCRIPT --cpu ...")
     if gpus and local_rank >= gpus:
         raise SystemExit(f"process with LOCAL_RANK {local_rank} has no GPU: this machine has {gpus}. "
                          f"Launch at most {gpus} processes per machine (--num_processes / --nproc_per_node); "
