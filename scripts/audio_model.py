@@ -1,0 +1,141 @@
+"""The audio classifier: a log-mel frontend that runs on the device in float32, then any torchvision
+classification network with a 1-channel stem. The frontend is part of the saved model, so inference
+takes raw waveforms."""
+
+import os
+from pathlib import Path
+
+import torch
+import torchaudio.transforms as T
+import torchvision
+from torch import nn
+
+from shared.model_io import load_pretrained, save_pretrained
+
+TASK = "audio-classification"
+
+
+def frontend_config(sample_rate: int, clip_seconds: float, n_mels: int) -> dict:
+    """25 ms windows and a 10 ms hop, the usual choice for speech and environmental sound."""
+    win = round(0.025 * sample_rate)
+    return {"sample_rate": sample_rate, "clip_seconds": clip_seconds, "n_mels": n_mels,
+            "n_fft": 1 << (win - 1).bit_length(), "win_length": win, "hop_length": round(0.010 * sample_rate),
+            "f_min": 0.0, "f_max": sample_rate / 2}
+
+
+def pcm_to_float(waves: torch.Tensor) -> torch.Tensor:
+    """int16 PCM (how the cache stores clips, half the bytes to move) or float waveforms to float32 in [-1, 1]."""
+    return waves.float() / 32768 if waves.dtype == torch.int16 else waves.float()
+
+
+class LogMelFrontend(nn.Module):
+    """waveforms (B, samples) -> normalised log-mel (B, 1, n_mels, frames), with SpecAugment in training.
+
+    Runs in float32 even under autocast: a half-precision STFT and dB conversion lose the quiet parts."""
+
+    def __init__(self, config: dict, freq_mask: int = 0, time_mask: int = 0):
+        super().__init__()
+        self.mel = T.MelSpectrogram(config["sample_rate"], n_fft=config["n_fft"], win_length=config["win_length"],
+                                    hop_length=config["hop_length"], f_min=config["f_min"], f_max=config["f_max"],
+                                    n_mels=config["n_mels"])
+        self.to_db = T.AmplitudeToDB(stype="power", top_db=80)
+        # Dataset statistics of the log-mels, set once from training clips and saved with the model.
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("std", torch.ones(()))
+        masks = []
+        if freq_mask:
+            masks.append(T.FrequencyMasking(freq_mask, iid_masks=True))
+        if time_mask:
+            masks.append(T.TimeMasking(time_mask, iid_masks=True))
+        self.spec_augment = nn.Sequential(*masks)
+
+    def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=waves.device.type, enabled=False):
+            # (B, 1, samples) keeps AmplitudeToDB's top_db clamp per clip rather than per batch.
+            return self.to_db(self.mel(pcm_to_float(waves).unsqueeze(1)))
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=waves.device.type, enabled=False):
+            x = (self.log_mel(waves) - self.mean) / self.std
+            if self.training:
+                x = self.spec_augment(x)
+        return x
+
+    @torch.no_grad()
+    def fit_normalisation(self, waves: torch.Tensor):
+        x = self.log_mel(waves)
+        self.mean.fill_(x.mean())
+        self.std.fill_(x.std().clamp_min(1e-3))
+
+
+# ----------------------------------------------------------------------------- the network: change it here
+def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """Any torchvision classification model by name, with a 1-channel first convolution.
+
+    With pretrained ImageNet weights (from the local torch hub cache) the RGB filters of the stem are
+    summed into one channel and the last linear layer is replaced for num_classes."""
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise SystemExit(f"--model {name}: not a torchvision classification model; choose one of {', '.join(known)}")
+    if pretrained:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        if not cached.is_file():
+            raise SystemExit(f"--pretrained: no cached ImageNet weights for {name}; expected {cached}. Download "
+                             f"{weights.url} to that path on a machine with internet (or set TORCH_HOME), "
+                             "or train from scratch without --pretrained.")
+        model = torchvision.models.get_model(name, weights=weights)
+        _replace_last_linear(model, num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    _one_channel_stem(model)
+    return model
+
+
+def _one_channel_stem(model: nn.Module):
+    for parent in model.modules():
+        for child_name, conv in parent.named_children():
+            if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
+                stem = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                 conv.groups, conv.bias is not None, conv.padding_mode)
+                with torch.no_grad():
+                    stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+                    if conv.bias is not None:
+                        stem.bias.copy_(conv.bias)
+                setattr(parent, child_name, stem)
+                return
+    raise SystemExit(f"{type(model).__name__}: found no 3-channel first convolution to turn into a 1-channel stem")
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int):
+    last = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.Linear)]
+    if not last:
+        raise SystemExit(f"{type(model).__name__}: no linear classifier head to replace; pick another --model")
+    parent, name, head = last[-1]
+    setattr(parent, name, nn.Linear(head.in_features, num_classes))
+
+
+class AudioClassifier(nn.Module):
+    """Raw waveforms in, class logits out."""
+
+    def __init__(self, config: dict, pretrained: bool = False, freq_mask: int = 0, time_mask: int = 0):
+        super().__init__()
+        self.frontend = LogMelFrontend(config, freq_mask, time_mask)
+        self.backbone = build_backbone(config["model"], len(config["labels"]), pretrained)
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.frontend(waves).contiguous(memory_format=torch.channels_last))
+
+
+def save_classifier(directory: Path, model: AudioClassifier, config: dict):
+    save_pretrained(directory, model, {"task": TASK, **config})
+
+
+def load_classifier(directory: Path, device="cpu") -> tuple[AudioClassifier, dict]:
+    state, config = load_pretrained(directory)
+    if config.get("task") != TASK:
+        raise SystemExit(f"{directory}: holds a {config.get('task')!r} model, not an audio classifier")
+    model = AudioClassifier(config)
+    model.load_state_dict(state)
+    return model.to(device, memory_format=torch.channels_last).eval(), config
