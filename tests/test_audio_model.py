@@ -1,0 +1,74 @@
+"""The audio model: float32 frontend under autocast, 1-channel stems, cached pretrained weights, save/load."""
+
+import pytest
+import torch
+import torchvision
+
+from audio_model import AudioClassifier, build_backbone, frontend_config, load_classifier, save_classifier
+
+CONFIG = {"model": "resnet18", "labels": ["a", "b", "c"], **frontend_config(8000, 0.5, 32)}
+
+
+def test_frontend_is_float32_under_bf16_autocast_and_independent_of_the_batch():
+    model = AudioClassifier(CONFIG).eval()
+    waves = torch.randn(4, 4000) * torch.tensor([[1.0], [0.1], [0.01], [0.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.frontend(waves)
+        logits = model(waves)
+    assert features.dtype == torch.float32 and features.shape == (4, 1, 32, 51)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (4, 3)
+    # the dB floor is per clip: a clip's features do not depend on the loudest clip beside it
+    assert torch.allclose(model.frontend(waves[1:2]), features[1:2], atol=1e-4)
+
+
+def test_int16_and_float_waveforms_give_the_same_features():
+    frontend = AudioClassifier(CONFIG).frontend
+    waves = torch.rand(2, 4000) - 0.5
+    pcm = (waves * 32768).round().to(torch.int16)
+    assert torch.allclose(frontend.log_mel(pcm), frontend.log_mel(pcm.float() / 32768))
+
+
+def test_specaugment_only_in_training():
+    model = AudioClassifier(CONFIG, freq_mask=8, time_mask=10)
+    model.frontend.fit_normalisation(torch.randn(8, 4000))
+    waves = torch.randn(2, 4000)
+    masked = model.frontend.train()(waves)
+    clean = model.frontend.eval()(waves)
+    assert (masked == 0).sum() > (clean == 0).sum()
+    assert torch.equal(clean, model.frontend(waves))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"])
+def test_any_torchvision_classifier_gets_a_one_channel_stem(name):
+    model = build_backbone(name, 5).eval()
+    assert model(torch.randn(2, 1, 32, 51)).shape == (2, 5)
+
+
+def test_unknown_model_name():
+    with pytest.raises(SystemExit, match="not a torchvision classification model"):
+        build_backbone("resnet19", 3)
+
+
+def test_pretrained_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(SystemExit, match=rf"expected {tmp_path}/checkpoints/resnet18-[0-9a-f]+\.pth"):
+        build_backbone("resnet18", 3, pretrained=True)
+    imagenet = torchvision.models.resnet18()
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(imagenet.state_dict(), tmp_path / "checkpoints" / url.split("/")[-1])
+    model = build_backbone("resnet18", 3, pretrained=True)
+    assert torch.allclose(model.conv1.weight, imagenet.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+    assert model.fc.out_features == 3
+
+
+def test_saved_model_takes_raw_waveforms(tmp_path):
+    model = AudioClassifier(CONFIG)
+    model.frontend.fit_normalisation(torch.randn(8, 4000))
+    model.eval()
+    save_classifier(tmp_path / "model", model, CONFIG)
+    loaded, config = load_classifier(tmp_path / "model")
+    waves = torch.randn(3, 4000)
+    assert config["labels"] == ["a", "b", "c"] and config["task"] == "audio-classification"
+    assert torch.allclose(loaded(waves), model(waves), atol=1e-5)
