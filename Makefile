@@ -22,7 +22,7 @@ $(STAMP): requirements.txt
 
 demo-data: $(STAMP)
 	$(PY) scripts/make_demo_audio.py --output demo_data/speech_commands --layout speech_commands
-	$(PY) scripts/make_demo_detection.py --output demo_data/shapes
+	$(PY) scripts/make_demo_detection.py --output-dir demo_data/shapes
 
 demo: demo-data
 	$(LAUNCH) scripts/train_audio.py --data demo_data/speech_commands --output-dir $(OUT)/demo_audio --epochs 4 --batch-size 32 --nominal-batch-size 32
