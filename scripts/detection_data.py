@@ -1,0 +1,553 @@
+"""Detection data: YOLO, COCO json and Hub datasets read into one list of samples per split, checked
+file by file; box-aware augmentation (torchvision.transforms.v2); batching; YOLO <-> COCO conversion.
+
+Inside the scripts every box is xyxy in pixels of the upright image (after EXIF rotation) and every
+label is a 0-based class index. Anything wrong in the input is either fixed (and counted) or skipped
+(and counted) in a DataReport that the training script writes to OUTPUT_DIR/data_report.json."""
+
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLITS = ("train", "val", "test")
+PAD_VALUE = 114  # the grey YOLO letterboxes with
+EXIF_ORIENTATION = 0x0112
+
+
+# ----------------------------------------------------------------------------------------------- samples
+@dataclass
+class Sample:
+    image_id: int
+    file_name: str            # as written to COCO json: relative to the dataset root when there is one
+    source: str | int         # image path, or row index into a Hub dataset
+    width: int                # of the upright image
+    height: int
+    boxes: np.ndarray         # (N, 4) float32 xyxy pixels
+    labels: np.ndarray        # (N,) int64 class index
+
+
+@dataclass
+class DetectionData:
+    names: list[str]
+    splits: dict[str, list[Sample]]
+    report: "DataReport"
+    hub: dict = field(default_factory=dict)   # split -> datasets.Dataset for Hub data
+    description: str = ""
+
+
+class DataReport:
+    """Per-file counts of what was fixed or skipped, and per-split totals."""
+
+    ACTIONS = {
+        "wrong_field_count": "label line skipped: a YOLO line needs 5 fields 'class cx cy w h'",
+        "class_out_of_range": "box skipped: class id is not an index of `names` (or category not in the json)",
+        "coords_outside_0_1": "box skipped: YOLO coordinates must be normalised to [0, 1]",
+        "zero_size_box": "box skipped: width or height is zero",
+        "duplicate_box": "box skipped: the same class and box appear twice",
+        "box_clipped_to_image": "box clipped to the image borders",
+        "crowd_annotation": "COCO iscrowd=1 annotation skipped",
+        "corrupt_image": "image skipped: it cannot be decoded",
+        "missing_image": "image skipped: the file does not exist",
+        "exif_rotated": "image rotated upright from its EXIF orientation (labels refer to the upright image)",
+        "converted_to_rgb": "image converted to 8-bit RGB (grayscale, RGBA, palette, CMYK or 16-bit)",
+    }
+
+    def __init__(self):
+        self.files: dict[str, Counter] = defaultdict(Counter)
+        self.totals: dict[str, Counter] = defaultdict(Counter)
+
+    def add(self, split: str, file: str, kind: str, count: int = 1):
+        if count:
+            self.files[str(file)][kind] += count
+            self.totals[split][kind] += count
+
+    def to_dict(self, data: DetectionData) -> dict:
+        return {
+            "meaning": self.ACTIONS,
+            "splits": {s: {"images": len(v), "background_images": sum(len(x.labels) == 0 for x in v),
+                           "boxes": int(sum(len(x.labels) for x in v)), "problems": dict(self.totals.get(s, {}))}
+                       for s, v in data.splits.items()},
+            "files": {f: dict(c) for f, c in sorted(self.files.items())},
+        }
+
+    def summary(self) -> str:
+        parts = [f"{split}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) for split, c in self.totals.items()]
+        return "; ".join(parts) if parts else "no problems found"
+
+
+# ----------------------------------------------------------------------------------------------- images
+def open_rgb(image: Image.Image | str | Path) -> tuple[Image.Image, list[str]]:
+    """Decode to upright 8-bit RGB; return the image and what had to be fixed (for the report)."""
+    img = Image.open(image) if isinstance(image, (str, Path)) else image
+    fixes = []
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+        fixes.append("exif_rotated")
+    if img.mode != "RGB":
+        img = to_rgb8(img)
+        fixes.append("converted_to_rgb")
+    return img, fixes
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert() would clip 16-bit values at 255; scale the full range instead.
+        a = np.asarray(img, dtype=np.float32)
+        a = a / 257.0 if img.mode.startswith("I;16") or a.max() > 255 else a
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (PAD_VALUE,) * 3 + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def probe_image(path: Path) -> tuple[tuple[int, int] | None, list[str]]:
+    """Upright (width, height) and fixes, or None when the file is missing or cannot be decoded."""
+    if not path.is_file():
+        return None, ["missing_image"]
+    try:
+        with Image.open(path) as img:
+            img.load()
+            w, h = img.size
+            rotated = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            fixes = (["exif_rotated"] if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else []) + \
+                    (["converted_to_rgb"] if img.mode != "RGB" else [])
+        return ((h, w) if rotated else (w, h)), fixes
+    except Exception:  # PIL raises many types for broken files; all mean "cannot use this image"
+        return None, ["corrupt_image"]
+
+
+def probe_all(paths: list[Path]):
+    """Decoding is the slow part of a scan; PIL releases the GIL, so threads help."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(probe_image, paths))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_data(data: str, val_fraction: float = 0.1) -> DetectionData:
+    """Auto-detect the format of --data: a data.yaml, a COCO instances json, or a Hub dataset id."""
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise SystemExit(f"--data {path}: file not found")
+        return load_data_yaml(path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise SystemExit(f"--data {path}: file not found")
+        report = DataReport()
+        train, names = read_coco(path, report, "train")
+        splits = dict(zip(("train", "val"), split_off(train, val_fraction)))
+        return DetectionData(names, splits, report, description=f"COCO json {path} (val: {val_fraction:.0%} of it)")
+    if path.exists():
+        raise SystemExit(f"--data {path}: expected a data.yaml, a COCO instances .json, or a Hub dataset id")
+    return load_hub(data, val_fraction)
+
+
+def load_data_yaml(path: Path) -> DetectionData:
+    cfg = yaml.safe_load(path.read_text()) or {}
+    names = parse_names(cfg, path)
+    root = (path.parent / cfg.get("path", ".")).resolve()
+    for split in ("train", "val"):
+        if not cfg.get(split):
+            raise SystemExit(f"{path}: no `{split}:` entry. Add `{split}: images/{split}` (a folder of images, a .txt list "
+                             "of image paths or a COCO .json), relative to `path:`")
+    report, splits = DataReport(), {}
+    for split in SPLITS:
+        if cfg.get(split):
+            entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
+            splits[split] = []
+            for entry in entries:
+                splits[split] += read_split_entry(root / str(entry), names, report, split, path)
+            renumber(splits[split])
+    return DetectionData(names, splits, report, description=f"YOLO data.yaml {path} (root {root})")
+
+
+def parse_names(cfg: dict, path: Path) -> list[str]:
+    names = cfg.get("names")
+    if names is None:
+        raise SystemExit(f"{path}: no `names:`. Add the class names, as a list `names: [cat, dog]` or a dict "
+                         "`names: {0: cat, 1: dog}`, in the order of the class ids used in the label files")
+    if isinstance(names, dict):
+        keys = sorted(int(k) for k in names)
+        if keys != list(range(len(keys))):
+            raise SystemExit(f"{path}: `names` keys must be the class ids 0..{len(keys) - 1}, got {keys}")
+        names = [names[k] if k in names else names[str(k)] for k in keys]
+    if not isinstance(names, list) or not names:
+        raise SystemExit(f"{path}: `names` must be a non-empty list or dict of class names")
+    return [str(n) for n in names]
+
+
+def read_split_entry(target: Path, names: list[str], report: DataReport, split: str, yaml_path: Path) -> list[Sample]:
+    if target.suffix == ".json":
+        if not target.is_file():
+            raise SystemExit(f"{yaml_path}: `{split}` COCO file {target} not found (paths are relative to `path:`)")
+        samples, json_names = read_coco(target, report, split)
+        if json_names != names:
+            raise SystemExit(f"{yaml_path}: `names` {names} differ from the categories of {target} {json_names}")
+        return samples
+    if target.suffix == ".txt" and target.is_file():
+        images = [(target.parent / line.strip()).resolve() for line in target.read_text().splitlines() if line.strip()]
+        root = target.parent
+    elif target.is_dir():
+        images = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        root = target.parent
+        if not images:
+            raise SystemExit(f"{yaml_path}: `{split}` folder {target} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    else:
+        raise SystemExit(f"{yaml_path}: `{split}` folder {target} not found. Fix `{split}:` or `path:` "
+                         "(split paths are relative to `path:`, which is relative to the data.yaml)")
+    return read_yolo_images(images, root, names, report, split)
+
+
+def label_path(image: Path) -> Path:
+    """YOLO convention: the last `images` folder of the path becomes `labels`, the suffix `.txt`."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+def read_yolo_images(images: list[Path], root: Path, names: list[str], report: DataReport, split: str) -> list[Sample]:
+    samples = []
+    for image, (size, fixes) in zip(images, probe_all(images)):
+        for fix in fixes:
+            report.add(split, image, fix)
+        if size is None:
+            continue
+        w, h = size
+        boxes, labels = parse_yolo_label(label_path(image), w, h, len(names), report, split)
+        samples.append(Sample(len(samples), _relative(image, root), str(image), w, h, boxes, labels))
+    return samples
+
+
+def parse_yolo_label(path: Path, w: int, h: int, nc: int, report: DataReport, split: str):
+    """Rows `class cx cy w h` (normalised). A missing file means a background image."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 5:
+                report.add(split, path, "wrong_field_count")
+                continue
+            try:
+                cls_f, *xywh = (float(x) for x in fields)
+            except ValueError:
+                report.add(split, path, "wrong_field_count")
+                continue
+            if not cls_f.is_integer() or not 0 <= cls_f < nc:
+                report.add(split, path, "class_out_of_range")
+                continue
+            if any(not 0.0 <= v <= 1.0 for v in xywh):
+                report.add(split, path, "coords_outside_0_1")
+                continue
+            cx, cy, bw, bh = xywh
+            rows.append((int(cls_f), (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+    return clean_boxes(rows, w, h, report, split, path)
+
+
+def clean_boxes(rows, w: int, h: int, report: DataReport, split: str, file) -> tuple[np.ndarray, np.ndarray]:
+    """Clip boxes to the image, drop empty ones and exact duplicates; every change is counted."""
+    seen, boxes, labels = set(), [], []
+    for cls, x0, y0, x1, y1 in rows:
+        c = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
+        if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
+            report.add(split, file, "zero_size_box")
+            continue
+        if max(abs(a - b) for a, b in zip(c, (x0, y0, x1, y1))) > 0.5:
+            report.add(split, file, "box_clipped_to_image")
+        key = (cls, *(round(v, 2) for v in c))
+        if key in seen:
+            report.add(split, file, "duplicate_box")
+            continue
+        seen.add(key)
+        boxes.append(c)
+        labels.append(cls)
+    return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64)
+
+
+def read_coco(path: Path, report: DataReport, split: str, image_root: Path | None = None):
+    """A COCO instances file; images are looked up relative to the json's folder, its parent, or an images/ folder there."""
+    coco = json.loads(path.read_text())
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise SystemExit(f"{path}: not a COCO instances file (no `{key}` list)")
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    names = [str(c["name"]) for c in categories]
+    index_of = {c["id"]: i for i, c in enumerate(categories)}
+    root = image_root or find_image_root(path, coco["images"])
+    by_image = defaultdict(list)
+    for ann in coco["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    files = [root / im["file_name"] for im in coco["images"]]
+    samples = []
+    for im, file, (size, fixes) in zip(coco["images"], files, probe_all(files)):
+        for fix in fixes:
+            report.add(split, file, fix)
+        if size is None:
+            continue
+        w, h = size
+        rows = []
+        for ann in by_image[im["id"]]:
+            if ann.get("iscrowd", 0):
+                report.add(split, file, "crowd_annotation")
+            elif ann["category_id"] not in index_of:
+                report.add(split, file, "class_out_of_range")
+            else:
+                x, y, bw, bh = ann["bbox"]
+                rows.append((index_of[ann["category_id"]], x, y, x + bw, y + bh))
+        boxes, labels = clean_boxes(rows, w, h, report, split, file)
+        samples.append(Sample(im["id"], im["file_name"], str(file), w, h, boxes, labels))
+    return samples, names
+
+
+def find_image_root(json_path: Path, images: list[dict]) -> Path:
+    candidates = [json_path.parent, json_path.parent.parent, json_path.parent / "images", json_path.parent.parent / "images"]
+    for root in candidates:
+        if images and (root / images[0]["file_name"]).is_file():
+            return root
+    return json_path.parent
+
+
+def load_hub(dataset_id: str, val_fraction: float) -> DetectionData:
+    import datasets
+    try:
+        dsd = datasets.load_dataset(dataset_id)
+    except Exception as e:  # offline misses and unknown ids surface as several exception types
+        raise SystemExit(f"--data {dataset_id}: not a file, and the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
+                         "Use a data.yaml or COCO json path, or a Hub id that is cached locally (HF_HOME) or reachable.")
+    return from_hub_dataset(dsd, dataset_id, val_fraction)
+
+
+def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1) -> DetectionData:
+    """Splits in the `objects{bbox, category}` convention (bbox = COCO [x, y, w, h] pixels, category a ClassLabel)."""
+    aliases = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
+    report, splits, hub = DataReport(), {}, {}
+    names = None
+    for hub_split, ds in dsd.items():
+        split = aliases.get(hub_split)
+        if split is None:
+            continue
+        if "objects" not in ds.features or "image" not in ds.features:
+            raise SystemExit(f"{name}: split {hub_split} needs columns `image` and `objects` (with `bbox` and `category`); "
+                             f"it has {list(ds.features)}")
+        category = ds.features["objects"]["category"]
+        feature = getattr(category, "feature", category)
+        names = names or list(getattr(feature, "names", None) or [])
+        hub[split] = ds
+        splits[split] = read_hub_split(ds, split, report, names)
+    if "train" not in splits:
+        raise SystemExit(f"{name}: no `train` split (found {list(dsd)})")
+    if not names:
+        raise SystemExit(f"{name}: `objects.category` is not a ClassLabel, so the class names are unknown")
+    if "val" not in splits:
+        splits["train"], splits["val"] = split_off(splits["train"], val_fraction)
+        hub["val"] = hub["train"]
+    return DetectionData(names, splits, report, hub=hub, description=f"Hub dataset {name}")
+
+
+def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list[Sample]:
+    samples = []
+    objects = ds["objects"]
+    sizes = zip(ds["width"], ds["height"]) if {"width", "height"} <= set(ds.features) else None
+    for i, obj in enumerate(objects):
+        file = f"{split}/{i}"
+        if sizes is not None:
+            w, h = next(sizes)
+        else:
+            img, _ = open_rgb(ds[i]["image"])
+            w, h = img.size
+        rows = []
+        for (x, y, bw, bh), cat in zip(obj["bbox"], obj["category"]):
+            if not 0 <= cat < len(names):
+                report.add(split, file, "class_out_of_range")
+                continue
+            rows.append((int(cat), x, y, x + bw, y + bh))
+        boxes, labels = clean_boxes(rows, w, h, report, split, file)
+        samples.append(Sample(i, f"{i:08d}.jpg", i, w, h, boxes, labels))
+    return samples
+
+
+def split_off(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """A fixed (seed-independent) random validation split, so every run and process agrees on it."""
+    order = list(range(len(samples)))
+    random.Random(0).shuffle(order)
+    n_val = max(1, round(len(samples) * fraction))
+    val = [samples[i] for i in sorted(order[:n_val])]
+    train = [samples[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def renumber(samples: list[Sample]):
+    for i, s in enumerate(samples):
+        s.image_id = i
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+def to_coco(samples: list[Sample], names: list[str]) -> dict:
+    """COCO instances dict; category ids are the class indices, annotation ids start at 1 (pycocotools needs > 0)."""
+    images, annotations = [], []
+    for s in samples:
+        images.append({"id": int(s.image_id), "file_name": s.file_name, "width": int(s.width), "height": int(s.height)})
+        for (x0, y0, x1, y1), label in zip(s.boxes.tolist(), s.labels.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": int(s.image_id), "category_id": int(label),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(names)]}
+
+
+def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:
+    """`class cx cy w h` rows, normalised by the image size."""
+    lines = []
+    for (x0, y0, x1, y1), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist()):
+        lines.append(f"{int(label)} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
+    return lines
+
+
+def write_yolo_labels(samples: list[Sample], labels_dir: Path):
+    """One .txt per image with objects (background images get none, as YOLO expects)."""
+    for s in samples:
+        if len(s.labels):
+            out = Path(labels_dir) / Path(s.file_name).with_suffix(".txt").name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(yolo_lines(s.boxes, s.labels, s.width, s.height)) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- training data
+class DetectionDataset(torch.utils.data.Dataset):
+    """Decodes an image, applies the transform, returns (uint8 CHW image, target with xyxy boxes in its pixels).
+
+    Augmentation randomness is seeded by (seed, epoch, index), so a sample gets the same augmentation
+    whatever the process count, worker count, or a resume in the middle of the epoch."""
+
+    def __init__(self, samples: list[Sample], transform, hub_dataset=None, seed: int = 0, colour_jitter=None):
+        self.samples, self.transform, self.hub_dataset, self.seed = samples, transform, hub_dataset, seed
+        self.colour_jitter = colour_jitter
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
+
+    def set_epoch(self, epoch: int):
+        self.epoch.fill_(epoch)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        s = self.samples[index]
+        source = self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source
+        return open_rgb(source)[0]
+
+    def __getitem__(self, index: int):
+        s = self.samples[index]
+        image = tv_tensors.Image(F.pil_to_tensor(self.load(index)))
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(s.boxes), format="XYXY", canvas_size=(s.height, s.width)),
+                  "labels": torch.from_numpy(s.labels)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, int(self.epoch), index)) & 0x7FFF_FFFF)
+            image, target = self.transform(image, target)
+            colour = self.colour_jitter.sample() if self.colour_jitter else torch.ones(3)
+        h, w = image.shape[-2:]
+        return image.as_subclass(torch.Tensor), {
+            "boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"], "colour": colour,
+            "image_id": s.image_id, "orig_size": (s.height, s.width), "size": (h, w)}
+
+
+def train_transform(img_size: int, hyp: dict):
+    """Horizontal flip, scale jitter, then a random img_size crop (padded where the image is smaller, which
+    also shifts it); boxes follow every step and too-small leftovers are dropped. Colour jitter runs batched
+    on the device (ColourJitter), where it costs almost nothing; per image on uint8 it was the slowest step."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(p=hyp["fliplr"]),
+        v2.ScaleJitter((img_size, img_size), scale_range=(1 - hyp["scale"], 1 + hyp["scale"])),
+        v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Image: PAD_VALUE, "others": 0}),
+        v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"]),
+    ])
+
+
+class ColourJitter:
+    """Brightness, contrast and saturation factors in [1 - strength, 1 + strength], drawn per image in the
+    data loader (seeded like the other augmentations) and applied to the whole batch on the device."""
+
+    def __init__(self, strength: float, p: float):
+        self.strength, self.p = strength, p
+
+    def sample(self) -> torch.Tensor:
+        factors = 1 + (torch.rand(3) * 2 - 1) * self.strength
+        return factors if torch.rand(()) < self.p else torch.ones(3)
+
+    @staticmethod
+    def apply(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """images: float (N, 3, H, W) in [0, 1]; factors: (N, 3) brightness, contrast, saturation."""
+        b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
+        images = images * b
+        grey = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        images = (images - grey.mean((2, 3), keepdim=True)) * c + grey.mean((2, 3), keepdim=True)
+        grey = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        return ((images - grey) * s + grey).clamp_(0, 1)
+
+
+def eval_transform(img_size: int):
+    """The long side becomes img_size, aspect kept (collate pads the rest)."""
+    return v2.Resize(size=None, max_size=img_size)
+
+
+def make_collate(img_size: int):
+    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid)."""
+
+    def collate(batch):
+        images = torch.full((len(batch), 3, img_size, img_size), PAD_VALUE, dtype=torch.uint8)
+        for i, (image, _) in enumerate(batch):
+            images[i, :, : image.shape[1], : image.shape[2]] = image
+        return images, [t for _, t in batch]
+
+    return collate
+
+
+def targets_to_model(targets: list[dict], device) -> list[dict]:
+    """torchvision detectors want labels 1..K (0 is background)."""
+    return [{"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True) + 1}
+            for t in targets]
+
+
+def to_original_coordinates(boxes: torch.Tensor, target: dict) -> torch.Tensor:
+    """Undo the eval resize: boxes in the pixels of the image file (upright)."""
+    (h0, w0), (h, w) = target["orig_size"], target["size"]
+    scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=boxes.dtype, device=boxes.device)
+    out = boxes * scale
+    out[:, 0::2] = out[:, 0::2].clamp(0, w0)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h0)
+    return out
+
+
+def label_statistics(samples: list[Sample], names: list[str]) -> dict:
+    counts = np.bincount(np.concatenate([s.labels for s in samples] + [np.zeros(0, np.int64)]), minlength=len(names))
+    wh = np.concatenate([(s.boxes[:, 2:] - s.boxes[:, :2]) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
+    centers = np.concatenate([((s.boxes[:, 2:] + s.boxes[:, :2]) / 2) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
+    return {"counts": counts, "wh": wh, "centers": centers}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

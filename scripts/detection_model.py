@@ -1,0 +1,123 @@
+"""Detection models by name: torchvision's detectors, plus `fcos_tiny`, a small FCOS that learns in minutes on a CPU.
+
+Every model follows torchvision's detection interface: in train mode model(images, targets) returns a
+dict of losses; in eval mode model(images) returns [{boxes (xyxy pixels), scores, labels}] per image.
+Labels are 1..num_classes; 0 is background (the convention of every torchvision detector)."""
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+TINY_MODELS = ("fcos_tiny",)
+
+
+def available_models() -> list[str]:
+    return list(TINY_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = False) -> nn.Module:
+    """The one place to change the architecture. num_classes counts object classes (background is added)."""
+    if name == "fcos_tiny":
+        if pretrained:
+            raise SystemExit("fcos_tiny has no pretrained weights: drop --pretrained, or pick a torchvision model "
+                             "such as fcos_resnet50_fpn whose weights are cached.")
+        return fcos_tiny(num_classes + 1, img_size)
+    if name not in available_models():
+        raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
+    kwargs = {} if name.startswith("ssd") else {"min_size": img_size, "max_size": img_size}
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
+    if pretrained:
+        transfer_coco_weights(model, name)
+    return model
+
+
+def fcos_tiny(num_classes: int, img_size: int, width: int = 32, fpn_channels: int = 64) -> FCOS:
+    """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head.
+
+    About 0.5 M parameters and 0.3 GFLOPs at 224 px: a few minutes of CPU training fit simple data."""
+    backbone = TinyBackbone(width)
+    fpn = BackboneWithFPN(backbone, return_layers={"stage3": "0", "stage4": "1", "stage5": "2"},
+                          in_channels_list=[2 * width, 4 * width, 8 * width], out_channels=fpn_channels)
+    # Levels P3, P4, P5 and the max-pooled P6; FCOS assigns objects to levels by size relative to these strides.
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,)), aspect_ratios=((1.0,),) * 4)
+    head = FCOSHead(fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=2)
+    return FCOS(fpn, num_classes, min_size=img_size, max_size=img_size, anchor_generator=anchors, head=head)
+
+
+def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TinyBackbone(nn.Sequential):
+    """Each stage halves the resolution, then refines with one more 3x3 conv."""
+
+    def __init__(self, width: int):
+        widths = [16, width, 2 * width, 4 * width, 8 * width]
+        stages, cin = OrderedDict(), 3
+        for i, cout in enumerate(widths, start=1):
+            stages[f"stage{i}"] = nn.Sequential(conv_bn(cin, cout, 2), conv_bn(cout, cout, 1)) if i > 1 else conv_bn(cin, cout, 2)
+            cin = cout
+        super().__init__(stages)
+
+
+def transfer_coco_weights(model: nn.Module, name: str):
+    """Copy every tensor of the cached COCO checkpoint whose name and shape match (the class layers are new)."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise SystemExit(f"--pretrained: {name} weights are not cached at {path}. Download {weights.url} to that "
+                         "path on a machine with internet access (or set TORCH_HOME), or train without --pretrained.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    print(f"--pretrained: transferred {len(matched)}/{len(own)} tensors from {path}")
+
+
+def freeze_backbone(model: nn.Module, stages: int) -> list[str]:
+    """Freeze the first `stages` parameter-holding top-level blocks of the backbone body; returns their names."""
+    if stages <= 0:
+        return []
+    body = getattr(model.backbone, "body", model.backbone)
+    blocks = [(n, m) for n, m in body.named_children() if any(True for _ in m.parameters())]
+    if stages > len(blocks):
+        raise SystemExit(f"--freeze {stages}: the backbone has only {len(blocks)} blocks ({', '.join(n for n, _ in blocks)})")
+    for _, block in blocks[:stages]:
+        block.requires_grad_(False)
+        freeze_batchnorm(block)
+    return [n for n, _ in blocks[:stages]]
+
+
+def freeze_batchnorm(module: nn.Module):
+    """Frozen layers keep their normalisation statistics too (torchvision's FrozenBatchNorm2d)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+
+
+def set_postprocess(model: nn.Module, score_thresh: float, nms_thresh: float, max_detections: int = 100):
+    """Score threshold, NMS IoU and detections per image, wherever this detector family keeps them."""
+    for part in (model, getattr(model, "roi_heads", None)):
+        if part is not None and hasattr(part, "score_thresh"):
+            part.score_thresh, part.nms_thresh, part.detections_per_img = score_thresh, nms_thresh, max_detections
+
+
+def input_size(model: nn.Module, img_size: int) -> int:
+    """SSD models resize to a fixed size; the others take --img-size."""
+    fixed = getattr(model.transform, "fixed_size", None)
+    return max(fixed) if fixed else img_size

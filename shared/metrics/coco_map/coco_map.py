@@ -1,0 +1,101 @@
+"""COCO box mAP as an `evaluate` module, computed by pycocotools (the reference) or faster-coco-eval.
+
+Inputs, one entry per image:
+  predictions: {"image_id": int, "boxes": [[x0, y0, x1, y1], ...] pixels, "scores": [...], "labels": [...]}
+  references:  {"image_id": int, "boxes": [[x0, y0, x1, y1], ...] pixels, "labels": [...], "width": int, "height": int}
+Labels are the category ids. compute(..., label_names=[...]) names categories 0..K-1 for per_class_ap;
+backend="pycocotools" (default) or "faster_coco_eval".
+
+Returns map (IoU .50:.95), map50, map75, map_small, map_medium, map_large, per_class_ap
+({name: AP .50:.95}). As in COCO, -1 means there is no ground truth to score (for example no small
+objects, or no object of that class)."""
+
+import contextlib
+import io
+
+import datasets
+import evaluate
+import numpy as np
+
+STAT_NAMES = ["map", "map50", "map75", "map_small", "map_medium", "map_large"]
+
+BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
+
+
+class CocoMap(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
+            inputs_description=__doc__,
+            features=datasets.Features({
+                "predictions": {"image_id": datasets.Value("int64"), "boxes": BOXES,
+                                "scores": datasets.Sequence(datasets.Value("float64")),
+                                "labels": datasets.Sequence(datasets.Value("int64"))},
+                "references": {"image_id": datasets.Value("int64"), "boxes": BOXES,
+                               "labels": datasets.Sequence(datasets.Value("int64")),
+                               "width": datasets.Value("int64"), "height": datasets.Value("int64")},
+            }),
+        )
+
+    def _compute(self, predictions, references, label_names=None, backend="pycocotools"):
+        gt, dt = coco_dicts(predictions, references, label_names)
+        return evaluate_coco(gt, dt, backend, label_names)
+
+
+def coco_dicts(predictions, references, label_names=None):
+    """COCO ground truth (instances) and results lists from per-image dicts; boxes become [x, y, w, h]."""
+    ids = set()
+    images, annotations, results = [], [], []
+    for ref in references:
+        images.append({"id": int(ref["image_id"]), "width": int(ref["width"]), "height": int(ref["height"])})
+        for (x0, y0, x1, y1), label in zip(ref["boxes"], ref["labels"]):
+            ids.add(int(label))
+            annotations.append({"id": len(annotations) + 1, "image_id": int(ref["image_id"]), "category_id": int(label),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    for pred in predictions:
+        for (x0, y0, x1, y1), score, label in zip(pred["boxes"], pred["scores"], pred["labels"]):
+            ids.add(int(label))
+            results.append({"image_id": int(pred["image_id"]), "category_id": int(label),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    if label_names is not None:
+        ids |= set(range(len(label_names)))
+    categories = [{"id": i, "name": label_names[i] if label_names is not None and i < len(label_names) else str(i)}
+                  for i in sorted(ids)]
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def evaluate_coco(gt: dict, results: list, backend: str = "pycocotools", label_names=None) -> dict:
+    """Run COCOeval on a ground-truth dict and a results list; return the summary and per-class AP."""
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval as Evaluator
+    elif backend == "faster_coco_eval":
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as Evaluator
+    else:
+        raise ValueError(f"backend must be 'pycocotools' or 'faster_coco_eval', not {backend!r}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth.
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
+        e = Evaluator(coco_gt, coco_dt, iouType="bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    out = {name: float(v) for name, v in zip(STAT_NAMES, e.stats)}
+    precision = np.asarray(e.eval["precision"])[:, :, :, 0, -1]  # IoU x recall x class, all areas, 100 detections
+    per_class = {}
+    for k, cat_id in enumerate(e.params.catIds):
+        p = precision[:, :, k]
+        name = coco_gt.cats[cat_id].get("name", str(cat_id))
+        per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    out["per_class_ap"] = per_class
+    return out
