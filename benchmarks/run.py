@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""`make bench`: launchkit's training scripts against plain baselines, side by side, on this machine.
+
+    .venv/bin/python benchmarks/run.py --output benchmarks/RESULTS.md          # full run, under 10 min on 2 cores
+    .venv/bin/python benchmarks/run.py --quick --output /tmp/RESULTS_quick.md  # smoke run, about a minute
+
+One process tree: this script writes the benchmark data once (benchmarks/.work/), then runs
+scripts/train_audio.py, scripts/train_detection.py and the baselines in benchmarks/ one after the
+other (never at the same time, so they do not share the 2 cores), interleaving baseline and launchkit
+repetitions so a noisy neighbour hurts both alike. Throughput is the steady state: the median of
+the per-epoch train samples/s of every epoch after the first, over all repetitions. Everything else
+(matmul peak, FLOPs per sample, the ResNet-18 step table, the profile, COCO mAP timing) is measured
+in this process. RESULTS.md gets the tables, the exact commands and the machine."""
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+import compute  # noqa: E402
+import datagen  # noqa: E402
+
+PY = sys.executable
+BUDGET_SECONDS = 570  # the full run must end within 10 minutes; the optional --compile probe gets what is left
+
+FULL = {"reps": 2, "s1": (256, 64), "us8k": (96, 32), "det": (48, 16), "audio_epochs": 3, "det_epochs": 3,
+        "coco_images": 500, "coco_reps": 3, "knob_steps": 5, "compile": True}
+QUICK = {"reps": 1, "s1": (64, 16), "us8k": (32, 16), "det": (32, 8), "audio_epochs": 2, "det_epochs": 2,
+         "coco_images": 100, "coco_reps": 1, "knob_steps": 2, "compile": False}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="Markdown report to write")
+    p.add_argument("--quick", action="store_true", help="tiny data, one repetition, no --compile probe: a smoke run")
+    p.add_argument("--work-dir", type=Path, default=HERE / ".work", help="benchmark data, caches and run folders")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every run (launchkit's default here)")
+    return p.parse_args(argv)
+
+
+# ================================================================================= running the scripts
+class Runner:
+    """Runs training scripts as subprocesses and keeps the exact commands for the report."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.commands: list[str] = []
+        self.env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                        TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+
+    def run(self, name: str, script: Path, *args) -> dict:
+        """Run a script that writes OUTPUT_DIR/results.csv and metrics.json; return its rows, metrics and wall time."""
+        out = self.work / "runs" / name
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [PY, str(script), *map(str, args), "--output-dir", str(out)]
+        self.commands.append(" ".join(_short(c) for c in cmd))
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        with (out / "results.csv").open(newline="") as f:
+            rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        print(f"  {name}: {wall:.0f} s, samples/s per epoch {[round(r['train_samples_per_second'], 1) for r in rows]}", flush=True)
+        return {"rows": rows, "metrics": json.loads((out / "metrics.json").read_text()), "wall": wall}
+
+
+def _short(arg: str) -> str:
+    """Commands in the report use repository-relative paths, so they can be pasted into a fresh clone."""
+    for base, shown in ((str(REPO) + "/", ""), (PY, ".venv/bin/python")):
+        arg = arg.replace(base, shown)
+    return arg
+
+
+def _number(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def steady(runs: list[dict]) -> dict:
+    """Median train samples/s over every epoch after the first (warm-up) of every run, and the spread."""
+    values = [r["train_samples_per_second"] for run in runs for r in run["rows"][1:]] or \
+             [r["train_samples_per_second"] for run in runs for r in run["rows"]]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# ================================================================================= audio
+def audio_benchmark(runner: Runner, name: str, data: Path, clip_seconds: float, cfg: dict, workers: int) -> dict:
+    """Baseline fp32, launchkit fp32, launchkit bf16, interleaved. The first launchkit run starts from an
+    empty cache (cold: it decodes and caches every clip); the later ones reuse it (warm)."""
+    cache = runner.work / "cache" / name
+    shutil.rmtree(cache, ignore_errors=True)
+    common = ["--data", data, "--epochs", cfg["audio_epochs"], "--batch-size", 32, "--workers", workers, "--seed", 0,
+              "--clip-seconds", clip_seconds]
+    launchkit = [*common, "--nominal-batch-size", 32, "--cache-dir", cache]  # one optimizer step per batch, as the baseline
+    runs = {"baseline_fp32": [], "launchkit_fp32": [], "launchkit_bf16": []}
+    train_audio, baseline = REPO / "scripts" / "train_audio.py", HERE / "baseline_audio.py"
+    for rep in range(cfg["reps"]):
+        runs["launchkit_bf16"].append(runner.run(f"{name}_launchkit_bf16_{rep}", train_audio, *launchkit, "--mixed-precision", "bf16"))
+        runs["baseline_fp32"].append(runner.run(f"{name}_baseline_fp32_{rep}", baseline, *common))
+        runs["launchkit_fp32"].append(runner.run(f"{name}_launchkit_fp32_{rep}", train_audio, *launchkit, "--mixed-precision", "no"))
+    warm = runner.run(f"{name}_launchkit_bf16_warm", train_audio, *launchkit, "--mixed-precision", "bf16")
+    runs["launchkit_bf16"].append(warm)
+    return {"runs": runs, "steady": {k: steady(v) for k, v in runs.items()},
+            "cold_wall": runs["launchkit_bf16"][0]["wall"], "warm_wall": warm["wall"]}
+
+
+def cache_timing(data: Path, clip_seconds: float, work: Path, workers: int) -> dict:
+    """launchkit's decode-once cache, timed in this process: building it (cold) and opening it again (warm)."""
+    import audio_data
+
+    splits = audio_data.load_audio_data(str(data)).splits
+    cache = work / "cache" / f"timing_{data.name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    num_samples = round(clip_seconds * 16000)
+    out = {}
+    for label in ("cold", "warm"):
+        start = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            for split in splits.values():
+                audio_data.CachedClips(split, 16000, num_samples, cache, workers)
+        out[label] = time.perf_counter() - start
+    out["clips"] = sum(len(s.targets) for s in splits.values())
+    return out
+
+
+# ================================================================================= detection
+def detection_benchmark(runner: Runner, data_yaml: Path, cfg: dict, workers: int) -> dict:
+    common = ["--data", data_yaml, "--epochs", cfg["det_epochs"], "--batch-size", 16, "--workers", workers, "--seed", 0,
+              "--model", "fcos_tiny", "--img-size", 224]
+    runs = {"baseline_fp32": [], "launchkit_fp32": [], "launchkit_bf16": []}
+    train_detection, baseline = REPO / "scripts" / "train_detection.py", HERE / "baseline_detection.py"
+    for rep in range(cfg["reps"]):
+        runs["launchkit_bf16"].append(runner.run(f"det_launchkit_bf16_{rep}", train_detection, *common, "--mixed-precision", "bf16"))
+        runs["baseline_fp32"].append(runner.run(f"det_baseline_fp32_{rep}", baseline, *common))
+        runs["launchkit_fp32"].append(runner.run(f"det_launchkit_fp32_{rep}", train_detection, *common, "--mixed-precision", "no"))
+    return {"runs": runs, "steady": {k: steady(v) for k, v in runs.items()}}
+
+
+# ================================================================================= COCO mAP backends
+def coco_benchmark(images: int, reps: int) -> dict:
+    """The same synthetic predictions (jittered true boxes plus false positives, up to 100 per image, as
+    evaluation at a 0.001 score threshold produces) scored by each backend; median seconds."""
+    from shared.metrics import load_metric
+    from shared.metrics.coco_map.coco_map import coco_dicts, evaluate_coco
+
+    rng = np.random.default_rng(0)
+    references, predictions = [], []
+    for image_id in range(images):
+        n = int(rng.integers(1, 8))
+        xy = rng.uniform(0, 400, (n, 2))
+        wh = rng.uniform(10, 200, (n, 2))
+        boxes = np.concatenate([xy, xy + wh], axis=1)
+        labels = rng.integers(0, 5, n)
+        references.append({"image_id": image_id, "boxes": boxes.tolist(), "labels": labels.tolist(), "width": 640, "height": 640})
+        fp = 100 - n
+        fp_xy = rng.uniform(0, 500, (fp, 2))
+        pred_boxes = np.concatenate([boxes + rng.normal(0, 6, boxes.shape),
+                                     np.concatenate([fp_xy, fp_xy + rng.uniform(5, 150, (fp, 2))], axis=1)])
+        predictions.append({"image_id": image_id, "boxes": pred_boxes.tolist(),
+                            "scores": np.concatenate([rng.uniform(0.3, 1, n), rng.uniform(0.001, 0.6, fp)]).tolist(),
+                            "labels": np.concatenate([labels, rng.integers(0, 5, fp)]).tolist()})
+    gt, results = coco_dicts(predictions, references)
+    metric = load_metric("coco_map")
+    out = {"images": images, "detections": len(results)}
+    for backend in ("pycocotools", "faster_coco_eval"):
+        raw, module = [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            value = evaluate_coco(gt, results, backend)["map"]
+            raw.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            metric.compute(predictions=predictions, references=references, backend=backend)
+            module.append(time.perf_counter() - start)
+        out[backend] = {"cocoeval": statistics.median(raw), "module": statistics.median(module), "map": value}
+    return out
+
+
+# ================================================================================= MFU knobs, compile, profile
+KNOBS = [  # (label, batch, bf16, channels_last)
+    ("fp32, NCHW, batch 32", 32, False, False),
+    ("fp32, channels_last, batch 32", 32, False, True),
+    ("bf16, NCHW, batch 32", 32, True, False),
+    ("bf16, channels_last, batch 32 (launchkit's layout)", 32, True, True),
+    ("bf16, NCHW, batch 16", 16, True, False),
+    ("bf16, NCHW, batch 64", 64, True, False),
+    ("bf16, channels_last, batch 64", 64, True, True),
+    ("bf16, NCHW, batch 128", 128, True, False),
+]
+
+
+def knob_table(flops_per_clip: float, peaks: dict, steps: int, quick: bool) -> list[dict]:
+    rows = []
+    for label, batch, bf16, channels_last in (KNOBS[2:4] if quick else KNOBS):
+        sps, _ = compute.ResNetStep(batch, bf16, channels_last, False).samples_per_second(warmup=2, steps=steps)
+        rows.append({"setting": label, "clips_per_s": sps, "mfu": flops_per_clip * sps / peaks["bf16" if bf16 else "fp32"]})
+        print(f"  {label}: {sps:.1f} clips/s", flush=True)
+    return rows
+
+
+def compile_probe(batch: int, channels_last: bool, steps: int, timeout: float, work: Path) -> dict:
+    """torch.compile of the bf16 step in a child process (its compile workers and caches stay out of this one)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import compute; "
+            f"s = compute.ResNetStep({batch}, True, {channels_last}, True); "
+            f"sps, warm = s.samples_per_second(warmup=2, steps={steps}); print(json.dumps({{'sps': sps, 'warm': warm}}))")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"))
+    try:
+        proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"timeout": timeout}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ================================================================================= the report
+def machine() -> dict:
+    lscpu = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            key, _, value = line.partition(":")
+            lscpu[key.strip()] = value.strip()
+    import torchaudio
+    import torchvision
+    flags = lscpu.get("Flags", "")
+    return {"cpu": lscpu.get("Model name", platform.processor()), "cpus": os.cpu_count(),
+            "cores": lscpu.get("Core(s) per socket", "?"), "sockets": lscpu.get("Socket(s)", "?"),
+            "isa": ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags.split()),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "torchaudio": torchaudio.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def verdict(value: float, target: float) -> str:
+    return f"{value:.2f}x vs target {target:g}x: **{'met' if value >= target else 'NOT met'}**"
+
+
+def write_report(path: Path, r: dict):
+    m, peaks = r["machine"], r["peaks"]
+    L = ["# launchkit benchmark results", "",
+         f"Generated by `.venv/bin/python benchmarks/run.py{' --quick' if r['quick'] else ''} --output {_short(str(path))}` "
+         f"(`make bench`) in {r['wall']:.0f} s{' (QUICK smoke run: tiny data, one repetition)' if r['quick'] else ''}.", "",
+         "## Machine", "",
+         f"- CPU: {m['cpu']}, {m['cpus']} logical CPUs ({m['sockets']} socket x {m['cores']} cores), ISA: {m['isa']}",
+         f"- torch {m['torch']} ({m['threads']} threads), torchvision {m['torchvision']}, torchaudio {m['torchaudio']}, Python {m['python']}",
+         f"- load average (1 min) at start {r['load'][0]:.2f}, at end {r['load'][1]:.2f} "
+         "(other work on the machine slows every row alike; compare ratios, not absolute numbers)",
+         f"- measured matmul peak (torch.utils.benchmark, square matrices, best of 1024/2048, best of the measurements at "
+         f"start and end): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s "
+         f"({peaks['bf16'] / peaks['fp32']:.1f}x)", ""]
+
+    L += ["## Summary against the targets", ""]
+    for key, title, target in (("s1", "Audio, 1 s 16 kHz clips", 2), ("us8k", "Audio, UrbanSound8K-like clips", 4),
+                               ("det", "Detection", 1.5)):
+        s = r[key]["steady"]
+        best = max(s["launchkit_fp32"]["median"], s["launchkit_bf16"]["median"])
+        L.append(f"- {title}: launchkit at its best setting / baseline = {verdict(best / s['baseline_fp32']['median'], target)} "
+                 f"(fp32 vs fp32: {ratio(s['launchkit_fp32']['median'], s['baseline_fp32']['median'])})")
+    L.append("")
+
+    L += ["## Training throughput (steady state) and model FLOPs utilisation", "",
+          "Samples/s: median of the per-epoch train throughput of every epoch after the first, over all repetitions "
+          "(`n` epochs; range in brackets). MFU = training FLOPs per sample (torch.utils.flop_counter, forward + backward "
+          "of the network; the log-mel frontend and data work are not counted) x samples/s / matmul peak in the run's "
+          "precision. Accuracy / mAP: validation, last epoch of the last repetition.", "",
+          "| workload | pipeline | precision | samples/s | vs baseline | MFU | val accuracy / mAP |",
+          "|---|---|---|---|---|---|---|"]
+    for key, title, quality in (("s1", "audio 1 s 16 kHz mono", "accuracy"), ("us8k", "audio 4 s 44.1/48 kHz stereo 24-bit", "accuracy"),
+                                ("det", "detection fcos_tiny 224 px", "map")):
+        s, flops, base = r[key]["steady"], r[key]["flops"], r[key]["steady"]["baseline_fp32"]["median"]
+        for pipeline, precision in (("baseline_fp32", "fp32"), ("launchkit_fp32", "fp32"), ("launchkit_bf16", "bf16")):
+            v = s[pipeline]
+            q = r[key]["runs"][pipeline][-1]["metrics"]["val"].get(quality)
+            L.append(f"| {title} | {'baseline (benchmarks/)' if pipeline.startswith('baseline') else 'launchkit'} | {precision} | "
+                     f"{v['median']:.1f} ({v['min']:.1f}-{v['max']:.1f}, n={v['n']}) | {ratio(v['median'], base)} | "
+                     f"{100 * flops * v['median'] / peaks[precision]:.1f}% | {q:.3f} |")
+    L += ["", f"Training FLOPs per sample: audio 1 s {r['s1']['flops'] / 1e9:.2f} GFLOP (1x64x101 log-mel), "
+              f"audio 4 s {r['us8k']['flops'] / 1e9:.2f} GFLOP (1x64x401), detection {r['det']['flops'] / 1e9:.2f} GFLOP per 224 px image.", ""]
+
+    L += ["## Cold vs warm data (launchkit's decode-once cache)", "",
+          "| data | decode + cache (cold) | reopen cache (warm) | whole run, empty cache | whole run, cache reused | "
+          "epoch 1 vs later epochs (samples/s) |", "|---|---|---|---|---|---|"]
+    for key, title in (("s1", "1 s 16 kHz"), ("us8k", "4 s 44.1/48 kHz stereo 24-bit")):
+        c, a = r[key]["cache"], r[key]
+        first = a["runs"]["launchkit_bf16"][0]["rows"]
+        later = statistics.median(row["train_samples_per_second"] for row in first[1:]) if len(first) > 1 else float("nan")
+        L.append(f"| {title}, {c['clips']} clips | {c['cold']:.2f} s | {c['warm']:.3f} s | {a['cold_wall']:.1f} s | "
+                 f"{a['warm_wall']:.1f} s | {first[0]['train_samples_per_second']:.1f} vs {later:.1f} |")
+    L += ["", "The baseline pays the decode (and resampling) cost in every epoch, inside the DataLoader workers; "
+              "launchkit pays it once per dataset and clip settings, before the first epoch, and every later run reuses the "
+              "cache. Epoch 1 is slower for both in any case (worker start-up, oneDNN kernel selection).", ""]
+
+    c = r["coco"]
+    L += ["## COCO mAP evaluation time (same predictions)", "",
+          f"{c['images']} images, {c['detections']} detections (up to 100 per image), median of {r['cfg']['coco_reps']} runs.", "",
+          "| backend | COCOeval (evaluate + accumulate + summarize) | through launchkit's evaluate module | mAP |", "|---|---|---|---|"]
+    for backend in ("pycocotools", "faster_coco_eval"):
+        b = c[backend]
+        L.append(f"| {backend} | {b['cocoeval']:.2f} s | {b['module']:.2f} s | {b['map']:.4f} |")
+    L += ["", f"faster-coco-eval is {ratio(c['pycocotools']['cocoeval'], c['faster_coco_eval']['cocoeval'])} faster on COCOeval; "
+              f"the module adds {c['pycocotools']['module'] - c['pycocotools']['cocoeval']:.2f} s (pycocotools) of "
+              "Arrow conversion of the inputs.", ""]
+
+    L += ["## What moves MFU: a ResNet-18 training step on 1x64x101 log-mels", "",
+          f"In-process, random log-mels, AdamW, median of {r['cfg']['knob_steps']} steps after 2 warm-up steps.", "",
+          "| setting | clips/s | MFU |", "|---|---|---|"]
+    for row in r["knobs"]:
+        L.append(f"| {row['setting']} | {row['clips_per_s']:.1f} | {100 * row['mfu']:.1f}% |")
+    comp = r.get("compile")
+    if comp is not None:
+        label = f"bf16, {comp['layout']}, batch 32, torch.compile"
+        if "sps" in comp:
+            L.append(f"| {label} | {comp['sps']:.1f} | {100 * r['s1']['flops'] * comp['sps'] / peaks['bf16']:.1f}% "
+                     f"(compile + 2 warm-up steps: {comp['warm']:.0f} s) |")
+        else:
+            L.append(f"| {label} | {comp.get('error') or 'did not finish within %.0f s' % comp.get('timeout', 0)} | |")
+    L += ["", "### Where a bf16 step goes (torch.profiler, self CPU time)", ""]
+    for title, prof in r["profiles"].items():
+        groups, top = prof
+        L += [f"{title}:", "", "| part | share |", "|---|---|"]
+        L += [f"| {g} | {100 * s:.1f}% |" for g, s in groups]
+        L += ["", "Top ops: " + ", ".join(f"`{n}` {100 * s:.1f}%" for n, s in top), ""]
+
+    L += ["## Exact commands", "", "Run in this order by `benchmarks/run.py` (data in benchmarks/.work/):", "", "```"]
+    L += r["commands"] + ["```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(L))
+
+
+# ================================================================================= main
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    work = args.work_dir / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    r = {"quick": args.quick, "cfg": cfg, "machine": machine(), "load": [os.getloadavg()[0]]}
+    print(f"machine: {r['machine']}", flush=True)
+    peak_start = {"fp32": compute.matmul_peak(torch.float32), "bf16": compute.matmul_peak(torch.bfloat16)}
+
+    print("data ...", flush=True)
+    s1 = datagen.write_audio_set(work / "data" / "clips_1s_16k", classes=8, train=cfg["s1"][0], val=cfg["s1"][1],
+                                 seconds=1.0, rates=[16000], channels=1, subtype="PCM_16")
+    us8k = datagen.write_audio_set(work / "data" / "clips_4s_44k_48k_stereo24", classes=8, train=cfg["us8k"][0], val=cfg["us8k"][1],
+                                   seconds=4.0, rates=[44100, 48000], channels=2, subtype="PCM_24", seed=1)
+    det = datagen.write_detection_set(work / "data" / "shapes", train=cfg["det"][0], val=cfg["det"][1], size=224)
+
+    runner = Runner(work)
+    print("audio, 1 s clips ...", flush=True)
+    r["s1"] = audio_benchmark(runner, "s1", s1, 1.0, cfg, args.workers)
+    r["s1"]["cache"] = cache_timing(s1, 1.0, work, args.workers)
+    print("audio, UrbanSound8K-like clips ...", flush=True)
+    r["us8k"] = audio_benchmark(runner, "us8k", us8k, 4.0, cfg, args.workers)
+    r["us8k"]["cache"] = cache_timing(us8k, 4.0, work, args.workers)
+    print("detection ...", flush=True)
+    r["det"] = detection_benchmark(runner, det, cfg, args.workers)
+
+    print("FLOPs, COCO backends, ResNet-18 step table, profile ...", flush=True)
+    from detection_model import build_model
+    r["s1"]["flops"] = compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 101), 8)
+    r["us8k"]["flops"] = compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 401), 8)
+    r["det"]["flops"] = compute.detection_flops_per_sample(build_model("fcos_tiny", 3, 224), 224)
+    r["coco"] = coco_benchmark(cfg["coco_images"], cfg["coco_reps"])
+    peak_end = {"fp32": compute.matmul_peak(torch.float32), "bf16": compute.matmul_peak(torch.bfloat16)}
+    r["peaks"] = {k: max(peak_start[k], peak_end[k]) for k in peak_start}
+    r["knobs"] = knob_table(r["s1"]["flops"], r["peaks"], cfg["knob_steps"], args.quick)
+    nchw_best = max((k for k in r["knobs"] if k["setting"].startswith("bf16") and "batch 32" in k["setting"]),
+                    key=lambda k: k["clips_per_s"])
+    r["profiles"] = {
+        "bf16, channels_last, batch 32 (launchkit's layout)": compute.profile_step(compute.ResNetStep(32, True, True, False)),
+        "bf16, NCHW, batch 32": compute.profile_step(compute.ResNetStep(32, True, False, False)),
+    }
+    if cfg["compile"]:
+        left = BUDGET_SECONDS - (time.perf_counter() - started)
+        channels_last = "channels_last" in nchw_best["setting"]
+        print(f"torch.compile probe ({left:.0f} s left) ...", flush=True)
+        r["compile"] = {"layout": "channels_last" if channels_last else "NCHW",
+                        **(compile_probe(32, channels_last, cfg["knob_steps"], left, work) if left > 30 else {"timeout": 0})}
+    r["commands"] = runner.commands
+    r["load"].append(os.getloadavg()[0])
+    r["wall"] = time.perf_counter() - started
+    write_report(args.output, r)
+    print(f"wrote {args.output} in {r['wall']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
