@@ -391,7 +391,8 @@ def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Pa
     tmp = array_path.with_name(f".{array_path.stem}.{os.getpid()}.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(len(split.sources), num_samples))
     loader = torch.utils.data.DataLoader(_DecodeJob(split.sources, sample_rate, num_samples), batch_size=16,
-                                         num_workers=workers, collate_fn=list)
+                                         num_workers=workers, collate_fn=list,
+                                         generator=torch.Generator())  # leave the global RNG (weight init) untouched
     bad = {}
     for batch in tqdm(loader, desc=f"decoding {label} clips (once; cached)", unit="batch", leave=False):
         for i, pcm, reason in batch:

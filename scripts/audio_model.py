@@ -38,6 +38,8 @@ class LogMelFrontend(nn.Module):
         self.mel = T.MelSpectrogram(config["sample_rate"], n_fft=config["n_fft"], win_length=config["win_length"],
                                     hop_length=config["hop_length"], f_min=config["f_min"], f_max=config["f_max"],
                                     n_mels=config["n_mels"])
+        # torch's periodic window is a view into a longer tensor; safetensors (checkpoints) wants it whole.
+        self.mel.spectrogram.window = self.mel.spectrogram.window.clone()
         self.to_db = T.AmplitudeToDB(stype="power", top_db=80)
         # Dataset statistics of the log-mels, set once from training clips and saved with the model.
         self.register_buffer("mean", torch.zeros(()))
