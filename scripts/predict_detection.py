@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Detect objects in images with a model trained by train_detection.py.
+
+    python scripts/predict_detection.py --model-dir runs/det/model photos/ extra.jpg --output-dir runs/det/predict
+
+Writes to --output-dir: predictions.json (COCO results: image_id, file_name, category_id = class index,
+bbox [x, y, w, h] in pixels, score), images.json (image_id -> file), labels/<image>.txt (YOLO rows
+`class cx cy w h confidence`, normalised) and drawn/<image>.jpg (boxes drawn on the picture)."""
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.transforms.v2 import functional as TF  # noqa: E402
+from torchvision.utils import draw_bounding_boxes  # noqa: E402
+
+from detection_data import (IMAGE_EXTENSIONS, DetectionDataset, Sample, eval_transform, make_collate, probe_all,  # noqa: E402
+                            to_original_coordinates, yolo_lines)
+from detection_model import build_model, set_postprocess  # noqa: E402
+from shared.model_io import load_pretrained  # noqa: E402
+from shared.runtime import write_json  # noqa: E402
+
+PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True, help="the model/ folder of a training run")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    p.add_argument("--output-dir", type=Path, default=None, help="where results go (default: predict/ beside --model-dir)")
+    p.add_argument("--conf", type=float, default=None, help="keep detections with at least this score (default: the model's, 0.25)")
+    p.add_argument("--iou", type=float, default=None, help="NMS IoU threshold (default: the one used in training)")
+    p.add_argument("--img-size", type=int, default=None, help="long side the images are resized to (default: the training size)")
+    p.add_argument("--max-det", type=int, default=None, help="at most this many detections per image (default: the model's, 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--no-draw", action="store_true", help="skip writing drawn images")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    state, config = load_pretrained(args.model_dir)
+    if config.get("task") != "detection":
+        raise SystemExit(f"{args.model_dir}: not a detection model (task {config.get('task')!r})")
+    out = args.output_dir or args.model_dir.parent / "predict"
+    conf = config["conf"] if args.conf is None else args.conf
+    iou = config["iou"] if args.iou is None else args.iou
+    img_size = args.img_size or config["img_size"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    model = build_model(config["model"], config["num_classes"], img_size)
+    model.load_state_dict(state)
+    set_postprocess(model, conf, iou, args.max_det or config["max_det"])
+    model.to(device).eval()
+
+    files = find_images(args.inputs)
+    samples, skipped = [], []
+    for file, (size, problems) in zip(files, probe_all(files)):
+        if size is None:
+            skipped.append({"file": str(file), "problem": problems[0]})
+            continue
+        samples.append(Sample(len(samples), str(file), str(file), size[0], size[1], np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+    if not samples:
+        raise SystemExit(f"no readable images in {', '.join(map(str, args.inputs))} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    dataset = DetectionDataset(samples, eval_transform(img_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=make_collate(img_size))
+
+    names, stems = config["labels"], output_stems(samples)
+    results = []
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for images, targets in loader:
+            outputs = model(images.to(device).float().div_(255))
+            for o, t in zip(outputs, targets):
+                sample = samples[t["image_id"]]
+                boxes = to_original_coordinates(o["boxes"].float().cpu(), t)
+                labels, scores = (o["labels"] - 1).cpu(), o["scores"].float().cpu()
+                results += [{"image_id": sample.image_id, "file_name": sample.file_name, "category_id": int(c),
+                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)}
+                            for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+                rows = [f"{line} {s:.4f}" for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist())]
+                stem = stems[sample.image_id]
+                (out / "labels" / f"{stem}.txt").write_text("".join(r + "\n" for r in rows))
+                if not args.no_draw:
+                    draw(dataset.load(sample.image_id), boxes, labels, scores, names, out / "drawn" / f"{stem}.jpg")
+    write_json(out / "predictions.json", results)
+    write_json(out / "images.json", {s.image_id: s.file_name for s in samples})
+    if skipped:
+        write_json(out / "skipped.json", skipped)
+        print(f"skipped {len(skipped)} unreadable image(s), listed in {out / 'skipped.json'}")
+    print(f"{len(results)} detections (score >= {conf}) in {len(samples)} images -> {out}")
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"{path}: no such file or folder")
+    return files
+
+
+def output_stems(samples: list[Sample]) -> list[str]:
+    """The image's stem; files of the same name in different folders get their image id appended."""
+    counts = Counter(Path(s.file_name).stem for s in samples)
+    return [Path(s.file_name).stem if counts[Path(s.file_name).stem] == 1 else f"{Path(s.file_name).stem}_{s.image_id}" for s in samples]
+
+
+def draw(image, boxes, labels, scores, names, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensor = TF.pil_to_tensor(image)
+    if len(boxes):
+        tensor = draw_bounding_boxes(tensor, boxes, labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist())],
+                                     colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()], width=2)
+    TF.to_pil_image(tensor).save(path, quality=92)
+
+
+if __name__ == "__main__":
+    main()
