@@ -41,10 +41,11 @@ import datagen  # noqa: E402
 PY = sys.executable
 BUDGET_SECONDS = 570  # the full run must end within 10 minutes; the optional --compile probe gets what is left
 
-FULL = {"reps": 2, "s1": (256, 64), "us8k": (96, 32), "det": (48, 16), "audio_epochs": 3, "det_epochs": 3,
+FULL = {"reps": 3, "s1": (256, 64), "us8k": (96, 32), "det": (48, 16), "audio_epochs": 3, "det_epochs": 3,
         "coco_images": 500, "coco_reps": 3, "knob_steps": 5, "compile": True}
 QUICK = {"reps": 1, "s1": (64, 16), "us8k": (32, 16), "det": (32, 8), "audio_epochs": 2, "det_epochs": 2,
-         "coco_images": 100, "coco_reps": 1, "knob_steps": 2, "compile": False}
+         "coco_images": 100, "coco_reps": 1, "knob_steps": 2, "compile": False,
+         "only_s1_complete": True}
 
 
 def parse_args(argv=None):
@@ -97,32 +98,74 @@ def _number(value: str):
         return value
 
 
-def steady(runs: list[dict]) -> dict:
+def steady(runs: list[dict]) -> dict | None:
     """Median train samples/s over every epoch after the first (warm-up) of every run, and the spread."""
+    if not runs:
+        return None
     values = [r["train_samples_per_second"] for run in runs for r in run["rows"][1:]] or \
              [r["train_samples_per_second"] for run in runs for r in run["rows"]]
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-# ================================================================================= audio
-def audio_benchmark(runner: Runner, name: str, data: Path, clip_seconds: float, cfg: dict, workers: int) -> dict:
-    """Baseline fp32, launchkit fp32, launchkit bf16, interleaved. The first launchkit run starts from an
-    empty cache (cold: it decodes and caches every clip); the later ones reuse it (warm)."""
-    cache = runner.work / "cache" / name
-    shutil.rmtree(cache, ignore_errors=True)
-    common = ["--data", data, "--epochs", cfg["audio_epochs"], "--batch-size", 32, "--workers", workers, "--seed", 0,
-              "--clip-seconds", clip_seconds]
-    launchkit = [*common, "--nominal-batch-size", 32, "--cache-dir", cache]  # one optimizer step per batch, as the baseline
-    runs = {"baseline_fp32": [], "launchkit_fp32": [], "launchkit_bf16": []}
-    train_audio, baseline = REPO / "scripts" / "train_audio.py", HERE / "baseline_audio.py"
-    for rep in range(cfg["reps"]):
-        runs["launchkit_bf16"].append(runner.run(f"{name}_launchkit_bf16_{rep}", train_audio, *launchkit, "--mixed-precision", "bf16"))
-        runs["baseline_fp32"].append(runner.run(f"{name}_baseline_fp32_{rep}", baseline, *common))
-        runs["launchkit_fp32"].append(runner.run(f"{name}_launchkit_fp32_{rep}", train_audio, *launchkit, "--mixed-precision", "no"))
-    warm = runner.run(f"{name}_launchkit_bf16_warm", train_audio, *launchkit, "--mixed-precision", "bf16")
-    runs["launchkit_bf16"].append(warm)
-    return {"runs": runs, "steady": {k: steady(v) for k, v in runs.items()},
-            "cold_wall": runs["launchkit_bf16"][0]["wall"], "warm_wall": warm["wall"]}
+# ================================================================================= the training runs
+PIPELINES = ("baseline_fp32", "launchkit_fp32", "launchkit_bf16")
+
+
+def training_jobs(work: Path, data: dict, cfg: dict, workers: int) -> tuple[list, list]:
+    """(first round, extra repetitions) of (workload, pipeline, run name, script, args).
+
+    First round per audio workload: launchkit bf16 from an empty cache (cold: it decodes and caches every
+    clip), the baseline, launchkit fp32, launchkit bf16 again (warm: the cache is reused). Extra rounds
+    repeat baseline / launchkit fp32 / launchkit bf16 while the time budget allows."""
+    train_audio, base_audio = REPO / "scripts" / "train_audio.py", HERE / "baseline_audio.py"
+    train_det, base_det = REPO / "scripts" / "train_detection.py", HERE / "baseline_detection.py"
+    first, extra = [], []
+    for key, clip_seconds in (("s1", 1.0), ("us8k", 4.0)):
+        cache = work / "cache" / key
+        shutil.rmtree(cache, ignore_errors=True)
+        common = ["--data", data[key], "--epochs", cfg["audio_epochs"], "--batch-size", 32, "--workers", workers,
+                  "--seed", 0, "--clip-seconds", clip_seconds]
+        # --nominal-batch-size 32: one optimizer step per batch of 32, as the baseline takes.
+        lk = [*common, "--nominal-batch-size", 32, "--cache-dir", cache]
+        jobs = {"baseline_fp32": (base_audio, common), "launchkit_fp32": (train_audio, [*lk, "--mixed-precision", "no"]),
+                "launchkit_bf16": (train_audio, [*lk, "--mixed-precision", "bf16"])}
+        order = ("launchkit_bf16", "baseline_fp32", "launchkit_fp32", "launchkit_bf16")
+        if cfg.get("only_s1_complete") and key != "s1":
+            order = ("launchkit_bf16", "baseline_fp32")
+        first += [(key, pipeline, *jobs[pipeline]) for pipeline in order]
+        for rep in range(1, cfg["reps"]):
+            extra += [(key, pipeline, *jobs[pipeline]) for pipeline in PIPELINES]
+    common = ["--data", data["det"], "--epochs", cfg["det_epochs"], "--batch-size", 16, "--workers", workers, "--seed", 0,
+              "--model", "fcos_tiny", "--img-size", 224]
+    jobs = {"baseline_fp32": (base_det, common), "launchkit_fp32": (train_det, [*common, "--mixed-precision", "no"]),
+            "launchkit_bf16": (train_det, [*common, "--mixed-precision", "bf16"])}
+    order = ("launchkit_bf16", "baseline_fp32") if cfg.get("only_s1_complete") else ("launchkit_bf16", "baseline_fp32", "launchkit_fp32")
+    first += [("det", pipeline, *jobs[pipeline]) for pipeline in order]
+    for rep in range(1, cfg["reps"]):
+        extra += [("det", pipeline, *jobs[pipeline]) for pipeline in PIPELINES]
+    return first, extra
+
+
+def run_jobs(runner: Runner, jobs: list, runs: dict, deadline: float | None = None) -> int:
+    """Run jobs in order; with a deadline, skip a job whose first run took longer than the time left."""
+    skipped = 0
+    for key, pipeline, script, args in jobs:
+        done = runs[key][pipeline]
+        if deadline is not None and done and time.perf_counter() + done[0]["wall"] > deadline:
+            skipped += 1
+            continue
+        done.append(runner.run(f"{key}_{pipeline}_{len(done)}", script, *args))
+    return skipped
+
+
+def summarise_training(runs: dict) -> dict:
+    out = {}
+    for key, by_pipeline in runs.items():
+        out[key] = {"runs": by_pipeline, "steady": {p: steady(v) for p, v in by_pipeline.items()}}
+        if key != "det":
+            bf16 = by_pipeline["launchkit_bf16"]
+            out[key].update(cold_wall=bf16[0]["wall"], warm_wall=bf16[1]["wall"] if len(bf16) > 1 else float("nan"))
+    return out
 
 
 def cache_timing(data: Path, clip_seconds: float, work: Path, workers: int) -> dict:
@@ -142,19 +185,6 @@ def cache_timing(data: Path, clip_seconds: float, work: Path, workers: int) -> d
         out[label] = time.perf_counter() - start
     out["clips"] = sum(len(s.targets) for s in splits.values())
     return out
-
-
-# ================================================================================= detection
-def detection_benchmark(runner: Runner, data_yaml: Path, cfg: dict, workers: int) -> dict:
-    common = ["--data", data_yaml, "--epochs", cfg["det_epochs"], "--batch-size", 16, "--workers", workers, "--seed", 0,
-              "--model", "fcos_tiny", "--img-size", 224]
-    runs = {"baseline_fp32": [], "launchkit_fp32": [], "launchkit_bf16": []}
-    train_detection, baseline = REPO / "scripts" / "train_detection.py", HERE / "baseline_detection.py"
-    for rep in range(cfg["reps"]):
-        runs["launchkit_bf16"].append(runner.run(f"det_launchkit_bf16_{rep}", train_detection, *common, "--mixed-precision", "bf16"))
-        runs["baseline_fp32"].append(runner.run(f"det_baseline_fp32_{rep}", baseline, *common))
-        runs["launchkit_fp32"].append(runner.run(f"det_launchkit_fp32_{rep}", train_detection, *common, "--mixed-precision", "no"))
-    return {"runs": runs, "steady": {k: steady(v) for k, v in runs.items()}}
 
 
 # ================================================================================= COCO mAP backends
@@ -276,9 +306,11 @@ def write_report(path: Path, r: dict):
     for key, title, target in (("s1", "Audio, 1 s 16 kHz clips", 2), ("us8k", "Audio, UrbanSound8K-like clips", 4),
                                ("det", "Detection", 1.5)):
         s = r[key]["steady"]
-        best = max(s["launchkit_fp32"]["median"], s["launchkit_bf16"]["median"])
-        L.append(f"- {title}: launchkit at its best setting / baseline = {verdict(best / s['baseline_fp32']['median'], target)} "
-                 f"(fp32 vs fp32: {ratio(s['launchkit_fp32']['median'], s['baseline_fp32']['median'])})")
+        lk = {p: s[p]["median"] for p in ("launchkit_fp32", "launchkit_bf16") if s[p]}
+        best = max(lk, key=lk.get)
+        fp32 = f"; fp32 vs fp32: {ratio(lk['launchkit_fp32'], s['baseline_fp32']['median'])}" if "launchkit_fp32" in lk else ""
+        L.append(f"- {title}: launchkit {best.split('_')[1]} / baseline fp32 = {verdict(lk[best] / s['baseline_fp32']['median'], target)}"
+                 f"{fp32}")
     L.append("")
 
     L += ["## Training throughput (steady state) and model FLOPs utilisation", "",
@@ -293,10 +325,14 @@ def write_report(path: Path, r: dict):
         s, flops, base = r[key]["steady"], r[key]["flops"], r[key]["steady"]["baseline_fp32"]["median"]
         for pipeline, precision in (("baseline_fp32", "fp32"), ("launchkit_fp32", "fp32"), ("launchkit_bf16", "bf16")):
             v = s[pipeline]
+            if v is None:
+                continue
             q = r[key]["runs"][pipeline][-1]["metrics"]["val"].get(quality)
             L.append(f"| {title} | {'baseline (benchmarks/)' if pipeline.startswith('baseline') else 'launchkit'} | {precision} | "
                      f"{v['median']:.1f} ({v['min']:.1f}-{v['max']:.1f}, n={v['n']}) | {ratio(v['median'], base)} | "
                      f"{100 * flops * v['median'] / peaks[precision]:.1f}% | {q:.3f} |")
+    if r["skipped_reps"]:
+        L += ["", f"{r['skipped_reps']} planned extra repetition(s) were skipped to stay within the time budget."]
     L += ["", f"Training FLOPs per sample: audio 1 s {r['s1']['flops'] / 1e9:.2f} GFLOP (1x64x101 log-mel), "
               f"audio 4 s {r['us8k']['flops'] / 1e9:.2f} GFLOP (1x64x401), detection {r['det']['flops'] / 1e9:.2f} GFLOP per 224 px image.", ""]
 
@@ -308,7 +344,8 @@ def write_report(path: Path, r: dict):
         first = a["runs"]["launchkit_bf16"][0]["rows"]
         later = statistics.median(row["train_samples_per_second"] for row in first[1:]) if len(first) > 1 else float("nan")
         L.append(f"| {title}, {c['clips']} clips | {c['cold']:.2f} s | {c['warm']:.3f} s | {a['cold_wall']:.1f} s | "
-                 f"{a['warm_wall']:.1f} s | {first[0]['train_samples_per_second']:.1f} vs {later:.1f} |")
+                 f"{a['warm_wall']:.1f} s |" if a["warm_wall"] == a["warm_wall"] else "not run |",
+                 f" {first[0]['train_samples_per_second']:.1f} vs {later:.1f} |")
     L += ["", "The baseline pays the decode (and resampling) cost in every epoch, inside the DataLoader workers; "
               "launchkit pays it once per dataset and clip settings, before the first epoch, and every later run reuses the "
               "cache. Epoch 1 is slower for both in any case (worker start-up, oneDNN kernel selection).", ""]
@@ -369,36 +406,43 @@ def main(argv=None):
     det = datagen.write_detection_set(work / "data" / "shapes", train=cfg["det"][0], val=cfg["det"][1], size=224)
 
     runner = Runner(work)
-    print("audio, 1 s clips ...", flush=True)
-    r["s1"] = audio_benchmark(runner, "s1", s1, 1.0, cfg, args.workers)
-    r["s1"]["cache"] = cache_timing(s1, 1.0, work, args.workers)
-    print("audio, UrbanSound8K-like clips ...", flush=True)
-    r["us8k"] = audio_benchmark(runner, "us8k", us8k, 4.0, cfg, args.workers)
-    r["us8k"]["cache"] = cache_timing(us8k, 4.0, work, args.workers)
-    print("detection ...", flush=True)
-    r["det"] = detection_benchmark(runner, det, cfg, args.workers)
+    data = {"s1": s1, "us8k": us8k, "det": det}
+    first, extra = training_jobs(work, data, cfg, args.workers)
+    runs = {key: {p: [] for p in PIPELINES} for key in data}
+    print("training runs, first round ...", flush=True)
+    run_jobs(runner, first, runs)
 
-    print("FLOPs, COCO backends, ResNet-18 step table, profile ...", flush=True)
+    print("decode cache, FLOPs, COCO backends, ResNet-18 step table, profile ...", flush=True)
+    cache = {"s1": cache_timing(s1, 1.0, work, args.workers), "us8k": cache_timing(us8k, 4.0, work, args.workers)}
     from detection_model import build_model
-    r["s1"]["flops"] = compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 101), 8)
-    r["us8k"]["flops"] = compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 401), 8)
-    r["det"]["flops"] = compute.detection_flops_per_sample(build_model("fcos_tiny", 3, 224), 224)
+    flops = {"s1": compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 101), 8),
+             "us8k": compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 401), 8),
+             "det": compute.detection_flops_per_sample(build_model("fcos_tiny", 3, 224), 224)}
     r["coco"] = coco_benchmark(cfg["coco_images"], cfg["coco_reps"])
     peak_end = {"fp32": compute.matmul_peak(torch.float32), "bf16": compute.matmul_peak(torch.bfloat16)}
     r["peaks"] = {k: max(peak_start[k], peak_end[k]) for k in peak_start}
-    r["knobs"] = knob_table(r["s1"]["flops"], r["peaks"], cfg["knob_steps"], args.quick)
-    nchw_best = max((k for k in r["knobs"] if k["setting"].startswith("bf16") and "batch 32" in k["setting"]),
-                    key=lambda k: k["clips_per_s"])
+    r["knobs"] = knob_table(flops["s1"], r["peaks"], cfg["knob_steps"], args.quick)
     r["profiles"] = {
         "bf16, channels_last, batch 32 (launchkit's layout)": compute.profile_step(compute.ResNetStep(32, True, True, False)),
         "bf16, NCHW, batch 32": compute.profile_step(compute.ResNetStep(32, True, False, False)),
     }
+
+    compile_reserve = 150 if cfg["compile"] else 0
+    print("training runs, more repetitions while time allows ...", flush=True)
+    r["skipped_reps"] = run_jobs(runner, extra, runs, deadline=started + BUDGET_SECONDS - compile_reserve)
+    r.update(summarise_training(runs))
+    for key in data:
+        r[key]["flops"] = flops[key]
+        if key in cache:
+            r[key]["cache"] = cache[key]
     if cfg["compile"]:
         left = BUDGET_SECONDS - (time.perf_counter() - started)
-        channels_last = "channels_last" in nchw_best["setting"]
+        best_bf16 = max((k for k in r["knobs"] if k["setting"].startswith("bf16") and "batch 32" in k["setting"]),
+                        key=lambda k: k["clips_per_s"])
+        channels_last = "channels_last" in best_bf16["setting"]
         print(f"torch.compile probe ({left:.0f} s left) ...", flush=True)
         r["compile"] = {"layout": "channels_last" if channels_last else "NCHW",
-                        **(compile_probe(32, channels_last, cfg["knob_steps"], left, work) if left > 30 else {"timeout": 0})}
+                        **(compile_probe(32, channels_last, cfg["knob_steps"], left, work) if left > 30 else {"timeout": max(left, 0)})}
     r["commands"] = runner.commands
     r["load"].append(os.getloadavg()[0])
     r["wall"] = time.perf_counter() - started
