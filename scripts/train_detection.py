@@ -346,14 +346,15 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
     even batches, so each image counts once. Every process computes the (identical) mAP, so all agree on the best
     epoch without a broadcast. Boxes are mapped back to the pixels of the original image files."""
     model.eval()
-    local = []
+    predictions = []
     for images, targets in loader:
         with accelerator.autocast():
             outputs = model(images.float().div_(255))
-        for out, t in zip(outputs, targets):
-            local.append({"image_id": t["image_id"], "boxes": to_original_coordinates(out["boxes"].float(), t).cpu().numpy(),
-                          "scores": out["scores"].float().cpu().numpy(), "labels": (out["labels"] - 1).cpu().numpy()})
-    predictions = accelerator.gather_for_metrics(local, use_gather_object=True)
+        batch = [{"image_id": t["image_id"], "boxes": to_original_coordinates(out["boxes"].float(), t).cpu().numpy(),
+                  "scores": out["scores"].float().cpu().numpy(), "labels": (out["labels"] - 1).cpu().numpy()}
+                 for out, t in zip(outputs, targets)]
+        # Per batch: on the last one, accelerate knows how many gathered entries are padding and drops them.
+        predictions += accelerator.gather_for_metrics(batch, use_gather_object=True)
     by_id = {p["image_id"]: p for p in predictions}
     if len(by_id) != len(predictions) or set(by_id) != {s.image_id for s in samples}:
         raise RuntimeError(f"evaluation saw {len(predictions)} predictions for {len(by_id)} distinct of {len(samples)} images")
