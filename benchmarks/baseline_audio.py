@@ -50,15 +50,21 @@ def parse_args(argv=None):
     p.add_argument("--win-length", type=int, default=400, help="STFT window (25 ms at 16 kHz)")
     p.add_argument("--hop-length", type=int, default=160, help="STFT hop (10 ms at 16 kHz)")
     p.add_argument("--freq-mask", type=int, default=8, help="SpecAugment: widest frequency mask in mel bands")
-    p.add_argument("--time-mask", type=int, default=None, help="SpecAugment: widest time mask in frames (default 1/10 of the frames)")
+    p.add_argument(
+        "--time-mask", type=int, default=None, help="SpecAugment: widest time mask in frames (default 1/10 of the frames)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p.parse_args(argv)
 
 
 def list_clips(split_dir: Path):
     labels = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    items = [(f, i) for i, label in enumerate(labels) for f in sorted((split_dir / label).iterdir())
-             if f.suffix.lower() in AUDIO_SUFFIXES]
+    items = [
+        (f, i)
+        for i, label in enumerate(labels)
+        for f in sorted((split_dir / label).iterdir())
+        if f.suffix.lower() in AUDIO_SUFFIXES
+    ]
     return items, labels
 
 
@@ -71,14 +77,22 @@ class ClipDataset(torch.utils.data.Dataset):
         self.length = int(round(args.clip_seconds * args.sample_rate))
         self.resamplers = {}
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=args.sample_rate, n_fft=args.n_fft, win_length=args.win_length, hop_length=args.hop_length,
-            n_mels=args.n_mels)
+            sample_rate=args.sample_rate,
+            n_fft=args.n_fft,
+            win_length=args.win_length,
+            hop_length=args.hop_length,
+            n_mels=args.n_mels,
+        )
         self.to_db = torchaudio.transforms.AmplitudeToDB()
         time_mask = self.length // args.hop_length // 10 if args.time_mask is None else args.time_mask
-        self.augment = nn.Sequential(
-            torchaudio.transforms.FrequencyMasking(args.freq_mask),
-            torchaudio.transforms.TimeMasking(time_mask),
-        ) if train else nn.Identity()
+        self.augment = (
+            nn.Sequential(
+                torchaudio.transforms.FrequencyMasking(args.freq_mask),
+                torchaudio.transforms.TimeMasking(time_mask),
+            )
+            if train
+            else nn.Identity()
+        )
 
     def __len__(self):
         return len(self.items)
@@ -123,10 +137,12 @@ def main(argv=None):
 
     train_items, labels = list_clips(args.data / "train")
     val_items, _ = list_clips(args.data / "val")
-    train_dl = torch.utils.data.DataLoader(ClipDataset(train_items, args, train=True), batch_size=args.batch_size,
-                                           shuffle=True, num_workers=args.workers)
-    val_dl = torch.utils.data.DataLoader(ClipDataset(val_items, args, train=False), batch_size=args.batch_size,
-                                         shuffle=False, num_workers=args.workers)
+    train_dl = torch.utils.data.DataLoader(
+        ClipDataset(train_items, args, train=True), batch_size=args.batch_size, shuffle=True, num_workers=args.workers
+    )
+    val_dl = torch.utils.data.DataLoader(
+        ClipDataset(val_items, args, train=False), batch_size=args.batch_size, shuffle=False, num_workers=args.workers
+    )
 
     model = build_model(len(labels))
     if torch.cuda.device_count() > 1:
@@ -150,17 +166,29 @@ def main(argv=None):
             seen += targets.size(0)
         seconds = time.perf_counter() - start
         val_accuracy = evaluate(model, val_dl, device)
-        rows.append({"epoch": epoch, "train_loss": running_loss / seen, "val_accuracy": val_accuracy,
-                     "seconds": seconds, "train_samples_per_second": seen / seconds})
-        print(f"epoch {epoch}: loss {running_loss / seen:.4f}  val acc {val_accuracy:.4f}  "
-              f"{seen / seconds:.1f} clips/s", flush=True)
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": running_loss / seen,
+                "val_accuracy": val_accuracy,
+                "seconds": seconds,
+                "train_samples_per_second": seen / seconds,
+            }
+        )
+        print(
+            f"epoch {epoch}: loss {running_loss / seen:.4f}  val acc {val_accuracy:.4f}  {seen / seconds:.1f} clips/s", flush=True
+        )
 
     with (args.output_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    metrics = {"task": "audio-baseline", "labels": labels, "train_samples_per_second": rows[-1]["train_samples_per_second"],
-               "val": {"accuracy": rows[-1]["val_accuracy"]}}
+    metrics = {
+        "task": "audio-baseline",
+        "labels": labels,
+        "train_samples_per_second": rows[-1]["train_samples_per_second"],
+        "val": {"accuracy": rows[-1]["val_accuracy"]},
+    }
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -67,13 +67,20 @@ class YoloDataset(torch.utils.data.Dataset):
         image = Image.open(path).convert("RGB")
         w, h = image.size
         label_file = Path(str(path.parent).replace("images", "labels")) / (path.stem + ".txt")
-        rows = [list(map(float, line.split())) for line in label_file.read_text().splitlines() if line.strip()] \
-            if label_file.exists() else []
-        boxes = torch.tensor([[(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
-                              for _, cx, cy, bw, bh in rows], dtype=torch.float32).reshape(-1, 4)
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-                  "labels": torch.tensor([int(r[0]) + 1 for r in rows], dtype=torch.int64),  # 0 is background
-                  "image_id": index}
+        rows = (
+            [list(map(float, line.split())) for line in label_file.read_text().splitlines() if line.strip()]
+            if label_file.exists()
+            else []
+        )
+        boxes = torch.tensor(
+            [[(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h] for _, cx, cy, bw, bh in rows],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            "labels": torch.tensor([int(r[0]) + 1 for r in rows], dtype=torch.int64),  # 0 is background
+            "image_id": index,
+        }
         return self.transforms(image, target)
 
 
@@ -86,7 +93,7 @@ def get_transform(train: bool):
 
 
 def collate_fn(batch):
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))
 
 
 def train_one_epoch(model, optimizer, loader, device, warmup):
@@ -120,13 +127,23 @@ def evaluate_map(model, loader, device) -> float:
     images_info, annotations, results = [], [], []
     for images, targets in loader:
         outputs = model([image.to(device) for image in images])
-        for image, target, out in zip(images, targets, outputs):
+        for image, target, out in zip(images, targets, outputs, strict=True):
             image_id = int(target["image_id"])
             images_info.append({"id": image_id, "width": image.shape[-1], "height": image.shape[-2]})
-            for (x0, y0, x1, y1), label in zip(target["boxes"].tolist(), target["labels"].tolist()):
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-            for (x0, y0, x1, y1), score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+            for (x0, y0, x1, y1), label in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": (x1 - x0) * (y1 - y0),
+                        "iscrowd": 0,
+                    }
+                )
+            for (x0, y0, x1, y1), score, label in zip(
+                out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
+            ):
                 results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
     if not results:
         return 0.0
@@ -153,10 +170,12 @@ def main(argv=None):
     names = cfg["names"] if isinstance(cfg["names"], list) else [cfg["names"][k] for k in sorted(cfg["names"])]
     train_ds = YoloDataset(root / cfg["train"], get_transform(train=True))
     val_ds = YoloDataset(root / cfg["val"], get_transform(train=False))
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                           collate_fn=collate_fn)
-    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                         collate_fn=collate_fn)
+    train_dl = torch.utils.data.DataLoader(
+        train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate_fn
+    )
+    val_dl = torch.utils.data.DataLoader(
+        val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate_fn
+    )
 
     model = build_model(args.model, len(names), args.img_size).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -166,8 +185,9 @@ def main(argv=None):
     for epoch in range(args.epochs):
         warmup = None
         if epoch == 0:  # references/detection/engine.py: linear warm-up over the first epoch
-            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000,
-                                                       total_iters=min(1000, len(train_dl) - 1))
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0 / 1000, total_iters=min(1000, len(train_dl) - 1)
+            )
         start = time.perf_counter()
         loss, seen = train_one_epoch(model, optimizer, train_dl, device, warmup)
         seconds = time.perf_counter() - start
@@ -180,8 +200,12 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    metrics = {"task": "detection-baseline", "labels": names, "train_samples_per_second": rows[-1]["train_samples_per_second"],
-               "val": {"map": val_map}}
+    metrics = {
+        "task": "detection-baseline",
+        "labels": names,
+        "train_samples_per_second": rows[-1]["train_samples_per_second"],
+        "val": {"map": val_map},
+    }
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 

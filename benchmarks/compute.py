@@ -51,8 +51,10 @@ def classifier_flops_per_sample(model: nn.Module, input_shape, num_classes: int 
 def detection_flops_per_sample(model: nn.Module, img_size: int, batch: int = 2) -> float:
     """A detector in train mode on img_size images with one box each (loss computation included)."""
     images = [torch.rand(3, img_size, img_size) for _ in range(batch)]
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, img_size / 2, img_size / 2 + 20]]), "labels": torch.tensor([1])}
-               for _ in range(batch)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, img_size / 2, img_size / 2 + 20]]), "labels": torch.tensor([1])}
+        for _ in range(batch)
+    ]
     model.train()
 
     def step():

@@ -13,8 +13,9 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_audio_set(root: Path, *, classes: int, train: int, val: int, seconds: float, rates, channels: int,
-                    subtype: str, seed: int = 0) -> Path:
+def write_audio_set(
+    root: Path, *, classes: int, train: int, val: int, seconds: float, rates, channels: int, subtype: str, seed: int = 0
+) -> Path:
     """DIR/{train,val}/<label>/*.wav; clip i takes its sample rate from `rates` in turn."""
     done = root / ".complete"
     if done.exists():
@@ -38,7 +39,7 @@ def _tone(rng, label: int, rate: int, seconds: float, channels: int) -> np.ndarr
     signal = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in (1, 2, 3))
     envelope = np.zeros(n)
     start = rng.integers(0, n // 3)
-    envelope[start:start + rng.integers(n // 3, n // 2)] = 1.0
+    envelope[start : start + rng.integers(n // 3, n // 2)] = 1.0
     mono = rng.uniform(0.2, 0.5) * signal * envelope + rng.normal(0, 0.15, n)
     stereo = np.stack([mono * rng.uniform(0.7, 1.0) for _ in range(channels)], axis=1)
     return np.clip(stereo, -1, 1).astype(np.float32)
@@ -47,6 +48,21 @@ def _tone(rng, label: int, rate: int, seconds: float, channels: int) -> np.ndarr
 def write_detection_set(root: Path, *, train: int, val: int, size: int) -> Path:
     """scripts/make_demo_detection.py's shapes (data.yaml + images/ + labels/)."""
     if not (root / "data.yaml").exists():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_detection.py"), "--output-dir", str(root),
-                        "--train", str(train), "--val", str(val), "--test", "0", "--size", str(size)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "make_demo_detection.py"),
+                "--output-dir",
+                str(root),
+                "--train",
+                str(train),
+                "--val",
+                str(val),
+                "--test",
+                "0",
+                "--size",
+                str(size),
+            ],
+            check=True,
+        )
     return root / "data.yaml"

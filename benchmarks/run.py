@@ -41,11 +41,31 @@ import datagen  # noqa: E402
 PY = sys.executable
 BUDGET_SECONDS = 570  # the full run must end within 10 minutes; the optional --compile probe gets what is left
 
-FULL = {"reps": 3, "s1": (256, 64), "us8k": (96, 32), "det": (48, 16), "audio_epochs": 3, "det_epochs": 3,
-        "coco_images": 500, "coco_reps": 3, "knob_steps": 5, "compile": True}
-QUICK = {"reps": 1, "s1": (64, 16), "us8k": (32, 16), "det": (32, 8), "audio_epochs": 2, "det_epochs": 2,
-         "coco_images": 100, "coco_reps": 1, "knob_steps": 2, "compile": False,
-         "only_s1_complete": True}
+FULL = {
+    "reps": 3,
+    "s1": (256, 64),
+    "us8k": (96, 32),
+    "det": (48, 16),
+    "audio_epochs": 3,
+    "det_epochs": 3,
+    "coco_images": 500,
+    "coco_reps": 3,
+    "knob_steps": 5,
+    "compile": True,
+}
+QUICK = {
+    "reps": 1,
+    "s1": (64, 16),
+    "us8k": (32, 16),
+    "det": (32, 8),
+    "audio_epochs": 2,
+    "det_epochs": 2,
+    "coco_images": 100,
+    "coco_reps": 1,
+    "knob_steps": 2,
+    "compile": False,
+    "only_s1_complete": True,
+}
 
 
 def parse_args(argv=None):
@@ -64,8 +84,14 @@ class Runner:
     def __init__(self, work: Path):
         self.work = work
         self.commands: list[str] = []
-        self.env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                        TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO),
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            TQDM_DISABLE="1",
+        )
 
     def run(self, name: str, script: Path, *args) -> dict:
         """Run a script that writes OUTPUT_DIR/results.csv and metrics.json; return its rows, metrics and wall time."""
@@ -80,7 +106,9 @@ class Runner:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         with (out / "results.csv").open(newline="") as f:
             rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        print(f"  {name}: {wall:.0f} s, samples/s per epoch {[round(r['train_samples_per_second'], 1) for r in rows]}", flush=True)
+        print(
+            f"  {name}: {wall:.0f} s, samples/s per epoch {[round(r['train_samples_per_second'], 1) for r in rows]}", flush=True
+        )
         return {"rows": rows, "metrics": json.loads((out / "metrics.json").read_text()), "wall": wall}
 
 
@@ -102,8 +130,9 @@ def steady(runs: list[dict]) -> dict | None:
     """Median train samples/s over every epoch after the first (warm-up) of every run, and the spread."""
     if not runs:
         return None
-    values = [r["train_samples_per_second"] for run in runs for r in run["rows"][1:]] or \
-             [r["train_samples_per_second"] for run in runs for r in run["rows"]]
+    values = [r["train_samples_per_second"] for run in runs for r in run["rows"][1:]] or [
+        r["train_samples_per_second"] for run in runs for r in run["rows"]
+    ]
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -123,25 +152,61 @@ def training_jobs(work: Path, data: dict, cfg: dict, workers: int) -> tuple[list
     for key, clip_seconds in (("s1", 1.0), ("us8k", 4.0)):
         cache = work / "cache" / key
         shutil.rmtree(cache, ignore_errors=True)
-        common = ["--data", data[key], "--epochs", cfg["audio_epochs"], "--batch-size", 32, "--workers", workers,
-                  "--seed", 0, "--clip-seconds", clip_seconds]
+        common = [
+            "--data",
+            data[key],
+            "--epochs",
+            cfg["audio_epochs"],
+            "--batch-size",
+            32,
+            "--workers",
+            workers,
+            "--seed",
+            0,
+            "--clip-seconds",
+            clip_seconds,
+        ]
         # --nominal-batch-size 32: one optimizer step per batch of 32, as the baseline takes.
         lk = [*common, "--nominal-batch-size", 32, "--cache-dir", cache]
-        jobs = {"baseline_fp32": (base_audio, common), "launchkit_fp32": (train_audio, [*lk, "--mixed-precision", "no"]),
-                "launchkit_bf16": (train_audio, [*lk, "--mixed-precision", "bf16"])}
+        jobs = {
+            "baseline_fp32": (base_audio, common),
+            "launchkit_fp32": (train_audio, [*lk, "--mixed-precision", "no"]),
+            "launchkit_bf16": (train_audio, [*lk, "--mixed-precision", "bf16"]),
+        }
         order = ("launchkit_bf16", "baseline_fp32", "launchkit_fp32", "launchkit_bf16")
         if cfg.get("only_s1_complete") and key != "s1":
             order = ("launchkit_bf16", "baseline_fp32")
         first += [(key, pipeline, *jobs[pipeline]) for pipeline in order]
-        for rep in range(1, cfg["reps"]):
+        for _ in range(1, cfg["reps"]):
             extra += [(key, pipeline, *jobs[pipeline]) for pipeline in PIPELINES]
-    common = ["--data", data["det"], "--epochs", cfg["det_epochs"], "--batch-size", 16, "--workers", workers, "--seed", 0,
-              "--model", "fcos_tiny", "--img-size", 224]
-    jobs = {"baseline_fp32": (base_det, common), "launchkit_fp32": (train_det, [*common, "--mixed-precision", "no"]),
-            "launchkit_bf16": (train_det, [*common, "--mixed-precision", "bf16"])}
-    order = ("launchkit_bf16", "baseline_fp32") if cfg.get("only_s1_complete") else ("launchkit_bf16", "baseline_fp32", "launchkit_fp32")
+    common = [
+        "--data",
+        data["det"],
+        "--epochs",
+        cfg["det_epochs"],
+        "--batch-size",
+        16,
+        "--workers",
+        workers,
+        "--seed",
+        0,
+        "--model",
+        "fcos_tiny",
+        "--img-size",
+        224,
+    ]
+    jobs = {
+        "baseline_fp32": (base_det, common),
+        "launchkit_fp32": (train_det, [*common, "--mixed-precision", "no"]),
+        "launchkit_bf16": (train_det, [*common, "--mixed-precision", "bf16"]),
+    }
+    order = (
+        ("launchkit_bf16", "baseline_fp32")
+        if cfg.get("only_s1_complete")
+        else ("launchkit_bf16", "baseline_fp32", "launchkit_fp32")
+    )
     first += [("det", pipeline, *jobs[pipeline]) for pipeline in order]
-    for rep in range(1, cfg["reps"]):
+    for _ in range(1, cfg["reps"]):
         extra += [("det", pipeline, *jobs[pipeline]) for pipeline in PIPELINES]
     return first, extra
 
@@ -205,11 +270,17 @@ def coco_benchmark(images: int, reps: int) -> dict:
         references.append({"image_id": image_id, "boxes": boxes.tolist(), "labels": labels.tolist(), "width": 640, "height": 640})
         fp = 100 - n
         fp_xy = rng.uniform(0, 500, (fp, 2))
-        pred_boxes = np.concatenate([boxes + rng.normal(0, 6, boxes.shape),
-                                     np.concatenate([fp_xy, fp_xy + rng.uniform(5, 150, (fp, 2))], axis=1)])
-        predictions.append({"image_id": image_id, "boxes": pred_boxes.tolist(),
-                            "scores": np.concatenate([rng.uniform(0.3, 1, n), rng.uniform(0.001, 0.6, fp)]).tolist(),
-                            "labels": np.concatenate([labels, rng.integers(0, 5, fp)]).tolist()})
+        pred_boxes = np.concatenate(
+            [boxes + rng.normal(0, 6, boxes.shape), np.concatenate([fp_xy, fp_xy + rng.uniform(5, 150, (fp, 2))], axis=1)]
+        )
+        predictions.append(
+            {
+                "image_id": image_id,
+                "boxes": pred_boxes.tolist(),
+                "scores": np.concatenate([rng.uniform(0.3, 1, n), rng.uniform(0.001, 0.6, fp)]).tolist(),
+                "labels": np.concatenate([labels, rng.integers(0, 5, fp)]).tolist(),
+            }
+        )
     gt, results = coco_dicts(predictions, references)
     metric = load_metric("coco_map")
     out = {"images": images, "detections": len(results)}
@@ -241,7 +312,7 @@ KNOBS = [  # (label, batch, bf16, channels_last)
 
 def knob_table(flops_per_clip: float, peaks: dict, steps: int, quick: bool) -> list[dict]:
     rows = []
-    for label, batch, bf16, channels_last in (KNOBS[2:4] if quick else KNOBS):
+    for label, batch, bf16, channels_last in KNOBS[2:4] if quick else KNOBS:
         sps, _ = compute.ResNetStep(batch, bf16, channels_last, False).samples_per_second(warmup=2, steps=steps)
         rows.append({"setting": label, "clips_per_s": sps, "mfu": flops_per_clip * sps / peaks["bf16" if bf16 else "fp32"]})
         print(f"  {label}: {sps:.1f} clips/s", flush=True)
@@ -250,9 +321,11 @@ def knob_table(flops_per_clip: float, peaks: dict, steps: int, quick: bool) -> l
 
 def compile_probe(batch: int, channels_last: bool, steps: int, timeout: float, work: Path) -> dict:
     """torch.compile of the bf16 step in a child process (its compile workers and caches stay out of this one)."""
-    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import compute; "
-            f"s = compute.ResNetStep({batch}, True, {channels_last}, True); "
-            f"sps, warm = s.samples_per_second(warmup=2, steps={steps}); print(json.dumps({{'sps': sps, 'warm': warm}}))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import compute; "
+        f"s = compute.ResNetStep({batch}, True, {channels_last}, True); "
+        f"sps, warm = s.samples_per_second(warmup=2, steps={steps}); print(json.dumps({{'sps': sps, 'warm': warm}}))"
+    )
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"))
     try:
         proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
@@ -272,12 +345,20 @@ def machine() -> dict:
             lscpu[key.strip()] = value.strip()
     import torchaudio
     import torchvision
+
     flags = lscpu.get("Flags", "")
-    return {"cpu": lscpu.get("Model name", platform.processor()), "cpus": os.cpu_count(),
-            "cores": lscpu.get("Core(s) per socket", "?"), "sockets": lscpu.get("Socket(s)", "?"),
-            "isa": ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags.split()),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "torchaudio": torchaudio.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+    return {
+        "cpu": lscpu.get("Model name", platform.processor()),
+        "cpus": os.cpu_count(),
+        "cores": lscpu.get("Core(s) per socket", "?"),
+        "sockets": lscpu.get("Socket(s)", "?"),
+        "isa": ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags.split()),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torchaudio": torchaudio.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def ratio(a: float, b: float) -> str:
@@ -290,90 +371,144 @@ def verdict(value: float, target: float) -> str:
 
 def write_report(path: Path, r: dict):
     m, peaks = r["machine"], r["peaks"]
-    L = ["# launchkit benchmark results", "",
-         f"Generated by `.venv/bin/python benchmarks/run.py{' --quick' if r['quick'] else ''} --output {_short(str(path))}` "
-         f"(`make bench`) in {r['wall']:.0f} s{' (QUICK smoke run: tiny data, one repetition)' if r['quick'] else ''}.", "",
-         "## Machine", "",
-         f"- CPU: {m['cpu']}, {m['cpus']} logical CPUs ({m['sockets']} socket x {m['cores']} cores), ISA: {m['isa']}",
-         f"- torch {m['torch']} ({m['threads']} threads), torchvision {m['torchvision']}, torchaudio {m['torchaudio']}, Python {m['python']}",
-         f"- load average (1 min) at start {r['load'][0]:.2f}, at end {r['load'][1]:.2f} "
-         "(other work on the machine slows every row alike; compare ratios, not absolute numbers)",
-         f"- measured matmul peak (torch.utils.benchmark, square matrices, best of 1024/2048, best of the measurements at "
-         f"start and end): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s "
-         f"({peaks['bf16'] / peaks['fp32']:.1f}x)", ""]
+    L = [
+        "# launchkit benchmark results",
+        "",
+        f"Generated by `.venv/bin/python benchmarks/run.py{' --quick' if r['quick'] else ''} --output {_short(str(path))}` "
+        f"(`make bench`) in {r['wall']:.0f} s{' (QUICK smoke run: tiny data, one repetition)' if r['quick'] else ''}.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cpus']} logical CPUs ({m['sockets']} socket x {m['cores']} cores), ISA: {m['isa']}",
+        f"- torch {m['torch']} ({m['threads']} threads), torchvision {m['torchvision']}, "
+        f"torchaudio {m['torchaudio']}, Python {m['python']}",
+        f"- load average (1 min) at start {r['load'][0]:.2f}, at end {r['load'][1]:.2f} "
+        "(other work on the machine slows every row alike; compare ratios, not absolute numbers)",
+        f"- measured matmul peak (torch.utils.benchmark, square matrices, best of 1024/2048, best of the measurements at "
+        f"start and end): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s "
+        f"({peaks['bf16'] / peaks['fp32']:.1f}x)",
+        "",
+    ]
 
     L += ["## Summary against the targets", ""]
-    for key, title, target in (("s1", "Audio, 1 s 16 kHz clips", 2), ("us8k", "Audio, UrbanSound8K-like clips", 4),
-                               ("det", "Detection", 1.5)):
+    for key, title, target in (
+        ("s1", "Audio, 1 s 16 kHz clips", 2),
+        ("us8k", "Audio, UrbanSound8K-like clips", 4),
+        ("det", "Detection", 1.5),
+    ):
         s = r[key]["steady"]
         lk = {p: s[p]["median"] for p in ("launchkit_fp32", "launchkit_bf16") if s[p]}
         best = max(lk, key=lk.get)
         fp32 = f"; fp32 vs fp32: {ratio(lk['launchkit_fp32'], s['baseline_fp32']['median'])}" if "launchkit_fp32" in lk else ""
-        L.append(f"- {title}: launchkit {best.split('_')[1]} / baseline fp32 = {verdict(lk[best] / s['baseline_fp32']['median'], target)}"
-                 f"{fp32}")
+        L.append(
+            f"- {title}: launchkit {best.split('_')[1]} / baseline fp32 = "
+            f"{verdict(lk[best] / s['baseline_fp32']['median'], target)}"
+            f"{fp32}"
+        )
     L.append("")
 
-    L += ["## Training throughput (steady state) and model FLOPs utilisation", "",
-          "Samples/s: median of the per-epoch train throughput of every epoch after the first, over all repetitions "
-          "(`n` epochs; range in brackets). MFU = training FLOPs per sample (torch.utils.flop_counter, forward + backward "
-          "of the network; the log-mel frontend and data work are not counted) x samples/s / matmul peak in the run's "
-          "precision. Accuracy / mAP: validation, last epoch of the last repetition.", "",
-          "| workload | pipeline | precision | samples/s | vs baseline | MFU | val accuracy / mAP |",
-          "|---|---|---|---|---|---|---|"]
-    for key, title, quality in (("s1", "audio 1 s 16 kHz mono", "accuracy"), ("us8k", "audio 4 s 44.1/48 kHz stereo 24-bit", "accuracy"),
-                                ("det", "detection fcos_tiny 224 px", "map")):
+    L += [
+        "## Training throughput (steady state) and model FLOPs utilisation",
+        "",
+        "Samples/s: median of the per-epoch train throughput of every epoch after the first, over all repetitions "
+        "(`n` epochs; range in brackets). MFU = training FLOPs per sample (torch.utils.flop_counter, forward + backward "
+        "of the network; the log-mel frontend and data work are not counted) x samples/s / matmul peak in the run's "
+        "precision. Accuracy / mAP: validation, last epoch of the last repetition.",
+        "",
+        "| workload | pipeline | precision | samples/s | vs baseline | MFU | val accuracy / mAP |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, title, quality in (
+        ("s1", "audio 1 s 16 kHz mono", "accuracy"),
+        ("us8k", "audio 4 s 44.1/48 kHz stereo 24-bit", "accuracy"),
+        ("det", "detection fcos_tiny 224 px", "map"),
+    ):
         s, flops, base = r[key]["steady"], r[key]["flops"], r[key]["steady"]["baseline_fp32"]["median"]
         for pipeline, precision in (("baseline_fp32", "fp32"), ("launchkit_fp32", "fp32"), ("launchkit_bf16", "bf16")):
             v = s[pipeline]
             if v is None:
                 continue
             q = r[key]["runs"][pipeline][-1]["metrics"]["val"].get(quality)
-            L.append(f"| {title} | {'baseline (benchmarks/)' if pipeline.startswith('baseline') else 'launchkit'} | {precision} | "
-                     f"{v['median']:.1f} ({v['min']:.1f}-{v['max']:.1f}, n={v['n']}) | {ratio(v['median'], base)} | "
-                     f"{100 * flops * v['median'] / peaks[precision]:.1f}% | {q:.3f} |")
+            L.append(
+                f"| {title} | {'baseline (benchmarks/)' if pipeline.startswith('baseline') else 'launchkit'} | {precision} | "
+                f"{v['median']:.1f} ({v['min']:.1f}-{v['max']:.1f}, n={v['n']}) | {ratio(v['median'], base)} | "
+                f"{100 * flops * v['median'] / peaks[precision]:.1f}% | {q:.3f} |"
+            )
     if r["skipped_reps"]:
         L += ["", f"{r['skipped_reps']} planned extra repetition(s) were skipped to stay within the time budget."]
-    L += ["", f"Training FLOPs per sample: audio 1 s {r['s1']['flops'] / 1e9:.2f} GFLOP (1x64x101 log-mel), "
-              f"audio 4 s {r['us8k']['flops'] / 1e9:.2f} GFLOP (1x64x401), detection {r['det']['flops'] / 1e9:.2f} GFLOP per 224 px image.", ""]
+    L += [
+        "",
+        f"Training FLOPs per sample: audio 1 s {r['s1']['flops'] / 1e9:.2f} GFLOP (1x64x101 log-mel), "
+        f"audio 4 s {r['us8k']['flops'] / 1e9:.2f} GFLOP (1x64x401), "
+        f"detection {r['det']['flops'] / 1e9:.2f} GFLOP per 224 px image.",
+        "",
+    ]
 
-    L += ["## Cold vs warm data (launchkit's decode-once cache)", "",
-          "| data | decode + cache (cold) | reopen cache (warm) | whole run, empty cache | whole run, cache reused | "
-          "epoch 1 vs later epochs (samples/s) |", "|---|---|---|---|---|---|"]
+    L += [
+        "## Cold vs warm data (launchkit's decode-once cache)",
+        "",
+        "| data | decode + cache (cold) | reopen cache (warm) | whole run, empty cache | whole run, cache reused | "
+        "epoch 1 vs later epochs (samples/s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, title in (("s1", "1 s 16 kHz"), ("us8k", "4 s 44.1/48 kHz stereo 24-bit")):
         c, a = r[key]["cache"], r[key]
         first = a["runs"]["launchkit_bf16"][0]["rows"]
         later = statistics.median(row["train_samples_per_second"] for row in first[1:]) if len(first) > 1 else float("nan")
-        L.append(f"| {title}, {c['clips']} clips | {c['cold']:.2f} s | {c['warm']:.3f} s | {a['cold_wall']:.1f} s | "
-                 f"{a['warm_wall']:.1f} s |" if a["warm_wall"] == a["warm_wall"] else "not run |",
-                 f" {first[0]['train_samples_per_second']:.1f} vs {later:.1f} |")
-    L += ["", "The baseline pays the decode (and resampling) cost in every epoch, inside the DataLoader workers; "
-              "launchkit pays it once per dataset and clip settings, before the first epoch, and every later run reuses the "
-              "cache. Epoch 1 is slower for both in any case (worker start-up, oneDNN kernel selection).", ""]
+        warm = f"{a['warm_wall']:.1f} s" if a["warm_wall"] == a["warm_wall"] else "not run"
+        L.append(
+            f"| {title}, {c['clips']} clips | {c['cold']:.2f} s | {c['warm']:.3f} s | {a['cold_wall']:.1f} s | "
+            f"{warm} | {first[0]['train_samples_per_second']:.1f} vs {later:.1f} |"
+        )
+    L += [
+        "",
+        "The baseline pays the decode (and resampling) cost in every epoch, inside the DataLoader workers; "
+        "launchkit pays it once per dataset and clip settings, before the first epoch, and every later run reuses the "
+        "cache. Epoch 1 is slower for both in any case (worker start-up, oneDNN kernel selection).",
+        "",
+    ]
 
     c = r["coco"]
-    L += ["## COCO mAP evaluation time (same predictions)", "",
-          f"{c['images']} images, {c['detections']} detections (up to 100 per image), median of {r['cfg']['coco_reps']} runs.", "",
-          "| backend | COCOeval (evaluate + accumulate + summarize) | through launchkit's evaluate module | mAP |", "|---|---|---|---|"]
+    L += [
+        "## COCO mAP evaluation time (same predictions)",
+        "",
+        f"{c['images']} images, {c['detections']} detections (up to 100 per image), median of {r['cfg']['coco_reps']} runs.",
+        "",
+        "| backend | COCOeval (evaluate + accumulate + summarize) | through launchkit's evaluate module | mAP |",
+        "|---|---|---|---|",
+    ]
     for backend in ("pycocotools", "faster_coco_eval"):
         b = c[backend]
         L.append(f"| {backend} | {b['cocoeval']:.2f} s | {b['module']:.2f} s | {b['map']:.4f} |")
-    L += ["", f"faster-coco-eval is {ratio(c['pycocotools']['cocoeval'], c['faster_coco_eval']['cocoeval'])} faster on COCOeval; "
-              f"the module adds {c['pycocotools']['module'] - c['pycocotools']['cocoeval']:.2f} s (pycocotools) of "
-              "Arrow conversion of the inputs.", ""]
+    L += [
+        "",
+        f"faster-coco-eval is {ratio(c['pycocotools']['cocoeval'], c['faster_coco_eval']['cocoeval'])} faster on COCOeval; "
+        f"the module adds {c['pycocotools']['module'] - c['pycocotools']['cocoeval']:.2f} s (pycocotools) of "
+        "Arrow conversion of the inputs.",
+        "",
+    ]
 
-    L += ["## What moves MFU: a ResNet-18 training step on 1x64x101 log-mels", "",
-          f"In-process, random log-mels, AdamW, median of {r['cfg']['knob_steps']} steps after 2 warm-up steps.", "",
-          "| setting | clips/s | MFU |", "|---|---|---|"]
+    L += [
+        "## What moves MFU: a ResNet-18 training step on 1x64x101 log-mels",
+        "",
+        f"In-process, random log-mels, AdamW, median of {r['cfg']['knob_steps']} steps after 2 warm-up steps.",
+        "",
+        "| setting | clips/s | MFU |",
+        "|---|---|---|",
+    ]
     for row in r["knobs"]:
         L.append(f"| {row['setting']} | {row['clips_per_s']:.1f} | {100 * row['mfu']:.1f}% |")
     comp = r.get("compile")
     if comp is not None:
         label = f"bf16, {comp['layout']}, batch 32, torch.compile"
         if "sps" in comp:
-            L.append(f"| {label} | {comp['sps']:.1f} | {100 * r['s1']['flops'] * comp['sps'] / peaks['bf16']:.1f}% "
-                     f"(compile + 2 warm-up steps: {comp['warm']:.0f} s) |")
+            L.append(
+                f"| {label} | {comp['sps']:.1f} | {100 * r['s1']['flops'] * comp['sps'] / peaks['bf16']:.1f}% "
+                f"(compile + 2 warm-up steps: {comp['warm']:.0f} s) |"
+            )
         else:
-            L.append(f"| {label} | {comp.get('error') or 'did not finish within %.0f s' % comp.get('timeout', 0)} | |")
+            failed = comp.get("error") or f"did not finish within {comp.get('timeout', 0):.0f} s"
+            L.append(f"| {label} | {failed} | |")
     L += ["", "### Where a bf16 step goes (torch.profiler, self CPU time)", ""]
     for title, prof in r["profiles"].items():
         groups, top = prof
@@ -399,10 +534,27 @@ def main(argv=None):
     peak_start = {"fp32": compute.matmul_peak(torch.float32), "bf16": compute.matmul_peak(torch.bfloat16)}
 
     print("data ...", flush=True)
-    s1 = datagen.write_audio_set(work / "data" / "clips_1s_16k", classes=8, train=cfg["s1"][0], val=cfg["s1"][1],
-                                 seconds=1.0, rates=[16000], channels=1, subtype="PCM_16")
-    us8k = datagen.write_audio_set(work / "data" / "clips_4s_44k_48k_stereo24", classes=8, train=cfg["us8k"][0], val=cfg["us8k"][1],
-                                   seconds=4.0, rates=[44100, 48000], channels=2, subtype="PCM_24", seed=1)
+    s1 = datagen.write_audio_set(
+        work / "data" / "clips_1s_16k",
+        classes=8,
+        train=cfg["s1"][0],
+        val=cfg["s1"][1],
+        seconds=1.0,
+        rates=[16000],
+        channels=1,
+        subtype="PCM_16",
+    )
+    us8k = datagen.write_audio_set(
+        work / "data" / "clips_4s_44k_48k_stereo24",
+        classes=8,
+        train=cfg["us8k"][0],
+        val=cfg["us8k"][1],
+        seconds=4.0,
+        rates=[44100, 48000],
+        channels=2,
+        subtype="PCM_24",
+        seed=1,
+    )
     det = datagen.write_detection_set(work / "data" / "shapes", train=cfg["det"][0], val=cfg["det"][1], size=224)
 
     runner = Runner(work)
@@ -415,9 +567,12 @@ def main(argv=None):
     print("decode cache, FLOPs, COCO backends, ResNet-18 step table, profile ...", flush=True)
     cache = {"s1": cache_timing(s1, 1.0, work, args.workers), "us8k": cache_timing(us8k, 4.0, work, args.workers)}
     from detection_model import build_model
-    flops = {"s1": compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 101), 8),
-             "us8k": compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 401), 8),
-             "det": compute.detection_flops_per_sample(build_model("fcos_tiny", 3, 224), 224)}
+
+    flops = {
+        "s1": compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 101), 8),
+        "us8k": compute.classifier_flops_per_sample(compute.audio_resnet18(8), (1, 64, 401), 8),
+        "det": compute.detection_flops_per_sample(build_model("fcos_tiny", 3, 224), 224),
+    }
     r["coco"] = coco_benchmark(cfg["coco_images"], cfg["coco_reps"])
     peak_end = {"fp32": compute.matmul_peak(torch.float32), "bf16": compute.matmul_peak(torch.bfloat16)}
     r["peaks"] = {k: max(peak_start[k], peak_end[k]) for k in peak_start}
@@ -437,12 +592,16 @@ def main(argv=None):
             r[key]["cache"] = cache[key]
     if cfg["compile"]:
         left = BUDGET_SECONDS - (time.perf_counter() - started)
-        best_bf16 = max((k for k in r["knobs"] if k["setting"].startswith("bf16") and "batch 32" in k["setting"]),
-                        key=lambda k: k["clips_per_s"])
+        best_bf16 = max(
+            (k for k in r["knobs"] if k["setting"].startswith("bf16") and "batch 32" in k["setting"]),
+            key=lambda k: k["clips_per_s"],
+        )
         channels_last = "channels_last" in best_bf16["setting"]
         print(f"torch.compile probe ({left:.0f} s left) ...", flush=True)
-        r["compile"] = {"layout": "channels_last" if channels_last else "NCHW",
-                        **(compile_probe(32, channels_last, cfg["knob_steps"], left, work) if left > 30 else {"timeout": max(left, 0)})}
+        r["compile"] = {
+            "layout": "channels_last" if channels_last else "NCHW",
+            **(compile_probe(32, channels_last, cfg["knob_steps"], left, work) if left > 30 else {"timeout": max(left, 0)}),
+        }
     r["commands"] = runner.commands
     r["load"].append(os.getloadavg()[0])
     r["wall"] = time.perf_counter() - started
