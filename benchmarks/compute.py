@@ -68,12 +68,21 @@ def detection_flops_per_sample(model: nn.Module, img_size: int, batch: int = 2) 
 class ResNetStep:
     """One optimizer step of the audio ResNet-18 on random log-mels, configurable the ways that move MFU."""
 
-    def __init__(self, batch: int, bf16: bool, channels_last: bool, compile_model: bool, frames: int = 101, n_mels: int = 64):
+    def __init__(
+        self,
+        batch: int,
+        bf16: bool,
+        channels_last: bool,
+        compile_model: bool,
+        frames: int = 101,
+        n_mels: int = 64,
+        fused_adamw: bool = False,
+    ):
         torch.manual_seed(0)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = audio_resnet18().to(memory_format=fmt)
         self.forward = torch.compile(self.model) if compile_model else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=fused_adamw or None)
         self.x = torch.randn(batch, 1, n_mels, frames).contiguous(memory_format=fmt)
         self.y = torch.randint(0, 10, (batch,))
         self.bf16, self.batch = bf16, batch
