@@ -31,12 +31,12 @@ EXIF_ORIENTATION = 0x0112
 @dataclass
 class Sample:
     image_id: int
-    file_name: str            # as written to COCO json: relative to the dataset root when there is one
-    source: str | int         # image path, or row index into a Hub dataset
-    width: int                # of the upright image
+    file_name: str  # as written to COCO json: relative to the dataset root when there is one
+    source: str | int  # image path, or row index into a Hub dataset
+    width: int  # of the upright image
     height: int
-    boxes: np.ndarray         # (N, 4) float32 xyxy pixels
-    labels: np.ndarray        # (N,) int64 class index
+    boxes: np.ndarray  # (N, 4) float32 xyxy pixels
+    labels: np.ndarray  # (N,) int64 class index
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DetectionData:
     names: list[str]
     splits: dict[str, list[Sample]]
     report: "DataReport"
-    hub: dict = field(default_factory=dict)   # split -> datasets.Dataset for Hub data
+    hub: dict = field(default_factory=dict)  # split -> datasets.Dataset for Hub data
     description: str = ""
 
 
@@ -77,9 +77,15 @@ class DataReport:
     def to_dict(self, data: DetectionData) -> dict:
         return {
             "meaning": self.ACTIONS,
-            "splits": {s: {"images": len(v), "background_images": sum(len(x.labels) == 0 for x in v),
-                           "boxes": int(sum(len(x.labels) for x in v)), "problems": dict(self.totals.get(s, {}))}
-                       for s, v in data.splits.items()},
+            "splits": {
+                s: {
+                    "images": len(v),
+                    "background_images": sum(len(x.labels) == 0 for x in v),
+                    "boxes": int(sum(len(x.labels) for x in v)),
+                    "problems": dict(self.totals.get(s, {})),
+                }
+                for s, v in data.splits.items()
+            },
             "files": {f: dict(c) for f, c in sorted(self.files.items())},
         }
 
@@ -124,8 +130,9 @@ def probe_image(path: Path) -> tuple[tuple[int, int] | None, list[str]]:
             img.load()
             w, h = img.size
             rotated = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            fixes = (["exif_rotated"] if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else []) + \
-                    (["converted_to_rgb"] if img.mode != "RGB" else [])
+            fixes = (["exif_rotated"] if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else []) + (
+                ["converted_to_rgb"] if img.mode != "RGB" else []
+            )
         return ((h, w) if rotated else (w, h)), fixes
     except Exception:  # PIL raises many types for broken files; all mean "cannot use this image"
         return None, ["corrupt_image"]
@@ -150,7 +157,7 @@ def load_data(data: str, val_fraction: float = 0.1) -> DetectionData:
             raise SystemExit(f"--data {path}: file not found")
         report = DataReport()
         train, names = read_coco(path, report, "train")
-        splits = dict(zip(("train", "val"), split_off(train, val_fraction)))
+        splits = dict(zip(("train", "val"), split_off(train, val_fraction), strict=False))
         return DetectionData(names, splits, report, description=f"COCO json {path} (val: {val_fraction:.0%} of it)")
     if path.exists():
         raise SystemExit(f"--data {path}: expected a data.yaml, a COCO instances .json, or a Hub dataset id")
@@ -163,8 +170,10 @@ def load_data_yaml(path: Path) -> DetectionData:
     root = (path.parent / cfg.get("path", ".")).resolve()
     for split in ("train", "val"):
         if not cfg.get(split):
-            raise SystemExit(f"{path}: no `{split}:` entry. Add `{split}: images/{split}` (a folder of images, a .txt list "
-                             "of image paths or a COCO .json), relative to `path:`")
+            raise SystemExit(
+                f"{path}: no `{split}:` entry. Add `{split}: images/{split}` (a folder of images, a .txt list "
+                "of image paths or a COCO .json), relative to `path:`"
+            )
     report, splits = DataReport(), {}
     for split in SPLITS:
         if cfg.get(split):
@@ -179,8 +188,10 @@ def load_data_yaml(path: Path) -> DetectionData:
 def parse_names(cfg: dict, path: Path) -> list[str]:
     names = cfg.get("names")
     if names is None:
-        raise SystemExit(f"{path}: no `names:`. Add the class names, as a list `names: [cat, dog]` or a dict "
-                         "`names: {0: cat, 1: dog}`, in the order of the class ids used in the label files")
+        raise SystemExit(
+            f"{path}: no `names:`. Add the class names, as a list `names: [cat, dog]` or a dict "
+            "`names: {0: cat, 1: dog}`, in the order of the class ids used in the label files"
+        )
     if isinstance(names, dict):
         keys = sorted(int(k) for k in names)
         if keys != list(range(len(keys))):
@@ -208,8 +219,10 @@ def read_split_entry(target: Path, names: list[str], report: DataReport, split: 
         if not images:
             raise SystemExit(f"{yaml_path}: `{split}` folder {target} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     else:
-        raise SystemExit(f"{yaml_path}: `{split}` folder {target} not found. Fix `{split}:` or `path:` "
-                         "(split paths are relative to `path:`, which is relative to the data.yaml)")
+        raise SystemExit(
+            f"{yaml_path}: `{split}` folder {target} not found. Fix `{split}:` or `path:` "
+            "(split paths are relative to `path:`, which is relative to the data.yaml)"
+        )
     return read_yolo_images(images, root, names, report, split)
 
 
@@ -225,7 +238,7 @@ def label_path(image: Path) -> Path:
 
 def read_yolo_images(images: list[Path], root: Path, names: list[str], report: DataReport, split: str) -> list[Sample]:
     samples = []
-    for image, (size, fixes) in zip(images, probe_all(images)):
+    for image, (size, fixes) in zip(images, probe_all(images), strict=False):
         for fix in fixes:
             report.add(split, image, fix)
         if size is None:
@@ -271,7 +284,7 @@ def clean_boxes(rows, w: int, h: int, report: DataReport, split: str, file) -> t
         if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
             report.add(split, file, "zero_size_box")
             continue
-        if max(abs(a - b) for a, b in zip(c, (x0, y0, x1, y1))) > 0.5:
+        if max(abs(a - b) for a, b in zip(c, (x0, y0, x1, y1), strict=False)) > 0.5:
             report.add(split, file, "box_clipped_to_image")
         key = (cls, *(round(v, 2) for v in c))
         if key in seen:
@@ -298,7 +311,7 @@ def read_coco(path: Path, report: DataReport, split: str, image_root: Path | Non
         by_image[ann["image_id"]].append(ann)
     files = [root / im["file_name"] for im in coco["images"]]
     samples = []
-    for im, file, (size, fixes) in zip(coco["images"], files, probe_all(files)):
+    for im, file, (size, fixes) in zip(coco["images"], files, probe_all(files), strict=False):
         for fix in fixes:
             report.add(split, file, fix)
         if size is None:
@@ -328,11 +341,14 @@ def find_image_root(json_path: Path, images: list[dict]) -> Path:
 
 def load_hub(dataset_id: str, val_fraction: float) -> DetectionData:
     import datasets
+
     try:
         dsd = datasets.load_dataset(dataset_id)
     except Exception as e:  # offline misses and unknown ids surface as several exception types
-        raise SystemExit(f"--data {dataset_id}: not a file, and the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
-                         "Use a data.yaml or COCO json path, or a Hub id that is cached locally (HF_HOME) or reachable.")
+        raise SystemExit(
+            f"--data {dataset_id}: not a file, and the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
+            "Use a data.yaml or COCO json path, or a Hub id that is cached locally (HF_HOME) or reachable."
+        ) from e
     return from_hub_dataset(dsd, dataset_id, val_fraction)
 
 
@@ -346,8 +362,10 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1) -> Detec
         if split is None:
             continue
         if "objects" not in ds.features or "image" not in ds.features:
-            raise SystemExit(f"{name}: split {hub_split} needs columns `image` and `objects` (with `bbox` and `category`); "
-                             f"it has {list(ds.features)}")
+            raise SystemExit(
+                f"{name}: split {hub_split} needs columns `image` and `objects` (with `bbox` and `category`); "
+                f"it has {list(ds.features)}"
+            )
         category = ds.features["objects"]["category"]
         feature = getattr(category, "feature", category)
         names = names or list(getattr(feature, "names", None) or [])
@@ -366,7 +384,7 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1) -> Detec
 def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list[Sample]:
     samples = []
     objects = ds["objects"]
-    sizes = zip(ds["width"], ds["height"]) if {"width", "height"} <= set(ds.features) else None
+    sizes = zip(ds["width"], ds["height"], strict=False) if {"width", "height"} <= set(ds.features) else None
     for i, obj in enumerate(objects):
         file = f"{split}/{i}"
         if sizes is not None:
@@ -375,7 +393,7 @@ def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list
             img, _ = open_rgb(ds[i]["image"])
             w, h = img.size
         rows = []
-        for (x, y, bw, bh), cat in zip(obj["bbox"], obj["category"]):
+        for (x, y, bw, bh), cat in zip(obj["bbox"], obj["category"], strict=False):
             if not 0 <= cat < len(names):
                 report.add(split, file, "class_out_of_range")
                 continue
@@ -413,17 +431,24 @@ def to_coco(samples: list[Sample], names: list[str]) -> dict:
     images, annotations = [], []
     for s in samples:
         images.append({"id": int(s.image_id), "file_name": s.file_name, "width": int(s.width), "height": int(s.height)})
-        for (x0, y0, x1, y1), label in zip(s.boxes.tolist(), s.labels.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": int(s.image_id), "category_id": int(label),
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": n} for i, n in enumerate(names)]}
+        for (x0, y0, x1, y1), label in zip(s.boxes.tolist(), s.labels.tolist(), strict=False):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(s.image_id),
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
+    return {"images": images, "annotations": annotations, "categories": [{"id": i, "name": n} for i, n in enumerate(names)]}
 
 
 def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:
     """`class cx cy w h` rows, normalised by the image size."""
     lines = []
-    for (x0, y0, x1, y1), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist()):
+    for (x0, y0, x1, y1), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist(), strict=False):
         lines.append(f"{int(label)} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
     return lines
 
@@ -463,28 +488,37 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         s = self.samples[index]
         image = tv_tensors.Image(F.pil_to_tensor(self.load(index)))
-        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(s.boxes), format="XYXY", canvas_size=(s.height, s.width)),
-                  "labels": torch.from_numpy(s.labels)}
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(s.boxes), format="XYXY", canvas_size=(s.height, s.width)),
+            "labels": torch.from_numpy(s.labels),
+        }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, int(self.epoch), index)) & 0x7FFF_FFFF)
             image, target = self.transform(image, target)
             colour = self.colour_jitter.sample() if self.colour_jitter else torch.ones(3)
         h, w = image.shape[-2:]
         return image.as_subclass(torch.Tensor), {
-            "boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"], "colour": colour,
-            "image_id": s.image_id, "orig_size": (s.height, s.width), "size": (h, w)}
+            "boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+            "labels": target["labels"],
+            "colour": colour,
+            "image_id": s.image_id,
+            "orig_size": (s.height, s.width),
+            "size": (h, w),
+        }
 
 
 def train_transform(img_size: int, hyp: dict):
     """Horizontal flip, scale jitter, then a random img_size crop (padded where the image is smaller, which
     also shifts it); boxes follow every step and too-small leftovers are dropped. Colour jitter runs batched
     on the device (ColourJitter), where it costs almost nothing; per image on uint8 it was the slowest step."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(p=hyp["fliplr"]),
-        v2.ScaleJitter((img_size, img_size), scale_range=(1 - hyp["scale"], 1 + hyp["scale"])),
-        v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Image: PAD_VALUE, "others": 0}),
-        v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"]),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=hyp["fliplr"]),
+            v2.ScaleJitter((img_size, img_size), scale_range=(1 - hyp["scale"], 1 + hyp["scale"])),
+            v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Image: PAD_VALUE, "others": 0}),
+            v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"]),
+        ]
+    )
 
 
 class ColourJitter:
@@ -528,8 +562,10 @@ def make_collate(img_size: int):
 
 def targets_to_model(targets: list[dict], device) -> list[dict]:
     """torchvision detectors want labels 1..K (0 is background)."""
-    return [{"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True) + 1}
-            for t in targets]
+    return [
+        {"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True) + 1}
+        for t in targets
+    ]
 
 
 def to_original_coordinates(boxes: torch.Tensor, target: dict) -> torch.Tensor:
@@ -545,7 +581,9 @@ def to_original_coordinates(boxes: torch.Tensor, target: dict) -> torch.Tensor:
 def label_statistics(samples: list[Sample], names: list[str]) -> dict:
     counts = np.bincount(np.concatenate([s.labels for s in samples] + [np.zeros(0, np.int64)]), minlength=len(names))
     wh = np.concatenate([(s.boxes[:, 2:] - s.boxes[:, :2]) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
-    centers = np.concatenate([((s.boxes[:, 2:] + s.boxes[:, :2]) / 2) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
+    centers = np.concatenate(
+        [((s.boxes[:, 2:] + s.boxes[:, :2]) / 2) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))]
+    )
     return {"counts": counts, "wh": wh, "centers": centers}
 
 

@@ -27,8 +27,10 @@ def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = F
     """The one place to change the architecture. num_classes counts object classes (background is added)."""
     if name == "fcos_tiny":
         if pretrained:
-            raise SystemExit("fcos_tiny has no pretrained weights: drop --pretrained, or pick a torchvision model "
-                             "such as fcos_resnet50_fpn whose weights are cached.")
+            raise SystemExit(
+                "fcos_tiny has no pretrained weights: drop --pretrained, or pick a torchvision model "
+                "such as fcos_resnet50_fpn whose weights are cached."
+            )
         return fcos_tiny(num_classes + 1, img_size)
     if name not in available_models():
         raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
@@ -44,8 +46,12 @@ def fcos_tiny(num_classes: int, img_size: int, width: int = 32, fpn_channels: in
 
     About 0.5 M parameters and 0.3 GFLOPs at 224 px: a few minutes of CPU training fit simple data."""
     backbone = TinyBackbone(width)
-    fpn = BackboneWithFPN(backbone, return_layers={"stage3": "0", "stage4": "1", "stage5": "2"},
-                          in_channels_list=[2 * width, 4 * width, 8 * width], out_channels=fpn_channels)
+    fpn = BackboneWithFPN(
+        backbone,
+        return_layers={"stage3": "0", "stage4": "1", "stage5": "2"},
+        in_channels_list=[2 * width, 4 * width, 8 * width],
+        out_channels=fpn_channels,
+    )
     # Levels P3, P4, P5 and the max-pooled P6; FCOS assigns objects to levels by size relative to these strides.
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,)), aspect_ratios=((1.0,),) * 4)
     head = FCOSHead(fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=2)
@@ -73,8 +79,10 @@ def transfer_coco_weights(model: nn.Module, name: str):
     weights = torchvision.models.get_model_weights(name).DEFAULT
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.is_file():
-        raise SystemExit(f"--pretrained: {name} weights are not cached at {path}. Download {weights.url} to that "
-                         "path on a machine with internet access (or set TORCH_HOME), or train without --pretrained.")
+        raise SystemExit(
+            f"--pretrained: {name} weights are not cached at {path}. Download {weights.url} to that "
+            "path on a machine with internet access (or set TORCH_HOME), or train without --pretrained."
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

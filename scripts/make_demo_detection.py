@@ -33,16 +33,20 @@ def textured_background(rng: random.Random, w: int, h: int) -> Image.Image:
     """A colour gradient, blurred noise and a few muted strokes, so the model cannot key on a flat colour."""
     nrng = np.random.default_rng(rng.randrange(2**32))
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([rng.uniform(60, 190) + rng.uniform(-50, 50) * (x / w) + rng.uniform(-50, 50) * (y / h)
-                     for _ in range(3)], axis=-1)
+    base = np.stack(
+        [rng.uniform(60, 190) + rng.uniform(-50, 50) * (x / w) + rng.uniform(-50, 50) * (y / h) for _ in range(3)], axis=-1
+    )
     noise = nrng.normal(0, rng.uniform(8, 25), size=(h // 4 + 1, w // 4 + 1, 3))
     noise = np.kron(noise, np.ones((4, 4, 1)))[:h, :w]
     img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 6)):
         grey = rng.randint(70, 180)
-        draw.line([(rng.randrange(w), rng.randrange(h)), (rng.randrange(w), rng.randrange(h))],
-                  fill=(grey, grey, grey), width=rng.randint(1, 4))
+        draw.line(
+            [(rng.randrange(w), rng.randrange(h)), (rng.randrange(w), rng.randrange(h))],
+            fill=(grey, grey, grey),
+            width=rng.randint(1, 4),
+        )
     return img
 
 

@@ -16,12 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` fr
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from detection_data import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    DetectionDataset,
+    Sample,
+    eval_transform,
+    make_collate,
+    probe_all,
+    to_original_coordinates,
+    yolo_lines,
+)
+from detection_model import build_model, set_postprocess  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from torchvision.utils import draw_bounding_boxes  # noqa: E402
 
-from detection_data import (IMAGE_EXTENSIONS, DetectionDataset, Sample, eval_transform, make_collate, probe_all,  # noqa: E402
-                            to_original_coordinates, yolo_lines)
-from detection_model import build_model, set_postprocess  # noqa: E402
 from shared.model_io import load_pretrained  # noqa: E402
 from shared.runtime import write_json  # noqa: E402
 
@@ -33,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--model-dir", type=Path, required=True, help="the model/ folder of a training run")
     p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     p.add_argument("--output-dir", type=Path, default=None, help="where results go (default: predict/ beside --model-dir)")
-    p.add_argument("--conf", type=float, default=None, help="keep detections with at least this score (default: the model's, 0.25)")
+    p.add_argument(
+        "--conf", type=float, default=None, help="keep detections with at least this score (default: the model's, 0.25)"
+    )
     p.add_argument("--iou", type=float, default=None, help="NMS IoU threshold (default: the one used in training)")
     p.add_argument("--img-size", type=int, default=None, help="long side the images are resized to (default: the training size)")
     p.add_argument("--max-det", type=int, default=None, help="at most this many detections per image (default: the model's, 100)")
@@ -60,11 +70,13 @@ def main(argv=None):
 
     files = find_images(args.inputs)
     samples, skipped = [], []
-    for file, (size, problems) in zip(files, probe_all(files)):
+    for file, (size, problems) in zip(files, probe_all(files), strict=False):
         if size is None:
             skipped.append({"file": str(file), "problem": problems[0]})
             continue
-        samples.append(Sample(len(samples), str(file), str(file), size[0], size[1], np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+        samples.append(
+            Sample(len(samples), str(file), str(file), size[0], size[1], np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+        )
     if not samples:
         raise SystemExit(f"no readable images in {', '.join(map(str, args.inputs))} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     dataset = DetectionDataset(samples, eval_transform(img_size))
@@ -76,14 +88,24 @@ def main(argv=None):
     with torch.no_grad():
         for images, targets in loader:
             outputs = model(images.to(device).float().div_(255))
-            for o, t in zip(outputs, targets):
+            for o, t in zip(outputs, targets, strict=False):
                 sample = samples[t["image_id"]]
                 boxes = to_original_coordinates(o["boxes"].float().cpu(), t)
                 labels, scores = (o["labels"] - 1).cpu(), o["scores"].float().cpu()
-                results += [{"image_id": sample.image_id, "file_name": sample.file_name, "category_id": int(c),
-                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)}
-                            for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
-                rows = [f"{line} {s:.4f}" for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist())]
+                results += [
+                    {
+                        "image_id": sample.image_id,
+                        "file_name": sample.file_name,
+                        "category_id": int(c),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "score": float(s),
+                    }
+                    for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=False)
+                ]
+                rows = [
+                    f"{line} {s:.4f}"
+                    for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist(), strict=False)
+                ]
                 stem = stems[sample.image_id]
                 (out / "labels" / f"{stem}.txt").write_text("".join(r + "\n" for r in rows))
                 if not args.no_draw:
@@ -111,15 +133,23 @@ def find_images(inputs: list[Path]) -> list[Path]:
 def output_stems(samples: list[Sample]) -> list[str]:
     """The image's stem; files of the same name in different folders get their image id appended."""
     counts = Counter(Path(s.file_name).stem for s in samples)
-    return [Path(s.file_name).stem if counts[Path(s.file_name).stem] == 1 else f"{Path(s.file_name).stem}_{s.image_id}" for s in samples]
+    return [
+        Path(s.file_name).stem if counts[Path(s.file_name).stem] == 1 else f"{Path(s.file_name).stem}_{s.image_id}"
+        for s in samples
+    ]
 
 
 def draw(image, boxes, labels, scores, names, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tensor = TF.pil_to_tensor(image)
     if len(boxes):
-        tensor = draw_bounding_boxes(tensor, boxes, labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist())],
-                                     colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()], width=2)
+        tensor = draw_bounding_boxes(
+            tensor,
+            boxes,
+            labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist(), strict=False)],
+            colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()],
+            width=2,
+        )
     TF.to_pil_image(tensor).save(path, quality=92)
 
 

@@ -27,11 +27,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
+from detection_data import (  # noqa: E402
+    ColourJitter,
+    DetectionDataset,
+    eval_transform,
+    label_statistics,
+    load_data,
+    make_collate,
+    targets_to_model,
+    to_coco,
+    to_original_coordinates,
+    train_transform,
+)
+from detection_model import available_models, build_model, freeze_backbone, input_size, set_postprocess  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from detection_data import (ColourJitter, DetectionDataset, eval_transform, label_statistics, load_data, make_collate,  # noqa: E402
-                            targets_to_model, to_coco, to_original_coordinates, train_transform)
-from detection_model import available_models, build_model, freeze_backbone, input_size, set_postprocess  # noqa: E402
 from shared.checkpoint import Checkpoints, GracefulStop  # noqa: E402
 from shared.ema import make_ema  # noqa: E402
 from shared.metrics import load_metric  # noqa: E402
@@ -46,47 +56,87 @@ TASK = "detection"
 
 # The recipe in one place; --hyp FILE.yaml overrides any of these keys.
 HYP = {
-    "optimizer": "SGD",        # SGD (Nesterov) or AdamW
-    "lr0": 0.01,               # peak learning rate at the nominal batch
-    "lrf": 0.01,               # final LR as a fraction of lr0
-    "schedule": "cosine",      # cosine or linear decay after warmup
-    "momentum": 0.937,         # SGD momentum / Adam beta1
-    "weight_decay": 5e-4,      # on conv/linear weights only, scaled by effective batch / 64
-    "warmup_epochs": 3.0,      # LR ramps from 0 and momentum from warmup_momentum over this many epochs
+    "optimizer": "SGD",  # SGD (Nesterov) or AdamW
+    "lr0": 0.01,  # peak learning rate at the nominal batch
+    "lrf": 0.01,  # final LR as a fraction of lr0
+    "schedule": "cosine",  # cosine or linear decay after warmup
+    "momentum": 0.937,  # SGD momentum / Adam beta1
+    "weight_decay": 5e-4,  # on conv/linear weights only, scaled by effective batch / 64
+    "warmup_epochs": 3.0,  # LR ramps from 0 and momentum from warmup_momentum over this many epochs
     "warmup_momentum": 0.8,
-    "ema_decay": 0.9999,       # EMA decay, ramped as decay * (1 - exp(-updates / ema_tau))
+    "ema_decay": 0.9999,  # EMA decay, ramped as decay * (1 - exp(-updates / ema_tau))
     "ema_tau": 2000,
-    "clip_grad": 10.0,         # max gradient norm (0: off)
-    "fliplr": 0.5,             # horizontal flip probability
-    "scale": 0.5,              # scale jitter: 1 +- scale
-    "photometric": 0.5,        # probability of brightness/contrast/saturation jitter
-    "colour": 0.4,             # jitter factors in 1 +- colour
-    "min_box_size": 2.0,       # boxes cropped below this many pixels are dropped
-    "eval_conf": 0.001,        # score threshold for mAP (low, as COCO evaluation expects)
-    "eval_iou": 0.6,           # NMS IoU
-    "max_det": 100,            # detections per image
+    "clip_grad": 10.0,  # max gradient norm (0: off)
+    "fliplr": 0.5,  # horizontal flip probability
+    "scale": 0.5,  # scale jitter: 1 +- scale
+    "photometric": 0.5,  # probability of brightness/contrast/saturation jitter
+    "colour": 0.4,  # jitter factors in 1 +- colour
+    "min_box_size": 2.0,  # boxes cropped below this many pixels are dropped
+    "eval_conf": 0.001,  # score threshold for mAP (low, as COCO evaluation expects)
+    "eval_iou": 0.6,  # NMS IoU
+    "max_det": 100,  # detections per image
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data")
-    d.add_argument("--data", required=True, help="YOLO data.yaml, COCO instances .json (images beside it or in images/), or a Hub dataset id")
-    d.add_argument("--val-fraction", type=float, default=0.1,
-                   help="COCO json / Hub data without a validation split: fraction held out for it, fixed seed (default 0.1)")
+    d.add_argument(
+        "--data", required=True, help="YOLO data.yaml, COCO instances .json (images beside it or in images/), or a Hub dataset id"
+    )
+    d.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="COCO json / Hub data without a validation split: fraction held out for it, fixed seed (default 0.1)",
+    )
     m = parser.add_argument_group("model")
     m.add_argument("--model", default="fcos_tiny", help=f"detector name (default fcos_tiny): {', '.join(available_models())}")
-    m.add_argument("--img-size", type=int, default=224, help="long side of training and evaluation images in pixels (default 224; ssd* models use their fixed size)")
-    m.add_argument("--pretrained", action="store_true", help="start from the COCO weights cached in the torch hub folder (stops if they are not cached)")
+    m.add_argument(
+        "--img-size",
+        type=int,
+        default=224,
+        help="long side of training and evaluation images in pixels (default 224; ssd* models use their fixed size)",
+    )
+    m.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from the COCO weights cached in the torch hub folder (stops if they are not cached)",
+    )
     m.add_argument("--freeze", type=int, default=0, metavar="N", help="freeze the first N blocks of the backbone (default 0)")
     r = parser.add_argument_group("recipe")
     r.add_argument("--hyp", type=Path, default=None, help=f"YAML file overriding hyperparameters: {', '.join(HYP)}")
-    r.add_argument("--multi-scale", action="store_true", help="train each batch at a random size in 0.5-1.5 x --img-size (multiples of 32)")
-    r.add_argument("--patience", type=int, default=30, help="stop when fitness has not improved for N epochs (default 30; 0: never)")
-    r.add_argument("--map-backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools", help="COCO mAP implementation (default pycocotools)")
-    r.add_argument("--log-every", type=int, default=10, help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)")
+    r.add_argument(
+        "--multi-scale", action="store_true", help="train each batch at a random size in 0.5-1.5 x --img-size (multiples of 32)"
+    )
+    r.add_argument(
+        "--patience", type=int, default=30, help="stop when fitness has not improved for N epochs (default 30; 0: never)"
+    )
+    r.add_argument(
+        "--map-backend",
+        choices=["pycocotools", "faster_coco_eval"],
+        default="pycocotools",
+        help="COCO mAP implementation (default pycocotools)",
+    )
+    r.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)",
+    )
     add_common_args(parser, epochs=30, batch_size=16, nominal_batch_size=64)
+    batch = next(action for action in parser._actions if action.dest == "batch_size")
+    batch.type = _batch_size
+    batch.help += "; 'auto' takes the largest that fits in device memory, starting from --nominal-batch-size"
     return parser.parse_args(argv)
+
+
+def _batch_size(value: str):
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
+    return int(value)
 
 
 def load_hyp(path: Path | None) -> dict:
@@ -104,6 +154,8 @@ def main(argv=None):
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     hyp = load_hyp(args.hyp)
+    if args.batch_size == "auto":
+        args.batch_size = largest_batch_size(args)
     accelerator = setup_accelerator(args, TASK)
 
     # ---------------------------------------------------------------- data
@@ -126,10 +178,16 @@ def main(argv=None):
         model.backbone.compile()  # in place, so parameter names (checkpoints, model/) stay the same
 
     augment = not args.no_augment
-    datasets = {split: DetectionDataset(samples, train_transform(img_size, hyp) if split == "train" and augment else eval_transform(img_size),
-                                        data.hub.get(split), seed=args.seed,
-                                        colour_jitter=ColourJitter(hyp["colour"], hyp["photometric"]) if split == "train" and augment else None)
-                for split, samples in data.splits.items()}
+    datasets = {
+        split: DetectionDataset(
+            samples,
+            train_transform(img_size, hyp) if split == "train" and augment else eval_transform(img_size),
+            data.hub.get(split),
+            seed=args.seed,
+            colour_jitter=ColourJitter(hyp["colour"], hyp["photometric"]) if split == "train" and augment else None,
+        )
+        for split, samples in data.splits.items()
+    }
     collate = make_collate(img_size)
     train_dl = make_loader(datasets["train"], batch_size=args.batch_size, shuffle=True, workers=args.workers, collate_fn=collate)
     val_dl = make_loader(datasets["val"], batch_size=args.batch_size, shuffle=False, workers=args.workers, collate_fn=collate)
@@ -139,32 +197,58 @@ def main(argv=None):
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     steps_per_epoch = math.ceil(len(train_dl) / args.accumulation_steps)
     warmup_steps = round(hyp["warmup_epochs"] * steps_per_epoch)
-    scheduler = build_scheduler(optimizer, total_steps=steps_per_epoch * args.epochs, warmup_steps=warmup_steps,
-                                shape=hyp["schedule"], final_lr_ratio=hyp["lrf"])
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * args.epochs,
+        warmup_steps=warmup_steps,
+        shape=hyp["schedule"],
+        final_lr_ratio=hyp["lrf"],
+    )
     ema = make_ema(unwrap_for_saving(accelerator, model), hyp["ema_decay"], hyp["ema_tau"])
     accelerator.register_for_checkpointing(scheduler, ema)
 
     identity = {"task": TASK, "model": args.model, "labels": names}
     checkpoints = Checkpoints(accelerator, args.output_dir / "checkpoints", keep=args.keep_checkpoints, identity=identity)
-    progress = checkpoints.resume(args.resume) or {"epoch": 0, "batch_in_epoch": 0, "step": 0, "loss_sums": {}, "loss_batches": 0,
-                                                   "best_fitness": None, "best_epoch": None, "stale_epochs": 0}
+    progress = checkpoints.resume(args.resume) or {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "step": 0,
+        "loss_sums": {},
+        "loss_batches": 0,
+        "best_fitness": None,
+        "best_epoch": None,
+        "stale_epochs": 0,
+    }
     results = ResultsLog(accelerator, args.output_dir)
     results.keep_epochs_before(progress["epoch"])
-    config = {"task": TASK, "model": args.model, "labels": names, "num_classes": len(names), "img_size": img_size,
-              "conf": 0.25, "iou": hyp["eval_iou"], "max_det": hyp["max_det"]}
+    config = {
+        "task": TASK,
+        "model": args.model,
+        "labels": names,
+        "num_classes": len(names),
+        "img_size": img_size,
+        "conf": 0.25,
+        "iou": hyp["eval_iou"],
+        "max_det": hyp["max_det"],
+    }
     write_args_json(args, accelerator, hyp=hyp, labels=names, img_size=img_size, data_description=data.description)
-    print_summary(accelerator, "object detection", {
-        "data": data.description,
-        "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
-        "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
-        "classes": f"{len(names)}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
-        "model": f"{args.model} at {img_size} px, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
-                 + (f", frozen: {', '.join(frozen)}" if frozen else "") + (", COCO init" if args.pretrained else ""),
-        "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
-        "batch": f"{args.batch_size} per device x {accelerator.num_processes} processes x {args.accumulation_steps} "
-                 f"accumulation steps = {args.effective_batch_size} per optimizer step",
-        "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total, {warmup_steps} warmup",
-    })
+    print_summary(
+        accelerator,
+        "object detection",
+        {
+            "data": data.description,
+            "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
+            "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
+            "classes": f"{len(names)}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
+            "model": f"{args.model} at {img_size} px, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+            + (f", frozen: {', '.join(frozen)}" if frozen else "")
+            + (", COCO init" if args.pretrained else ""),
+            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
+            "batch": f"{args.batch_size} per device x {accelerator.num_processes} processes x {args.accumulation_steps} "
+            f"accumulation steps = {args.effective_batch_size} per optimizer step",
+            "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total, {warmup_steps} warmup",
+        },
+    )
     if accelerator.is_main_process:
         plot_label_statistics(label_statistics(data.splits["train"], names), names, args.output_dir / "labels.png")
 
@@ -184,8 +268,14 @@ def main(argv=None):
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         loss_names, running, local_batches = None, None, 0  # running loss sums stay on the device: no host sync per step
         start, batch_in_epoch = time.perf_counter(), skip
-        bar = tqdm(total=len(train_dl), initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                   disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(train_dl),
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            unit="batch",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
         for images, targets in loader:
             images = images.float().div_(255)
             if augment:
@@ -211,23 +301,46 @@ def main(argv=None):
             step += 1
             checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
             if checkpoint_due:
-                save_checkpoint(accelerator, checkpoints, progress, epoch=epoch, batch_in_epoch=batch_in_epoch, step=step,
-                                **epoch_losses(accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True))
+                save_checkpoint(
+                    accelerator,
+                    checkpoints,
+                    progress,
+                    epoch=epoch,
+                    batch_in_epoch=batch_in_epoch,
+                    step=step,
+                    **epoch_losses(accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True),
+                )
             if step % args.log_every == 0 or checkpoint_due:
                 mean_loss = running[0].item() / local_batches
                 if not math.isfinite(mean_loss):
-                    raise SystemExit(f"the training loss became {mean_loss} at optimizer step {step}; lower lr0 in --hyp, "
-                                     "check data_report.json for broken boxes, or train without mixed precision")
+                    raise SystemExit(
+                        f"the training loss became {mean_loss} at optimizer step {step}; lower lr0 in --hyp, "
+                        "check data_report.json for broken boxes, or train without mixed precision"
+                    )
                 seen = local_batches * args.batch_size * accelerator.num_processes
-                bar.set_postfix(loss=f"{mean_loss:.3f}", img_per_s=f"{seen / (time.perf_counter() - start):.1f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(
+                    loss=f"{mean_loss:.3f}",
+                    img_per_s=f"{seen / (time.perf_counter() - start):.1f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                )
                 if stop.agreed(accelerator):
                     bar.close()
                     if not checkpoint_due:
-                        save_checkpoint(accelerator, checkpoints, progress, epoch=epoch, batch_in_epoch=batch_in_epoch, step=step,
-                                        **epoch_losses(accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True))
-                    accelerator.print(f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
-                                      "Continue with the same command plus --resume.")
+                        save_checkpoint(
+                            accelerator,
+                            checkpoints,
+                            progress,
+                            epoch=epoch,
+                            batch_in_epoch=batch_in_epoch,
+                            step=step,
+                            **epoch_losses(
+                                accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True
+                            ),
+                        )
+                    accelerator.print(
+                        f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
+                        "Continue with the same command plus --resume."
+                    )
                     accelerator.end_training()
                     return
         bar.close()
@@ -246,13 +359,26 @@ def main(argv=None):
         else:
             progress["stale_epochs"] += 1
         accelerator.wait_for_everyone()
-        results.add({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                     **{f"train_{k}": v for k, v in train.items()},
-                     **{f"val_{k}": val[k] for k in ("map", "map50", "map75", "map_small", "map_medium", "map_large")},
-                     "fitness": fitness, "seconds": seconds, "train_samples_per_second": throughput(train_images, seconds)}, step=step)
-        accelerator.print(f"epoch {epoch + 1}: loss {train['loss']:.4f}, val mAP50 {val['map50']:.4f}, mAP50-95 {val['map']:.4f}"
-                          f"{' (best)' if improved else ''}, {throughput(train_images, seconds):.1f} images/s")
-        save_checkpoint(accelerator, checkpoints, progress, epoch=epoch + 1, batch_in_epoch=0, step=step, loss_sums={}, loss_batches=0)
+        results.add(
+            {
+                "epoch": epoch,
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                **{f"train_{k}": v for k, v in train.items()},
+                **{f"val_{k}": val[k] for k in ("map", "map50", "map75", "map_small", "map_medium", "map_large")},
+                "fitness": fitness,
+                "seconds": seconds,
+                "train_samples_per_second": throughput(train_images, seconds),
+            },
+            step=step,
+        )
+        accelerator.print(
+            f"epoch {epoch + 1}: loss {train['loss']:.4f}, val mAP50 {val['map50']:.4f}, mAP50-95 {val['map']:.4f}"
+            f"{' (best)' if improved else ''}, {throughput(train_images, seconds):.1f} images/s"
+        )
+        save_checkpoint(
+            accelerator, checkpoints, progress, epoch=epoch + 1, batch_in_epoch=0, step=step, loss_sums={}, loss_batches=0
+        )
         if args.patience and progress["stale_epochs"] >= args.patience:
             accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {progress['best_epoch'] + 1})")
             break
@@ -267,13 +393,22 @@ def main(argv=None):
     state, _ = load_pretrained(model_dir)
     best_model = ema.module
     best_model.load_state_dict(state)
-    summary = {"task": TASK, "best_epoch": progress["best_epoch"], "labels": names,
-               "train_samples_per_second": mean_throughput(results)}
+    summary = {
+        "task": TASK,
+        "best_epoch": progress["best_epoch"],
+        "labels": names,
+        "train_samples_per_second": mean_throughput(results),
+    }
     for split in ("val", "test"):
         if split not in data.splits:
             continue
-        dl = val_dl if split == "val" else accelerator.prepare_data_loader(
-            make_loader(datasets[split], batch_size=args.batch_size, shuffle=False, workers=args.workers, collate_fn=collate))
+        dl = (
+            val_dl
+            if split == "val"
+            else accelerator.prepare_data_loader(
+                make_loader(datasets[split], batch_size=args.batch_size, shuffle=False, workers=args.workers, collate_fn=collate)
+            )
+        )
         metrics, predictions = evaluate(best_model, dl, accelerator, data.splits[split], names, metric, args.map_backend)
         summary[split] = metrics
         if accelerator.is_main_process:
@@ -285,8 +420,10 @@ def main(argv=None):
     if accelerator.is_main_process:
         plot_curves(results.path, args.output_dir / "curves.png")
     shown = "test" if "test" in summary else "val"
-    accelerator.print(f"best epoch {progress['best_epoch'] + 1}: {shown} mAP50 {summary[shown]['map50']:.4f}, "
-                      f"mAP50-95 {summary[shown]['map']:.4f}; model in {model_dir}")
+    accelerator.print(
+        f"best epoch {progress['best_epoch'] + 1}: {shown} mAP50 {summary[shown]['map50']:.4f}, "
+        f"mAP50-95 {summary[shown]['map']:.4f}; model in {model_dir}"
+    )
     accelerator.end_training()
 
 
@@ -295,12 +432,46 @@ def make_optimizer(model, hyp: dict, effective_batch: int) -> torch.optim.Optimi
     """Weight decay on conv/linear weights only (not biases or norms), scaled to the batch as YOLO does."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": hyp["weight_decay"] * effective_batch / 64}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": hyp["weight_decay"] * effective_batch / 64},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if hyp["optimizer"] == "SGD":
         return torch.optim.SGD(groups, lr=hyp["lr0"], momentum=hyp["momentum"], nesterov=True)
     if hyp["optimizer"] == "AdamW":
         return torch.optim.AdamW(groups, lr=hyp["lr0"], betas=(hyp["momentum"], 0.999))
     raise SystemExit(f"hyp optimizer {hyp['optimizer']!r}: use SGD or AdamW")
+
+
+def largest_batch_size(args) -> int:
+    """--batch-size auto: the largest batch, halving from --nominal-batch-size, with which a training step at
+    --img-size (x1.5 with --multi-scale) fits in GPU memory (accelerate's find_executable_batch_size). A CPU
+    has no memory limit to probe, so there the start value is taken as it is."""
+    from accelerate import PartialState
+    from accelerate.utils import find_executable_batch_size
+
+    device = PartialState(cpu=args.cpu).device
+    if device.type == "cpu":
+        return args.nominal_batch_size
+    size = int(args.img_size * (1.5 if args.multi_scale else 1))
+
+    @find_executable_batch_size(starting_batch_size=args.nominal_batch_size)
+    def probe(batch_size):
+        model = build_model(args.model, 1, args.img_size).to(device).train()
+        model.transform._skip_resize = True
+        targets = [
+            {
+                "boxes": torch.tensor([[4.0, 4.0, size / 2, size / 2]], device=device),
+                "labels": torch.ones(1, dtype=torch.int64, device=device),
+            }
+        ] * batch_size
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = sum(model(torch.rand(batch_size, 3, size, size, device=device), targets).values())
+        loss.backward()
+        return batch_size
+
+    return probe()
 
 
 def random_size(args, img_size: int, epoch: int, batch_in_epoch: int, accelerator) -> int:
@@ -321,7 +492,7 @@ def epoch_losses(accelerator, names, running, local_batches, carried: dict, carr
     reduce_only returns the sums instead (what a checkpoint stores)."""
     sums = accelerator.reduce(running, "sum").tolist() if running is not None else [0.0] * len(carried)
     names = names or list(carried)
-    sums = {n: s + carried.get(n, 0.0) for n, s in zip(names, sums)}
+    sums = {n: s + carried.get(n, 0.0) for n, s in zip(names, sums, strict=False)}
     batches = local_batches * accelerator.num_processes + carried_batches
     if reduce_only:
         return {"loss_sums": sums, "loss_batches": batches}
@@ -350,27 +521,41 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
     for images, targets in loader:
         with accelerator.autocast():
             outputs = model(images.float().div_(255))
-        batch = [{"image_id": t["image_id"], "boxes": to_original_coordinates(out["boxes"].float(), t).cpu().numpy(),
-                  "scores": out["scores"].float().cpu().numpy(), "labels": (out["labels"] - 1).cpu().numpy()}
-                 for out, t in zip(outputs, targets)]
+        batch = [
+            {
+                "image_id": t["image_id"],
+                "boxes": to_original_coordinates(out["boxes"].float(), t).cpu().numpy(),
+                "scores": out["scores"].float().cpu().numpy(),
+                "labels": (out["labels"] - 1).cpu().numpy(),
+            }
+            for out, t in zip(outputs, targets, strict=False)
+        ]
         # Per batch: on the last one, accelerate knows how many gathered entries are padding and drops them.
         predictions += accelerator.gather_for_metrics(batch, use_gather_object=True)
     by_id = {p["image_id"]: p for p in predictions}
     if len(by_id) != len(predictions) or set(by_id) != {s.image_id for s in samples}:
         raise RuntimeError(f"evaluation saw {len(predictions)} predictions for {len(by_id)} distinct of {len(samples)} images")
     ordered = [by_id[s.image_id] for s in samples]
-    references = [{"image_id": s.image_id, "boxes": s.boxes.tolist(), "labels": s.labels.tolist(), "width": s.width, "height": s.height}
-                  for s in samples]
-    result = metric.compute(predictions=[{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in p.items()} for p in ordered],
-                            references=references, label_names=names, backend=backend)
+    references = [
+        {"image_id": s.image_id, "boxes": s.boxes.tolist(), "labels": s.labels.tolist(), "width": s.width, "height": s.height}
+        for s in samples
+    ]
+    result = metric.compute(
+        predictions=[{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in p.items()} for p in ordered],
+        references=references,
+        label_names=names,
+        backend=backend,
+    )
     return result, ordered
 
 
 def coco_results(predictions: list[dict]) -> list[dict]:
     """COCO results format: one entry per box, bbox [x, y, w, h] in pixels, category_id = class index."""
-    return [{"image_id": int(p["image_id"]), "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
-            for p in predictions
-            for (x0, y0, x1, y1), score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist())]
+    return [
+        {"image_id": int(p["image_id"]), "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
+        for p in predictions
+        for (x0, y0, x1, y1), score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist(), strict=False)
+    ]
 
 
 # ==================================================================== pictures
@@ -386,10 +571,17 @@ def draw_predictions(dataset: DetectionDataset, predictions: list[dict], names, 
         image = TF.pil_to_tensor(dataset.load(index))
         sample = dataset.samples[index]
         keep = pred["scores"] >= conf
-        image = draw_bounding_boxes(image, torch.as_tensor(sample.boxes), colors="white", width=1)
-        labels = [f"{names[c]} {s:.2f}" for c, s in zip(pred["labels"][keep], pred["scores"][keep])]
-        image = draw_bounding_boxes(image, torch.as_tensor(pred["boxes"][keep]), labels=labels, width=2,
-                                    colors=[palette[c % len(palette)] for c in pred["labels"][keep]])
+        if len(sample.boxes):
+            image = draw_bounding_boxes(image, torch.as_tensor(sample.boxes), colors="white", width=1)
+        if keep.any():
+            labels = [f"{names[c]} {s:.2f}" for c, s in zip(pred["labels"][keep], pred["scores"][keep], strict=False)]
+            image = draw_bounding_boxes(
+                image,
+                torch.as_tensor(pred["boxes"][keep]),
+                labels=labels,
+                width=2,
+                colors=[palette[c % len(palette)] for c in pred["labels"][keep]],
+            )
         image = TF.resize(image, None, max_size=tile)
         tiles.append(F.pad(image, (0, tile - image.shape[2], 0, tile - image.shape[1])))
     grid = make_grid(tiles, nrow=4, padding=4)
@@ -399,6 +591,7 @@ def draw_predictions(dataset: DetectionDataset, predictions: list[dict], names, 
 def plot_label_statistics(stats: dict, names: list[str], path: Path):
     """Boxes per class, box width vs height, and where box centres fall (all normalised by image size)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

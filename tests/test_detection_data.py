@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from detection_data import DetectionDataset, from_hub_dataset, label_path, load_data, to_coco, train_transform, write_yolo_labels
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from detection_data import (DetectionDataset, from_hub_dataset, label_path, load_data, to_coco, train_transform,
-                            write_yolo_labels)
-from shared.metrics import load_metric
 from train_detection import HYP
+
+from shared.metrics import load_metric
 
 
 def write_image(path, size=(64, 48), mode="RGB", colour=(90, 90, 90), exif_orientation=None):
@@ -40,15 +39,16 @@ def yolo_tree(tmp_path):
     write_image(img / "train" / "good.jpg")
     (lab / "train" / "good.txt").parent.mkdir(parents=True)
     (lab / "train" / "good.txt").write_text("0 0.5 0.5 0.5 0.5\n1 0.25 0.25 0.25 0.25\n")
-    write_image(img / "train" / "background.jpg")                       # no label file: background
+    write_image(img / "train" / "background.jpg")  # no label file: background
     write_image(img / "train" / "bad_lines.png")
     (lab / "train" / "bad_lines.txt").write_text(
-        "0 0.5 0.5 0.5\n"          # wrong field count
-        "7 0.5 0.5 0.2 0.2\n"      # class outside names
-        "0 1.5 0.5 0.2 0.2\n"      # coordinate outside [0, 1]
-        "1 0.5 0.5 0.0 0.2\n"      # zero width
+        "0 0.5 0.5 0.5\n"  # wrong field count
+        "7 0.5 0.5 0.2 0.2\n"  # class outside names
+        "0 1.5 0.5 0.2 0.2\n"  # coordinate outside [0, 1]
+        "1 0.5 0.5 0.0 0.2\n"  # zero width
         "1 0.4 0.4 0.2 0.2\n"
-        "1 0.4 0.4 0.2 0.2\n")     # duplicate of the line above
+        "1 0.4 0.4 0.2 0.2\n"
+    )  # duplicate of the line above
     (img / "train" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     write_image(img / "train" / "grey.png", mode="L")
     write_image(img / "train" / "rgba.png", mode="RGBA", colour=(10, 20, 30, 128))
@@ -74,8 +74,13 @@ def test_yolo_layout_and_every_bad_input_is_fixed_or_counted(yolo_tree):
 
     report = data.report.to_dict(data)
     files = {k.split("/")[-1]: v for k, v in report["files"].items()}
-    assert files["bad_lines.txt"] == {"wrong_field_count": 1, "class_out_of_range": 1, "coords_outside_0_1": 1,
-                                      "zero_size_box": 1, "duplicate_box": 1}
+    assert files["bad_lines.txt"] == {
+        "wrong_field_count": 1,
+        "class_out_of_range": 1,
+        "coords_outside_0_1": 1,
+        "zero_size_box": 1,
+        "duplicate_box": 1,
+    }
     assert files["corrupt.jpg"] == {"corrupt_image": 1}
     for name in ("grey.png", "rgba.png", "deep16.png"):
         assert files[name] == {"converted_to_rgb": 1}
@@ -110,13 +115,19 @@ def test_label_path_follows_the_yolo_convention(tmp_path):
 def test_coco_json_with_sparse_category_ids(tmp_path):
     write_image(tmp_path / "images" / "a.jpg", size=(100, 80))
     write_image(tmp_path / "images" / "b.jpg", size=(100, 80))
-    coco = {"images": [{"id": 11, "file_name": "a.jpg", "width": 100, "height": 80},
-                       {"id": 12, "file_name": "b.jpg", "width": 100, "height": 80},
-                       {"id": 13, "file_name": "gone.jpg", "width": 100, "height": 80}],
-            "categories": [{"id": 3, "name": "cat"}, {"id": 90, "name": "dog"}],
-            "annotations": [{"id": 1, "image_id": 11, "category_id": 90, "bbox": [10, 10, 20, 30], "iscrowd": 0},
-                            {"id": 2, "image_id": 11, "category_id": 3, "bbox": [90, 70, 20, 20], "iscrowd": 0},
-                            {"id": 3, "image_id": 12, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0}]}
+    coco = {
+        "images": [
+            {"id": 11, "file_name": "a.jpg", "width": 100, "height": 80},
+            {"id": 12, "file_name": "b.jpg", "width": 100, "height": 80},
+            {"id": 13, "file_name": "gone.jpg", "width": 100, "height": 80},
+        ],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 90, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 11, "category_id": 90, "bbox": [10, 10, 20, 30], "iscrowd": 0},
+            {"id": 2, "image_id": 11, "category_id": 3, "bbox": [90, 70, 20, 20], "iscrowd": 0},
+            {"id": 3, "image_id": 12, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0},
+        ],
+    }
     (tmp_path / "annotations").mkdir()
     path = tmp_path / "annotations" / "instances.json"
     path.write_text(json.dumps(coco))
@@ -134,12 +145,24 @@ def test_coco_json_with_sparse_category_ids(tmp_path):
 
 def test_hub_dataset_in_objects_convention():
     import datasets
-    features = datasets.Features({
-        "image": datasets.Image(), "width": datasets.Value("int32"), "height": datasets.Value("int32"),
-        "objects": {"bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
-                    "category": datasets.Sequence(datasets.ClassLabel(names=["mask", "glove"]))}})
-    rows = {"image": [Image.new("RGB", (40, 30)), Image.new("RGB", (40, 30))], "width": [40, 40], "height": [30, 30],
-            "objects": [{"bbox": [[5, 5, 10, 10]], "category": [1]}, {"bbox": [[0, 0, 40, 30], [1, 1, 0, 3]], "category": [0, 0]}]}
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "objects": {
+                "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+                "category": datasets.Sequence(datasets.ClassLabel(names=["mask", "glove"])),
+            },
+        }
+    )
+    rows = {
+        "image": [Image.new("RGB", (40, 30)), Image.new("RGB", (40, 30))],
+        "width": [40, 40],
+        "height": [30, 30],
+        "objects": [{"bbox": [[5, 5, 10, 10]], "category": [1]}, {"bbox": [[0, 0, 40, 30], [1, 1, 0, 3]], "category": [0, 0]}],
+    }
     train = datasets.Dataset.from_dict(rows, features=features)
     data = from_hub_dataset(datasets.DatasetDict({"train": train, "test": train}), "in-memory", val_fraction=0.5)
     assert data.names == ["mask", "glove"]
@@ -157,8 +180,11 @@ def test_yolo_coco_round_trip(tmp_path):
     for i in range(5):
         write_image(tmp_path / "images" / "train" / f"{i}.jpg", size=(80, 60))
         if i:
-            rows = [f"{rng.integers(3)} {rng.uniform(.3, .7):.6f} {rng.uniform(.3, .7):.6f} {rng.uniform(.1, .5):.6f} "
-                    f"{rng.uniform(.1, .5):.6f}" for _ in range(i)]
+            rows = [
+                f"{rng.integers(3)} {rng.uniform(0.3, 0.7):.6f} {rng.uniform(0.3, 0.7):.6f} {rng.uniform(0.1, 0.5):.6f} "
+                f"{rng.uniform(0.1, 0.5):.6f}"
+                for _ in range(i)
+            ]
             (tmp_path / "labels" / "train").mkdir(parents=True, exist_ok=True)
             (tmp_path / "labels" / "train" / f"{i}.txt").write_text("\n".join(rows) + "\n")
     cfg = write_yaml(tmp_path, train="images/train", val="images/train", names=["a", "b", "c"])
@@ -172,10 +198,11 @@ def test_yolo_coco_round_trip(tmp_path):
     assert len(coco["annotations"]) == 10 and coco["annotations"][0]["id"] == 1
 
     from detection_data import DataReport, read_coco
+
     back, names = read_coco(tmp_path / "coco" / "instances.json", DataReport(), "train")
     assert names == ["a", "b", "c"]
     write_yolo_labels(back, tmp_path / "yolo2" / "labels" / "train")
-    for s, b in zip(original, back):
+    for s, b in zip(original, back, strict=False):
         np.testing.assert_allclose(s.boxes, b.boxes, atol=1e-4)
         assert s.labels.tolist() == b.labels.tolist()
         label = tmp_path / "yolo2" / "labels" / "train" / f"{s.file_name.split('.')[0]}.txt"
@@ -190,6 +217,7 @@ def test_augmentation_keeps_boxes_on_their_objects():
     img = np.full((120, 160, 3), 100, np.uint8)
     img[30:70, 90:130] = (255, 0, 0)
     from detection_data import Sample
+
     sample = Sample(0, "x", "x", 160, 120, np.array([[90, 30, 130, 70]], np.float32), np.array([0]))
     ds = DetectionDataset([sample], train_transform(128, {**HYP, "scale": 0.5}))
     ds.load = lambda index: Image.fromarray(img)
@@ -219,28 +247,53 @@ def random_detections(seed=0, images=40, classes=4):
         n = int(rng.integers(0, 6))
         xy = rng.uniform(0, 400, (n, 2))
         gt = np.concatenate([xy, xy + rng.uniform(4, 200, (n, 2))], 1)
-        refs.append({"image_id": i, "boxes": gt.tolist(), "labels": rng.integers(0, classes, n).tolist(), "width": 640, "height": 480})
+        refs.append(
+            {"image_id": i, "boxes": gt.tolist(), "labels": rng.integers(0, classes, n).tolist(), "width": 640, "height": 480}
+        )
         m = int(rng.integers(0, 10))
         jittered = np.concatenate([gt, gt[:0]])[: min(n, m)] + rng.normal(0, 6, (min(n, m), 4))
         xy = rng.uniform(0, 400, (m - len(jittered), 2))
         extra = np.concatenate([xy, xy + rng.uniform(4, 200, (len(xy), 2))], 1)
         boxes = np.concatenate([jittered, extra])
-        preds.append({"image_id": i, "boxes": boxes.tolist(), "scores": rng.uniform(0, 1, m).tolist(),
-                      "labels": np.concatenate([refs[-1]["labels"][: len(jittered)], rng.integers(0, classes, len(extra))]).tolist()})
+        preds.append(
+            {
+                "image_id": i,
+                "boxes": boxes.tolist(),
+                "scores": rng.uniform(0, 1, m).tolist(),
+                "labels": np.concatenate([refs[-1]["labels"][: len(jittered)], rng.integers(0, classes, len(extra))]).tolist(),
+            }
+        )
     return preds, refs
 
 
 def pycocotools_directly(preds, refs, classes):
     gt = COCO()
-    gt.dataset = {"images": [{"id": r["image_id"], "width": r["width"], "height": r["height"]} for r in refs],
-                  "categories": [{"id": c} for c in range(classes)],
-                  "annotations": [{"id": k + 1, **a} for k, a in enumerate(
-                      {"image_id": r["image_id"], "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                       "area": (b[2] - b[0]) * (b[3] - b[1]), "iscrowd": 0}
-                      for r in refs for b, c in zip(r["boxes"], r["labels"]))]}
+    gt.dataset = {
+        "images": [{"id": r["image_id"], "width": r["width"], "height": r["height"]} for r in refs],
+        "categories": [{"id": c} for c in range(classes)],
+        "annotations": [
+            {"id": k + 1, **a}
+            for k, a in enumerate(
+                {
+                    "image_id": r["image_id"],
+                    "category_id": c,
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "area": (b[2] - b[0]) * (b[3] - b[1]),
+                    "iscrowd": 0,
+                }
+                for r in refs
+                for b, c in zip(r["boxes"], r["labels"], strict=False)
+            )
+        ],
+    }
     gt.createIndex()
-    dt = gt.loadRes([{"image_id": p["image_id"], "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s}
-                     for p in preds for b, s, c in zip(p["boxes"], p["scores"], p["labels"])])
+    dt = gt.loadRes(
+        [
+            {"image_id": p["image_id"], "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s}
+            for p in preds
+            for b, s, c in zip(p["boxes"], p["scores"], p["labels"], strict=False)
+        ]
+    )
     e = COCOeval(gt, dt, "bbox")
     e.evaluate()
     e.accumulate()
@@ -254,7 +307,7 @@ def test_map_module_equals_pycocotools(backend):
     names = ["a", "b", "c", "d"]
     ours = load_metric("coco_map").compute(predictions=preds, references=refs, label_names=names, backend=backend)
     e = pycocotools_directly(preds, refs, 4)
-    for key, value in zip(["map", "map50", "map75", "map_small", "map_medium", "map_large"], e.stats):
+    for key, value in zip(["map", "map50", "map75", "map_small", "map_medium", "map_large"], e.stats, strict=False):
         assert ours[key] == pytest.approx(value, abs=1e-6), key
     assert 0.05 < ours["map50"] < 0.95  # a non-trivial case
     for k, name in enumerate(names):

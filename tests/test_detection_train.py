@@ -24,8 +24,21 @@ MAP_KEYS = ["map", "map50", "map75", "map_small", "map_medium", "map_large"]
 
 
 def make_data(root, train, val, test, size=128, seed=0):
-    run_script("make_demo_detection.py", "--output-dir", root, "--train", train, "--val", val, "--test", test,
-               "--size", size, "--seed", seed)
+    run_script(
+        "make_demo_detection.py",
+        "--output-dir",
+        root,
+        "--train",
+        train,
+        "--val",
+        val,
+        "--test",
+        test,
+        "--size",
+        size,
+        "--seed",
+        seed,
+    )
     return root / "data.yaml"
 
 
@@ -38,8 +51,26 @@ def learned(tmp_path_factory):
     with (root / "data" / "labels" / "train" / "train_00000.txt").open("a") as f:
         f.write("9 0.5 0.5 0.1 0.1\n")
     out = root / "run"
-    run_script("train_detection.py", "--data", data, "--output-dir", out, "--epochs", 4, "--img-size", 128,
-               "--batch-size", 8, "--nominal-batch-size", 16, "--mixed-precision", "bf16", "--workers", 1, nproc=2)
+    run_script(
+        "train_detection.py",
+        "--data",
+        data,
+        "--output-dir",
+        out,
+        "--epochs",
+        4,
+        "--img-size",
+        128,
+        "--batch-size",
+        8,
+        "--nominal-batch-size",
+        16,
+        "--mixed-precision",
+        "bf16",
+        "--workers",
+        1,
+        nproc=2,
+    )
     return root, data, out
 
 
@@ -50,9 +81,20 @@ def test_two_process_run_learns_and_writes_every_artifact(learned):
     for split in ("val", "test"):
         assert set(MAP_KEYS + ["per_class_ap"]) <= set(metrics[split])
     assert metrics["val"]["map50"] > 0.3, metrics["val"]  # chance is about 0
-    for name in ("args.json", "results.csv", "data_report.json", "curves.png", "labels.png", "val_predictions.png",
-                 "model/model.safetensors", "model/config.json", "predictions_val.json", "ground_truth_val.json",
-                 "predictions_test.json", "ground_truth_test.json"):
+    for name in (
+        "args.json",
+        "results.csv",
+        "data_report.json",
+        "curves.png",
+        "labels.png",
+        "val_predictions.png",
+        "model/model.safetensors",
+        "model/config.json",
+        "predictions_val.json",
+        "ground_truth_val.json",
+        "predictions_test.json",
+        "ground_truth_test.json",
+    ):
         assert (out / name).is_file(), name
     assert any((out / "logs").rglob("events.out.tfevents*"))
     args = json.loads((out / "args.json").read_text())
@@ -73,7 +115,7 @@ def test_saved_json_files_give_the_reported_map_with_pycocotools(learned):
         e.evaluate()
         e.accumulate()
         e.summarize()
-        for key, value in zip(MAP_KEYS, e.stats):
+        for key, value in zip(MAP_KEYS, e.stats, strict=False):
             assert metrics[split][key] == pytest.approx(value, abs=1e-9), (split, key)
 
 
@@ -83,8 +125,26 @@ def test_one_process_evaluates_the_same_model_to_the_same_metrics(learned, tmp_p
     _, data, out = learned
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    run_script("train_detection.py", "--data", data, "--output-dir", copy, "--epochs", 4, "--img-size", 128,
-               "--batch-size", 8, "--nominal-batch-size", 16, "--mixed-precision", "bf16", "--workers", 1, "--resume")
+    run_script(
+        "train_detection.py",
+        "--data",
+        data,
+        "--output-dir",
+        copy,
+        "--epochs",
+        4,
+        "--img-size",
+        128,
+        "--batch-size",
+        8,
+        "--nominal-batch-size",
+        16,
+        "--mixed-precision",
+        "bf16",
+        "--workers",
+        1,
+        "--resume",
+    )
     two, one = (json.loads((d / "metrics.json").read_text()) for d in (out, copy))
     for split in ("val", "test"):
         for key in MAP_KEYS:
@@ -101,8 +161,9 @@ def test_checkpoint_of_other_labels_is_refused(learned, tmp_path):
     other.write_text(yaml.safe_dump(cfg))
     copy = tmp_path / "run"
     shutil.copytree(out / "checkpoints", copy / "checkpoints")
-    proc = run_script("train_detection.py", "--data", other, "--output-dir", copy, "--epochs", 4, "--img-size", 128,
-                      "--resume", check=False)
+    proc = run_script(
+        "train_detection.py", "--data", other, "--output-dir", copy, "--epochs", 4, "--img-size", 128, "--resume", check=False
+    )
     assert proc.returncode != 0
     assert "labels=" in proc.stderr and "Resume with the same model and data" in proc.stderr
 
@@ -126,10 +187,14 @@ def test_predict_finds_the_objects(learned, tmp_path):
         mine = [r for r in results if r["file_name"] == str(file)]
         if mine:
             from PIL import Image
+
             w, h = Image.open(file).size
-        gt_boxes = torch.tensor([[(x - bw / 2) * w, (y - bh / 2) * h, (x + bw / 2) * w, (y + bh / 2) * h] for _, x, y, bw, bh in gt])
-        pred_boxes = torch.tensor([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
-                                   for r in mine]).reshape(-1, 4)
+        gt_boxes = torch.tensor(
+            [[(x - bw / 2) * w, (y - bh / 2) * h, (x + bw / 2) * w, (y + bh / 2) * h] for _, x, y, bw, bh in gt]
+        )
+        pred_boxes = torch.tensor(
+            [[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]] for r in mine]
+        ).reshape(-1, 4)
         iou = box_iou(gt_boxes, pred_boxes) if len(mine) else torch.zeros(len(gt), 0)
         same_class = torch.tensor(gt[:, 0])[:, None] == torch.tensor([r["category_id"] for r in mine])[None, :]
         found += int(((iou > 0.5) & same_class).any(1).sum())
@@ -138,8 +203,23 @@ def test_predict_finds_the_objects(learned, tmp_path):
 
 
 def training_args(data, out, *extra):
-    return ["--data", data, "--output-dir", out, "--img-size", 96, "--batch-size", 8, "--nominal-batch-size", 16,
-            "--workers", 1, "--log-every", 1, *extra]
+    return [
+        "--data",
+        data,
+        "--output-dir",
+        out,
+        "--img-size",
+        96,
+        "--batch-size",
+        8,
+        "--nominal-batch-size",
+        16,
+        "--workers",
+        1,
+        "--log-every",
+        1,
+        *extra,
+    ]
 
 
 def parameters(checkpoint_dir):
@@ -191,5 +271,5 @@ def test_resume_after_sigterm_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     timing = {"seconds", "train_samples_per_second"}
     rows_a, rows_b = (list(csv.DictReader((d / "results.csv").open())) for d in (full, part))
     assert len(rows_a) == len(rows_b) == 3
-    for ra, rb in zip(rows_a, rows_b):
+    for ra, rb in zip(rows_a, rows_b, strict=False):
         assert {k: v for k, v in ra.items() if k not in timing} == {k: v for k, v in rb.items() if k not in timing}

@@ -28,14 +28,23 @@ class CocoMap(evaluate.Metric):
             description=__doc__,
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
             inputs_description=__doc__,
-            features=datasets.Features({
-                "predictions": {"image_id": datasets.Value("int64"), "boxes": BOXES,
-                                "scores": datasets.Sequence(datasets.Value("float64")),
-                                "labels": datasets.Sequence(datasets.Value("int64"))},
-                "references": {"image_id": datasets.Value("int64"), "boxes": BOXES,
-                               "labels": datasets.Sequence(datasets.Value("int64")),
-                               "width": datasets.Value("int64"), "height": datasets.Value("int64")},
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": {
+                        "image_id": datasets.Value("int64"),
+                        "boxes": BOXES,
+                        "scores": datasets.Sequence(datasets.Value("float64")),
+                        "labels": datasets.Sequence(datasets.Value("int64")),
+                    },
+                    "references": {
+                        "image_id": datasets.Value("int64"),
+                        "boxes": BOXES,
+                        "labels": datasets.Sequence(datasets.Value("int64")),
+                        "width": datasets.Value("int64"),
+                        "height": datasets.Value("int64"),
+                    },
+                }
+            ),
         )
 
     def _compute(self, predictions, references, label_names=None, backend="pycocotools"):
@@ -49,19 +58,34 @@ def coco_dicts(predictions, references, label_names=None):
     images, annotations, results = [], [], []
     for ref in references:
         images.append({"id": int(ref["image_id"]), "width": int(ref["width"]), "height": int(ref["height"])})
-        for (x0, y0, x1, y1), label in zip(ref["boxes"], ref["labels"]):
+        for (x0, y0, x1, y1), label in zip(ref["boxes"], ref["labels"], strict=False):
             ids.add(int(label))
-            annotations.append({"id": len(annotations) + 1, "image_id": int(ref["image_id"]), "category_id": int(label),
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(ref["image_id"]),
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
     for pred in predictions:
-        for (x0, y0, x1, y1), score, label in zip(pred["boxes"], pred["scores"], pred["labels"]):
+        for (x0, y0, x1, y1), score, label in zip(pred["boxes"], pred["scores"], pred["labels"], strict=False):
             ids.add(int(label))
-            results.append({"image_id": int(pred["image_id"]), "category_id": int(label),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+            results.append(
+                {
+                    "image_id": int(pred["image_id"]),
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                }
+            )
     if label_names is not None:
         ids |= set(range(len(label_names)))
-    categories = [{"id": i, "name": label_names[i] if label_names is not None and i < len(label_names) else str(i)}
-                  for i in sorted(ids)]
+    categories = [
+        {"id": i, "name": label_names[i] if label_names is not None and i < len(label_names) else str(i)} for i in sorted(ids)
+    ]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
@@ -90,7 +114,7 @@ def evaluate_coco(gt: dict, results: list, backend: str = "pycocotools", label_n
         e.evaluate()
         e.accumulate()
         e.summarize()
-    out = {name: float(v) for name, v in zip(STAT_NAMES, e.stats)}
+    out = {name: float(v) for name, v in zip(STAT_NAMES, e.stats, strict=False)}
     precision = np.asarray(e.eval["precision"])[:, :, :, 0, -1]  # IoU x recall x class, all areas, 100 detections
     per_class = {}
     for k, cat_id in enumerate(e.params.catIds):
