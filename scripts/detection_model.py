@@ -44,7 +44,7 @@ def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = F
 def fcos_tiny(num_classes: int, img_size: int, width: int = 32, fpn_channels: int = 64) -> FCOS:
     """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head.
 
-    About 0.5 M parameters and 0.3 GFLOPs at 224 px: a few minutes of CPU training fit simple data."""
+    About 1.5 M parameters; at 224 px it trains at about 60 images/s with bf16 on 2 CPU cores."""
     backbone = TinyBackbone(width)
     fpn = BackboneWithFPN(
         backbone,

@@ -1,0 +1,60 @@
+"""Detection models: freezing, pretrained weights from the local cache (and the error without them), --hyp."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detection_model import build_model, freeze_backbone
+from train_detection import HYP, load_hyp
+
+
+def test_freeze_stops_gradients_and_batchnorm_statistics():
+    model = build_model("fcos_tiny", 3, 96)
+    assert freeze_backbone(model, 2) == ["stage1", "stage2"]
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body.stage1.parameters())
+    assert not any(p.requires_grad for p in body.stage2.parameters())
+    assert all(p.requires_grad for p in body.stage3.parameters())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in body.stage2.modules())
+    model.train()
+    before = body.stage1[1].running_mean.clone()
+    model(torch.rand(2, 3, 96, 96), [{"boxes": torch.tensor([[10.0, 10, 50, 50]]), "labels": torch.tensor([1])}] * 2)
+    assert torch.equal(before, body.stage1[1].running_mean)
+    with pytest.raises(SystemExit, match="only 5 blocks"):
+        freeze_backbone(build_model("fcos_tiny", 3, 96), 9)
+
+
+def test_pretrained_needs_the_cached_file_and_transfers_matching_tensors(tmp_path, monkeypatch):
+    name = "ssdlite320_mobilenet_v3_large"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    expected = tmp_path / "hub" / "checkpoints" / Path(url).name
+    with pytest.raises(SystemExit, match=f"not cached at {expected}"):
+        build_model(name, 3, 320, pretrained=True)
+
+    coco = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=91)
+    expected.parent.mkdir(parents=True)
+    torch.save(coco.state_dict(), expected)
+    model = build_model(name, 3, 320, pretrained=True)
+    ours, theirs = model.state_dict(), coco.state_dict()
+    shared = [k for k in ours if ours[k].shape == theirs[k].shape]
+    assert all(torch.equal(ours[k], theirs[k]) for k in shared)
+    assert any(ours[k].shape != theirs[k].shape for k in ours)  # the class layers are new
+    with pytest.raises(SystemExit, match="fcos_tiny has no pretrained weights"):
+        build_model("fcos_tiny", 3, 96, pretrained=True)
+    with pytest.raises(SystemExit, match="unknown --model"):
+        build_model("yolo_v99", 3, 96)
+
+
+def test_hyp_file_overrides_and_rejects_typos(tmp_path):
+    good = tmp_path / "hyp.yaml"
+    good.write_text("lr0: 0.05\nfliplr: 0.0\n")
+    hyp = load_hyp(good)
+    assert hyp["lr0"] == 0.05 and hyp["fliplr"] == 0.0 and hyp["momentum"] == HYP["momentum"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr_0: 0.05\n")
+    with pytest.raises(SystemExit, match=r"unknown keys \['lr_0'\]"):
+        load_hyp(bad)
