@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torchvision.ops.misc import FrozenBatchNorm2d
-
 from detection_model import build_model, freeze_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
 from train_detection import HYP, load_hyp
 
 
