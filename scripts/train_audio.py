@@ -118,9 +118,8 @@ def main(argv=None):
             else (torch.zeros(0), [])
     write_data_report(accelerator, args, data, clips, noise_skipped)
     require_every_class(args.data, data.labels, clips["train"])
-    train_dl = make_loader(clips["train"], batch_size=args.batch_size, shuffle=True, workers=args.workers)
-    val_dl = make_loader(clips["val"], batch_size=args.batch_size, shuffle=False, workers=args.workers)
-    test_dl = make_loader(clips["test"], batch_size=args.batch_size, shuffle=False, workers=args.workers) if "test" in clips else None
+    train_dl, val_dl = (clip_loader(clips[name], args, shuffle=name == "train") for name in ("train", "val"))
+    test_dl = clip_loader(clips["test"], args, shuffle=False) if "test" in clips else None
 
     # ---------------------------------------------------------------- model and optimizer
     model = build_model(args, config)
@@ -285,6 +284,13 @@ def largest_batch_size(args, config: dict, num_samples: int) -> int:
         return batch_size
 
     return probe()
+
+
+def clip_loader(clips: CachedClips, args, shuffle: bool):
+    # Own generators: starting an epoch must not draw from the global RNG that augmentation uses, or a
+    # run resumed mid-epoch would augment differently from an uninterrupted one.
+    return make_loader(clips, batch_size=args.batch_size, shuffle=shuffle, workers=args.workers,
+                       generator=torch.Generator().manual_seed(args.seed))
 
 
 def normalisation_sample(train: CachedClips, count: int = 256) -> torch.Tensor:

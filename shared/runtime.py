@@ -94,11 +94,14 @@ def _flat_config(args) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
 
 
-def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_last=False):
-    """A DataLoader with the settings that keep the device fed."""
+def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_last=False, generator=None):
+    """A DataLoader with the settings that keep the device fed.
+
+    generator: pass a torch.Generator so that starting an iteration (which draws a worker seed) leaves the
+    global RNG alone; then a resumed run's augmentation draws the same numbers as an uninterrupted one."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
-        drop_last=drop_last, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        drop_last=drop_last, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=generator,
     )
 
 

@@ -177,10 +177,15 @@ def results_without_timing(run_dir):
     return [{k: v for k, v in row.items() if k not in NOT_COMPARABLE} for row in csv.DictReader((run_dir / "results.csv").open())]
 
 
-def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(one_and_two_processes, commands, tmp_path, cache):
-    one, _, _, _ = one_and_two_processes
+def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(commands, tmp_path, cache):
+    """With every augmentation on (SpecAugment, gain, background noise, mixup): the RNG state is restored too."""
+    def with_augmentation(out):
+        return [a for a in equivalence_args(commands, out, cache) if a != "--no-augment"] + ["--mixup", 0.2]
+
+    one = tmp_path / "uninterrupted"
+    run_script("train_audio.py", *with_augmentation(one), env=ONE_THREAD)
     out = tmp_path / "resumed"
-    args = equivalence_args(commands, out, cache) + ["--checkpoint-steps", 1]
+    args = with_augmentation(out) + ["--checkpoint-steps", 1]
     cmd = [sys.executable, str(REPO / "scripts" / "train_audio.py"), *map(str, args)]
     proc = subprocess.Popen(cmd, env=script_env(**ONE_THREAD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -199,6 +204,8 @@ def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(one_and_two_proce
     a, b = parameters(one), parameters(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert results_without_timing(out) == results_without_timing(one)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text()) | {
+        "train_samples_per_second": json.loads((out / "metrics.json").read_text())["train_samples_per_second"]}
     assert len(list((out / "checkpoints").glob("step_*"))) == 2  # --keep-checkpoints default
 
     foreign = run_script("train_audio.py", *args, "--resume", "--model", "mobilenet_v3_small", check=False, env=ONE_THREAD)
