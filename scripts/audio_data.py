@@ -10,11 +10,11 @@ Layouts (detected in this order, or forced with --format):
                    --audio-column and --label-column
 """
 
+import csv
 import hashlib
 import io
 import json
 import os
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,7 @@ class AudioData:
 
 # ----------------------------------------------------------------------------- layouts
 
+
 def detect_format(root: str) -> str:
     path = Path(root)
     if not path.exists():
@@ -75,8 +76,16 @@ def detect_format(root: str) -> str:
     raise DataError(f"--data {root}: not a folder or a Hugging Face dataset id")
 
 
-def load_audio_data(root: str, fmt: str | None = None, *, fold: int | None = None, val_fold: int | None = None,
-                    audio_column: str = "audio", label_column: str = "label", val_fraction: float = 0.1) -> AudioData:
+def load_audio_data(
+    root: str,
+    fmt: str | None = None,
+    *,
+    fold: int | None = None,
+    val_fold: int | None = None,
+    audio_column: str = "audio",
+    label_column: str = "label",
+    val_fraction: float = 0.1,
+) -> AudioData:
     """Parse the splits of a dataset; stop with a DataError naming the file to fix when the layout is broken."""
     fmt = fmt or detect_format(root)
     if fmt in ("urbansound8k", "esc50"):
@@ -117,19 +126,28 @@ def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) 
         raise DataError(f"--val-fold {val_fold} equals the test fold --fold {fold}; pick another fold for validation")
     missing = [str(audio_path(r)) for r in rows if not audio_path(r).is_file()]
     if missing:
-        raise DataError(f"{meta} lists {len(missing)} file(s) that do not exist, first {missing[0]}. "
-                        "Restore the audio files or remove their rows from the metadata.")
+        raise DataError(
+            f"{meta} lists {len(missing)} file(s) that do not exist, first {missing[0]}. "
+            "Restore the audio files or remove their rows from the metadata."
+        )
     # Label order follows the official class ids, so a model's output index matches the dataset's classID.
-    labels = [name for _, name in sorted({(int(r[id_col]), r[class_col]) for r in rows})] if id_col in rows[0] \
+    labels = (
+        [name for _, name in sorted({(int(r[id_col]), r[class_col]) for r in rows})]
+        if id_col in rows[0]
         else sorted({r[class_col] for r in rows})
+    )
     index = {name: i for i, name in enumerate(labels)}
     parts = {"train": [], "val": [], "test": []}
     for r in rows:
         part = "test" if int(r["fold"]) == fold else "val" if int(r["fold"]) == val_fold else "train"
         parts[part].append((str(audio_path(r)), index[r[class_col]]))
     splits = {name: _split(items) for name, items in parts.items()}
-    return AudioData(fmt, labels, splits, notes=[f"test = fold {fold}, validation = fold {val_fold}, "
-                                                 f"training = the other {len(folds) - 2} folds (official folds)"])
+    return AudioData(
+        fmt,
+        labels,
+        splits,
+        notes=[f"test = fold {fold}, validation = fold {val_fold}, training = the other {len(folds) - 2} folds (official folds)"],
+    )
 
 
 def _speech_commands(root: Path) -> AudioData:
@@ -142,8 +160,9 @@ def _speech_commands(root: Path) -> AudioData:
         entries = [line.strip() for line in list_file.read_text().splitlines() if line.strip()] if list_file.is_file() else []
         for entry in entries:
             if not (root / entry).is_file():
-                raise DataError(f"{list_file} lists {entry}, which does not exist under {root}. "
-                                "Restore the file or remove the line.")
+                raise DataError(
+                    f"{list_file} lists {entry}, which does not exist under {root}. Restore the file or remove the line."
+                )
         listed[part] = set(entries)
     parts = {"train": [], "val": [], "test": []}
     for i, label in enumerate(labels):
@@ -154,9 +173,14 @@ def _speech_commands(root: Path) -> AudioData:
     noise = _audio_files(root / NOISE_FOLDER, root, required=False) if (root / NOISE_FOLDER).is_dir() else []
     splits = {name: _split(items) for name, items in parts.items() if items or name != "test"}
     _require_nonempty(splits, root)
-    return AudioData("speech_commands", labels, splits, [str(p) for p in noise],
-                     notes=["validation and test from validation_list.txt and testing_list.txt"]
-                           + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []))
+    return AudioData(
+        "speech_commands",
+        labels,
+        splits,
+        [str(p) for p in noise],
+        notes=["validation and test from validation_list.txt and testing_list.txt"]
+        + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []),
+    )
 
 
 def _class_folders(root: Path, val_fraction: float) -> AudioData:
@@ -170,7 +194,9 @@ def _class_folders(root: Path, val_fraction: float) -> AudioData:
             parts["val"] = _labelled_files(val_dir, labels, required=False)
         if (root / "test").is_dir():
             parts["test"] = _labelled_files(root / "test", labels, required=False)
-        notes = [f"splits from the train/{', ' + val_dir.name + '/' if val_dir else ''}{', test/' if 'test' in parts else ''} folders"]
+        notes = [
+            f"splits from the train/{', ' + val_dir.name + '/' if val_dir else ''}{', test/' if 'test' in parts else ''} folders"
+        ]
         if not val_dir:
             parts["train"], parts["val"] = _stratified_split(parts["train"], val_fraction)
             notes.append(f"no val/ folder: {val_fraction:.0%} of train/ per class held out for validation (fixed seed)")
@@ -180,8 +206,10 @@ def _class_folders(root: Path, val_fraction: float) -> AudioData:
         rest, test = _stratified_split(everything, val_fraction)
         train, val = _stratified_split(rest, val_fraction / (1 - val_fraction))
         parts = {"train": train, "val": val, "test": test}
-        notes = [f"no train/val/test folders: {val_fraction:.0%} of each class held out for validation and "
-                 f"{val_fraction:.0%} for test (fixed seed, independent of --seed)"]
+        notes = [
+            f"no train/val/test folders: {val_fraction:.0%} of each class held out for validation and "
+            f"{val_fraction:.0%} for test (fixed seed, independent of --seed)"
+        ]
     splits = {name: _split(items) for name, items in parts.items()}
     _require_nonempty(splits, root)
     return AudioData("folders", labels, splits, notes=notes)
@@ -195,26 +223,39 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
     try:
         loaded = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise DataError(f"--data {name}: not a local folder and not loadable as a Hugging Face dataset ({err}). "
-                        "Check the path or the dataset id; offline, the dataset must already be in the HF cache.")
+        raise DataError(
+            f"--data {name}: not a local folder and not loadable as a Hugging Face dataset ({err}). "
+            "Check the path or the dataset id; offline, the dataset must already be in the HF cache."
+        ) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    split_names = {"train": "train", "val": next((n for n in VAL_NAMES if n in loaded), None),
-                   "test": "test" if "test" in loaded else None}
+    split_names = {
+        "train": "train",
+        "val": next((n for n in VAL_NAMES if n in loaded), None),
+        "test": "test" if "test" in loaded else None,
+    }
     if "train" not in loaded:
         raise DataError(f"--data {name}: no 'train' split (splits: {list(loaded)})")
     for split in loaded.values():
         for column, flag in ((audio_column, "--audio-column"), (label_column, "--label-column")):
             if column not in split.column_names:
-                raise DataError(f"--data {name}: column {column!r} does not exist; columns are {split.column_names}. "
-                                f"Name the right one with {flag}.")
+                raise DataError(
+                    f"--data {name}: column {column!r} does not exist; columns are {split.column_names}. "
+                    f"Name the right one with {flag}."
+                )
     feature = loaded["train"].features[label_column]
-    labels = list(feature.names) if isinstance(feature, datasets.ClassLabel) else sorted({str(v) for v in loaded["train"][label_column]})
+    labels = (
+        list(feature.names)
+        if isinstance(feature, datasets.ClassLabel)
+        else sorted({str(v) for v in loaded["train"][label_column]})
+    )
     index = {label: i for i, label in enumerate(labels)}
 
     def as_split(ds):
         raw = ds[label_column]
-        targets = np.array([v if isinstance(feature, datasets.ClassLabel) else index.get(str(v), -1) for v in raw], dtype=np.int64)
+        targets = np.array(
+            [v if isinstance(feature, datasets.ClassLabel) else index.get(str(v), -1) for v in raw], dtype=np.int64
+        )
         if (targets < 0).any():
             bad = raw[int(np.argmax(targets < 0))]
             raise DataError(f"--data {name}: label {bad!r} appears outside the training split; it has no class to map to")
@@ -226,8 +267,9 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
     if "val" not in splits:
         train_idx, val_idx = _stratified_indices(splits["train"].targets, val_fraction)
         full = splits["train"]
-        splits["train"], splits["val"] = (Split(full.sources.select(ix), full.targets[ix], [full.names[i] for i in ix])
-                                          for ix in (train_idx, val_idx))
+        splits["train"], splits["val"] = (
+            Split(full.sources.select(ix), full.targets[ix], [full.names[i] for i in ix]) for ix in (train_idx, val_idx)
+        )
         notes.append(f"no validation split: {val_fraction:.0%} of train per class held out (fixed seed)")
     return AudioData("hub", labels, splits, notes=notes)
 
@@ -255,8 +297,9 @@ class HubAudio:
 def _label_folders(root: Path) -> list[str]:
     labels = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     if not labels:
-        raise DataError(f"{root}: no class folders found; expected {root}/<label>/*.wav "
-                        f"(or pass --format to pick another layout)")
+        raise DataError(
+            f"{root}: no class folders found; expected {root}/<label>/*.wav (or pass --format to pick another layout)"
+        )
     return labels
 
 
@@ -264,15 +307,20 @@ def _labelled_files(root: Path, labels: list[str], required: bool = True) -> lis
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in labels)
     if extra:
         raise DataError(f"{root} has class folder(s) {extra} that train/ does not have; add them to train/ or remove them")
-    return [(str(f), i) for i, label in enumerate(labels) if (root / label).is_dir()
-            for f in _audio_files(root / label, root, required)]
+    return [
+        (str(f), i)
+        for i, label in enumerate(labels)
+        if (root / label).is_dir()
+        for f in _audio_files(root / label, root, required)
+    ]
 
 
 def _audio_files(folder: Path, root: Path, required: bool = True) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
     if required and not files:
-        raise DataError(f"class folder {folder} holds no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}); "
-                        "add clips or remove the folder")
+        raise DataError(
+            f"class folder {folder} holds no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}); add clips or remove the folder"
+        )
     return files
 
 
@@ -304,6 +352,7 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 
 
 # ----------------------------------------------------------------------------- decoding
+
 
 def read_audio(source, sample_rate: int) -> torch.Tensor:
     """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; any rate; any channels) as mono
@@ -390,9 +439,13 @@ def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Pa
     # see a half-written cache, and the manifest appears last.
     tmp = array_path.with_name(f".{array_path.stem}.{os.getpid()}.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(len(split.sources), num_samples))
-    loader = torch.utils.data.DataLoader(_DecodeJob(split.sources, sample_rate, num_samples), batch_size=16,
-                                         num_workers=workers, collate_fn=list,
-                                         generator=torch.Generator())  # leave the global RNG (weight init) untouched
+    loader = torch.utils.data.DataLoader(
+        _DecodeJob(split.sources, sample_rate, num_samples),
+        batch_size=16,
+        num_workers=workers,
+        collate_fn=list,
+        generator=torch.Generator(),
+    )  # leave the global RNG (weight init) untouched
     bad = {}
     for batch in tqdm(loader, desc=f"decoding {label} clips (once; cached)", unit="batch", leave=False):
         for i, pcm, reason in batch:
@@ -404,8 +457,9 @@ def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Pa
     del out
     os.replace(tmp, array_path)
     tmp_manifest = manifest.with_name(f".{manifest.name}.{os.getpid()}")
-    tmp_manifest.write_text(json.dumps({"clips": len(split.sources), "sample_rate": sample_rate,
-                                        "num_samples": num_samples, "bad": bad}))
+    tmp_manifest.write_text(
+        json.dumps({"clips": len(split.sources), "sample_rate": sample_rate, "num_samples": num_samples, "bad": bad})
+    )
     os.replace(tmp_manifest, manifest)
 
 

@@ -18,9 +18,16 @@ TASK = "audio-classification"
 def frontend_config(sample_rate: int, clip_seconds: float, n_mels: int) -> dict:
     """25 ms windows and a 10 ms hop, the usual choice for speech and environmental sound."""
     win = round(0.025 * sample_rate)
-    return {"sample_rate": sample_rate, "clip_seconds": clip_seconds, "n_mels": n_mels,
-            "n_fft": 1 << (win - 1).bit_length(), "win_length": win, "hop_length": round(0.010 * sample_rate),
-            "f_min": 0.0, "f_max": sample_rate / 2}
+    return {
+        "sample_rate": sample_rate,
+        "clip_seconds": clip_seconds,
+        "n_mels": n_mels,
+        "n_fft": 1 << (win - 1).bit_length(),
+        "win_length": win,
+        "hop_length": round(0.010 * sample_rate),
+        "f_min": 0.0,
+        "f_max": sample_rate / 2,
+    }
 
 
 def pcm_to_float(waves: torch.Tensor) -> torch.Tensor:
@@ -35,9 +42,15 @@ class LogMelFrontend(nn.Module):
 
     def __init__(self, config: dict, freq_mask: int = 0, time_mask: int = 0):
         super().__init__()
-        self.mel = T.MelSpectrogram(config["sample_rate"], n_fft=config["n_fft"], win_length=config["win_length"],
-                                    hop_length=config["hop_length"], f_min=config["f_min"], f_max=config["f_max"],
-                                    n_mels=config["n_mels"])
+        self.mel = T.MelSpectrogram(
+            config["sample_rate"],
+            n_fft=config["n_fft"],
+            win_length=config["win_length"],
+            hop_length=config["hop_length"],
+            f_min=config["f_min"],
+            f_max=config["f_max"],
+            n_mels=config["n_mels"],
+        )
         # torch's periodic window is a view into a longer tensor; safetensors (checkpoints) wants it whole.
         self.mel.spectrogram.window = self.mel.spectrogram.window.clone()
         self.to_db = T.AmplitudeToDB(stype="power", top_db=80)
@@ -83,9 +96,11 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.
         weights = torchvision.models.get_model_weights(name).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
         if not cached.is_file():
-            raise SystemExit(f"--pretrained: no cached ImageNet weights for {name}; expected {cached}. Download "
-                             f"{weights.url} to that path on a machine with internet (or set TORCH_HOME), "
-                             "or train from scratch without --pretrained.")
+            raise SystemExit(
+                f"--pretrained: no cached ImageNet weights for {name}; expected {cached}. Download "
+                f"{weights.url} to that path on a machine with internet (or set TORCH_HOME), "
+                "or train from scratch without --pretrained."
+            )
         model = torchvision.models.get_model(name, weights=weights)
         _replace_last_linear(model, num_classes)
     else:
@@ -98,8 +113,17 @@ def _one_channel_stem(model: nn.Module):
     for parent in model.modules():
         for child_name, conv in parent.named_children():
             if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
-                stem = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups, conv.bias is not None, conv.padding_mode)
+                stem = nn.Conv2d(
+                    1,
+                    conv.out_channels,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    conv.groups,
+                    conv.bias is not None,
+                    conv.padding_mode,
+                )
                 with torch.no_grad():
                     stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
                     if conv.bias is not None:
@@ -110,8 +134,12 @@ def _one_channel_stem(model: nn.Module):
 
 
 def _replace_last_linear(model: nn.Module, num_classes: int):
-    last = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, nn.Linear)]
+    last = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     if not last:
         raise SystemExit(f"{type(model).__name__}: no linear classifier head to replace; pick another --model")
     parent, name, head = last[-1]

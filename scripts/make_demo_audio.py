@@ -30,7 +30,7 @@ def synthesize(kind: str, seconds: float, sample_rate: int, rng: np.random.Gener
         event = np.sin(2 * np.pi * rng.uniform(1800, min(3500, 0.4 * sample_rate)) * t)
     elif kind == "sweep":
         f0, f1 = rng.uniform(200, 500), rng.uniform(2000, min(4000, 0.45 * sample_rate))
-        event = np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * max(seconds, 1e-3))))
+        event = np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * max(seconds, 1e-3))))
     elif kind == "hiss":
         white = rng.standard_normal(n)
         event = np.diff(white, prepend=0) * 0.5  # first difference tilts the noise towards high frequencies
@@ -45,7 +45,7 @@ def synthesize(kind: str, seconds: float, sample_rate: int, rng: np.random.Gener
     start = int(rng.uniform(0, 0.3) * n)
     length = int(rng.uniform(0.5, 1.0) * (n - start))
     envelope = np.zeros(n)
-    envelope[start:start + length] = np.hanning(length) ** 0.3 if length > 1 else 1
+    envelope[start : start + length] = np.hanning(length) ** 0.3 if length > 1 else 1
     event = event * envelope / (np.abs(event).max() + 1e-9)
     clip = rng.uniform(0.2, 0.8) * event + rng.uniform(0.002, 0.02) * rng.standard_normal(n)
     return np.clip(clip, -1, 1).astype(np.float32)
@@ -69,7 +69,7 @@ def speech_commands(out: Path, classes, per_class, seconds, rng):
     val, test = [], []
     for label in classes:
         for i in range(per_class):
-            speaker = f"{rng.integers(16 ** 8):08x}"
+            speaker = f"{rng.integers(16**8):08x}"
             rel = f"{label}/{speaker}_nohash_0.wav"
             write(out / rel, synthesize(label, seconds, 16000, rng), 16000)
             (val if i % 10 == 1 else test if i % 10 == 2 else []).append(rel)
@@ -125,20 +125,31 @@ def folders(out: Path, classes, per_class, seconds, rng):
             write(out / label / f"{i:04d}.wav", synthesize(label, seconds, 16000, rng), 16000)
 
 
-LAYOUTS = {"speech_commands": (speech_commands, 1.0), "urbansound8k": (urbansound8k, 4.0),
-           "esc50": (esc50, 5.0), "folders": (folders, 1.0)}
+LAYOUTS = {
+    "speech_commands": (speech_commands, 1.0),
+    "urbansound8k": (urbansound8k, 4.0),
+    "esc50": (esc50, 5.0),
+    "folders": (folders, 1.0),
+}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="folder to create (must not hold a dataset yet)")
-    parser.add_argument("--layout", choices=list(LAYOUTS), default="speech_commands", help="dataset layout (default speech_commands)")
+    parser.add_argument(
+        "--layout", choices=list(LAYOUTS), default="speech_commands", help="dataset layout (default speech_commands)"
+    )
     parser.add_argument("--classes", type=int, default=4, help=f"number of classes, at most {len(CLASSES)} (default 4)")
     parser.add_argument("--clips-per-class", type=int, default=60, help="clips per class over all splits (default 60)")
     parser.add_argument("--seconds", type=float, default=None, help="clip length (default: the layout's, 1 s / 4 s / 5 s)")
-    parser.add_argument("--long-recording", type=float, default=0, metavar="SECONDS_EACH",
-                        help="also write long_recording.wav: one event of every class in turn, SECONDS_EACH apart, "
-                             "with long_recording.json listing the segments (for trying predict_audio.py)")
+    parser.add_argument(
+        "--long-recording",
+        type=float,
+        default=0,
+        metavar="SECONDS_EACH",
+        help="also write long_recording.wav: one event of every class in turn, SECONDS_EACH apart, "
+        "with long_recording.json listing the segments (for trying predict_audio.py)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     if not 2 <= args.classes <= len(CLASSES):
@@ -147,12 +158,14 @@ def main(argv=None):
         parser.error(f"{args.output} exists and is not empty; pick a new folder")
     writer, default_seconds = LAYOUTS[args.layout]
     seconds = args.seconds or default_seconds
-    classes = CLASSES[:args.classes]
+    classes = CLASSES[: args.classes]
     writer(args.output, classes, args.clips_per_class, seconds, np.random.default_rng(args.seed))
     if args.long_recording:
         kinds = classes * 2
         sf.write(args.output / "long_recording.wav", long_recording(kinds, args.long_recording, 16000, args.seed + 1), 16000)
-        segments = [{"start": i * args.long_recording, "end": (i + 1) * args.long_recording, "label": k} for i, k in enumerate(kinds)]
+        segments = [
+            {"start": i * args.long_recording, "end": (i + 1) * args.long_recording, "label": k} for i, k in enumerate(kinds)
+        ]
         (args.output / "long_recording.json").write_text(json.dumps(segments, indent=1) + "\n")
     print(f"wrote {args.layout} layout, {len(classes)} classes x {args.clips_per_class} clips of {seconds} s, to {args.output}")
 

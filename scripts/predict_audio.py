@@ -15,7 +15,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
 import torch  # noqa: E402
-
 from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, read_audio  # noqa: E402
 from audio_model import load_classifier  # noqa: E402
 
@@ -50,7 +49,7 @@ def main(argv=None):
             failed.append(f"{path}: {err}")
             continue
         starts = window_starts(wave.numel(), window, hop)
-        segments = torch.stack([fix_length(wave[s:s + window], window) for s in starts])
+        segments = torch.stack([fix_length(wave[s : s + window], window) for s in starts])
         probs = predict(model, segments.to(device), args.batch_size)
         out.write(json.dumps(file_record(path, probs, starts, wave.numel(), window, rate, labels, args.top_k)) + "\n")
         out.flush()
@@ -83,21 +82,35 @@ def window_starts(length: int, window: int, hop: int) -> list[int]:
 
 @torch.no_grad()
 def predict(model, segments: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(segments[i:i + batch_size]).float().softmax(dim=1).cpu()
-                      for i in range(0, len(segments), batch_size)])
+    return torch.cat(
+        [model(segments[i : i + batch_size]).float().softmax(dim=1).cpu() for i in range(0, len(segments), batch_size)]
+    )
 
 
 def file_record(path, probs, starts, length, window, rate, labels, k) -> dict:
     def top(p):
         values, indices = p.topk(min(k, len(labels)))
-        return [{"label": labels[i], "probability": round(v, 4)} for v, i in zip(values.tolist(), indices.tolist())]
+        return [{"label": labels[i], "probability": round(v, 4)} for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
     mean = probs.mean(dim=0)
     best = int(mean.argmax())
-    windows = [{"start": round(s / rate, 3), "end": round(min(s + window, length) / rate, 3),
-                "label": labels[int(p.argmax())], "probability": round(float(p.max()), 4), "top": top(p)}
-               for s, p in zip(starts, probs)]
-    return {"path": str(path), "label": labels[best], "probability": round(float(mean[best]), 4), "top": top(mean), "windows": windows}
+    windows = [
+        {
+            "start": round(s / rate, 3),
+            "end": round(min(s + window, length) / rate, 3),
+            "label": labels[int(p.argmax())],
+            "probability": round(float(p.max()), 4),
+            "top": top(p),
+        }
+        for s, p in zip(starts, probs, strict=True)
+    ]
+    return {
+        "path": str(path),
+        "label": labels[best],
+        "probability": round(float(mean[best]), 4),
+        "top": top(mean),
+        "windows": windows,
+    }
 
 
 if __name__ == "__main__":

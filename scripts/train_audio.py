@@ -21,18 +21,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` fr
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate.utils import find_executable_batch_size  # noqa: E402
+from audio_data import (
+    DEFAULT_CLIP_SECONDS,
+    FORMATS,
+    CachedClips,
+    DataError,
+    default_cache_dir,  # noqa: E402
+    load_audio_data,
+    load_noise,
+)
+from audio_model import TASK, AudioClassifier, frontend_config, pcm_to_float, save_classifier  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from audio_data import (DEFAULT_CLIP_SECONDS, FORMATS, CachedClips, DataError, default_cache_dir,  # noqa: E402
-                        load_audio_data, load_noise)
-from audio_model import TASK, AudioClassifier, frontend_config, pcm_to_float, save_classifier  # noqa: E402
 from shared.checkpoint import Checkpoints, GracefulStop  # noqa: E402
 from shared.metrics import load_metric  # noqa: E402
 from shared.model_io import load_pretrained  # noqa: E402
 from shared.plots import plot_confusion_matrix, plot_curves  # noqa: E402
 from shared.results import ResultsLog, write_metrics  # noqa: E402
-from shared.runtime import (add_common_args, make_loader, print_summary, setup_accelerator,  # noqa: E402
-                            write_args_json, write_json)
+from shared.runtime import (
+    add_common_args,
+    make_loader,
+    print_summary,
+    setup_accelerator,  # noqa: E402
+    write_args_json,
+    write_json,
+)
 from shared.schedule import build_scheduler  # noqa: E402
 from shared.training import optimizer_step, throughput, unwrap_for_saving  # noqa: E402
 
@@ -40,46 +53,117 @@ from shared.training import optimizer_step, throughput, unwrap_for_saving  # noq
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data")
-    d.add_argument("--data", required=True, help="dataset folder, a folder written by datasets' save_to_disk, or a Hugging Face dataset id")
-    d.add_argument("--format", choices=FORMATS, default=None,
-                   help="layout of --data (default: detected). urbansound8k: metadata/UrbanSound8K.csv + audio/fold*/; "
-                        "esc50: meta/esc50.csv + audio/; speech_commands: <label>/ + validation_list.txt + testing_list.txt "
-                        "(+ _background_noise_/); folders: <label>/*.wav, optionally under train/ val/ test/; hub: a Hub dataset")
-    d.add_argument("--fold", type=int, default=None, help="UrbanSound8K/ESC-50: the official fold used as the test set (default: the first fold)")
-    d.add_argument("--val-fold", type=int, default=None, help="UrbanSound8K/ESC-50: the fold used for validation (default: the fold before --fold, wrapping)")
-    d.add_argument("--val-fraction", type=float, default=0.1,
-                   help="folders/Hub data without a validation split: fraction of each class held out for it, with a fixed seed "
-                        "(plain class folders also hold out the same fraction as test) (default 0.1)")
+    d.add_argument(
+        "--data", required=True, help="dataset folder, a folder written by datasets' save_to_disk, or a Hugging Face dataset id"
+    )
+    d.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="layout of --data (default: detected). urbansound8k: metadata/UrbanSound8K.csv + audio/fold*/; "
+        "esc50: meta/esc50.csv + audio/; speech_commands: <label>/ + validation_list.txt + testing_list.txt "
+        "(+ _background_noise_/); folders: <label>/*.wav, optionally under train/ val/ test/; hub: a Hub dataset",
+    )
+    d.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="UrbanSound8K/ESC-50: the official fold used as the test set (default: the first fold)",
+    )
+    d.add_argument(
+        "--val-fold",
+        type=int,
+        default=None,
+        help="UrbanSound8K/ESC-50: the fold used for validation (default: the fold before --fold, wrapping)",
+    )
+    d.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="folders/Hub data without a validation split: fraction of each class held out for it, with a fixed seed "
+        "(plain class folders also hold out the same fraction as test) (default 0.1)",
+    )
     d.add_argument("--audio-column", default="audio", help="Hub data: column holding the audio (default audio)")
     d.add_argument("--label-column", default="label", help="Hub data: column holding the class (default label)")
     d.add_argument("--sample-rate", type=int, default=16000, help="clips are resampled to this rate in Hz (default 16000)")
-    d.add_argument("--clip-seconds", type=float, default=None,
-                   help="clips are cut or zero-padded to this length from their start (default: 4 for UrbanSound8K, 5 for ESC-50, 1 otherwise)")
-    d.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help=f"where decoded waveforms are cached, keyed by file list, rate and length (default {default_cache_dir()})")
+    d.add_argument(
+        "--clip-seconds",
+        type=float,
+        default=None,
+        help="clips are cut or zero-padded to this length from their start "
+        "(default: 4 for UrbanSound8K, 5 for ESC-50, 1 otherwise)",
+    )
+    d.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help=f"where decoded waveforms are cached, keyed by file list, rate and length (default {default_cache_dir()})",
+    )
 
     m = parser.add_argument_group("model and features")
     m.add_argument("--model", default="resnet18", help="any torchvision classification model name (default resnet18)")
-    m.add_argument("--pretrained", action="store_true", help="start from ImageNet weights cached in the torch hub folder (stops if none are cached)")
+    m.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from ImageNet weights cached in the torch hub folder (stops if none are cached)",
+    )
     m.add_argument("--n-mels", type=int, default=64, help="mel bands (default 64)")
 
     a = parser.add_argument_group("augmentation (all off with --no-augment)")
-    a.add_argument("--freq-mask", type=int, default=None, help="SpecAugment: widest frequency mask in mel bands (default n_mels/8; 0 turns it off)")
-    a.add_argument("--time-mask", type=int, default=None, help="SpecAugment: widest time mask in frames (default 1/10 of the frames; 0 turns it off)")
-    a.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mix pairs of clips with a Beta(ALPHA, ALPHA) weight (default 0: off; 0.2-0.4 is typical)")
-    a.add_argument("--gain-db", type=float, default=6.0, help="random gain of each clip within +-N dB (default 6; 0 turns it off)")
-    a.add_argument("--noise-prob", type=float, default=0.8, help="Speech Commands: chance of mixing in _background_noise_ (default 0.8)")
-    a.add_argument("--noise-volume", type=float, default=0.1, help="Speech Commands: largest background-noise amplitude (default 0.1)")
+    a.add_argument(
+        "--freq-mask",
+        type=int,
+        default=None,
+        help="SpecAugment: widest frequency mask in mel bands (default n_mels/8; 0 turns it off)",
+    )
+    a.add_argument(
+        "--time-mask",
+        type=int,
+        default=None,
+        help="SpecAugment: widest time mask in frames (default 1/10 of the frames; 0 turns it off)",
+    )
+    a.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="mix pairs of clips with a Beta(ALPHA, ALPHA) weight (default 0: off; 0.2-0.4 is typical)",
+    )
+    a.add_argument(
+        "--gain-db", type=float, default=6.0, help="random gain of each clip within +-N dB (default 6; 0 turns it off)"
+    )
+    a.add_argument(
+        "--noise-prob", type=float, default=0.8, help="Speech Commands: chance of mixing in _background_noise_ (default 0.8)"
+    )
+    a.add_argument(
+        "--noise-volume", type=float, default=0.1, help="Speech Commands: largest background-noise amplitude (default 0.1)"
+    )
 
     o = parser.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not applied to biases and norms (default 0.01)")
+    o.add_argument(
+        "--weight-decay", type=float, default=0.01, help="AdamW weight decay, not applied to biases and norms (default 0.01)"
+    )
     o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warmup length in epochs (default 1)")
-    o.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine", help="LR decay after warmup, counted in optimizer steps (default cosine)")
+    o.add_argument(
+        "--schedule",
+        choices=["cosine", "onecycle"],
+        default="cosine",
+        help="LR decay after warmup, counted in optimizer steps (default cosine)",
+    )
     o.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default 0.1)")
     o.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this value (default 0: off)")
-    o.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency (for unbalanced data such as UrbanSound8K)")
-    o.add_argument("--log-every", type=int, default=10, help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)")
+    o.add_argument(
+        "--class-weights",
+        action="store_true",
+        help="weight the loss by inverse class frequency (for unbalanced data such as UrbanSound8K)",
+    )
+    o.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)",
+    )
     add_common_args(parser, epochs=30, batch_size=32, nominal_batch_size=64)
     batch = next(action for action in parser._actions if action.dest == "batch_size")
     batch.type = _batch_size
@@ -98,8 +182,15 @@ def _batch_size(value: str):
 def main(argv=None):
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_audio_data(args.data, args.format, fold=args.fold, val_fold=args.val_fold, audio_column=args.audio_column,
-                           label_column=args.label_column, val_fraction=args.val_fraction)
+    data = load_audio_data(
+        args.data,
+        args.format,
+        fold=args.fold,
+        val_fold=args.val_fold,
+        audio_column=args.audio_column,
+        label_column=args.label_column,
+        val_fraction=args.val_fraction,
+    )
     args.clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[data.format]
     config = {"model": args.model, "labels": data.labels, **frontend_config(args.sample_rate, args.clip_seconds, args.n_mels)}
     num_samples = round(args.clip_seconds * args.sample_rate)
@@ -112,10 +203,13 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data: decode once, cache, reuse
     with accelerator.local_main_process_first():  # one process decodes; the others then read its cache
-        clips = {name: CachedClips(split, args.sample_rate, num_samples, args.cache_dir, args.workers, name)
-                 for name, split in data.splits.items()}
-        noise, noise_skipped = load_noise(data.noise_files, args.sample_rate) if data.noise_files and not args.no_augment \
-            else (torch.zeros(0), [])
+        clips = {
+            name: CachedClips(split, args.sample_rate, num_samples, args.cache_dir, args.workers, name)
+            for name, split in data.splits.items()
+        }
+        noise, noise_skipped = (
+            load_noise(data.noise_files, args.sample_rate) if data.noise_files and not args.no_augment else (torch.zeros(0), [])
+        )
     write_data_report(accelerator, args, data, clips, noise_skipped)
     require_every_class(args.data, data.labels, clips["train"])
     train_dl, val_dl = (clip_loader(clips[name], args, shuffle=name == "train") for name in ("train", "val"))
@@ -129,35 +223,57 @@ def main(argv=None):
     if args.compile:
         model.backbone.compile()  # in place: parameter names (and so checkpoints and model/) stay the same
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
-    criterion = torch.nn.CrossEntropyLoss(weight=class_weights(clips["train"], len(data.labels)) if args.class_weights else None,
-                                          label_smoothing=args.label_smoothing).to(accelerator.device)
+    criterion = torch.nn.CrossEntropyLoss(
+        weight=class_weights(clips["train"], len(data.labels)) if args.class_weights else None,
+        label_smoothing=args.label_smoothing,
+    ).to(accelerator.device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
     noise = noise.to(accelerator.device)
     steps_per_epoch = math.ceil(len(train_dl) / args.accumulation_steps)
-    scheduler = build_scheduler(optimizer, total_steps=steps_per_epoch * args.epochs, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
-                                shape=args.schedule)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * args.epochs,
+        warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+        shape=args.schedule,
+    )
     accelerator.register_for_checkpointing(scheduler)
 
-    identity = {"task": TASK, "model": args.model, "labels": data.labels,
-                **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")}}
+    identity = {
+        "task": TASK,
+        "model": args.model,
+        "labels": data.labels,
+        **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},
+    }
     checkpoints = Checkpoints(accelerator, args.output_dir / "checkpoints", keep=args.keep_checkpoints, identity=identity)
-    progress = checkpoints.resume(args.resume) or {"epoch": 0, "batch_in_epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "best": None}
+    progress = checkpoints.resume(args.resume) or {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "step": 0,
+        "loss_sum": 0.0,
+        "seen": 0,
+        "best": None,
+    }
     results = ResultsLog(accelerator, args.output_dir)
     results.keep_epochs_before(progress["epoch"])
     write_args_json(args, accelerator, format=data.format, labels=data.labels, data_notes=data.notes)
-    print_summary(accelerator, "audio classification", {
-        "data": f"{args.data} ({data.format}); " + "; ".join(data.notes),
-        "clips": ", ".join(f"{name} {len(c)}" for name, c in clips.items()) + f" (skipped {sum(len(c.skipped) for c in clips.values())})",
-        "classes": f"{len(data.labels)}: {', '.join(data.labels[:12])}{' ...' if len(data.labels) > 12 else ''}",
-        "features": f"{args.sample_rate} Hz, {args.clip_seconds} s, {args.n_mels} mels x {frames} frames",
-        "model": f"{args.model}{' (ImageNet init)' if args.pretrained else ''}, "
-                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
-        "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
-        "batch": f"{args.batch_size} per device x {accelerator.num_processes} processes x {args.accumulation_steps} "
-                 f"accumulation steps = {args.effective_batch_size} per optimizer step",
-        "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total",
-    })
+    print_summary(
+        accelerator,
+        "audio classification",
+        {
+            "data": f"{args.data} ({data.format}); " + "; ".join(data.notes),
+            "clips": ", ".join(f"{name} {len(c)}" for name, c in clips.items())
+            + f" (skipped {sum(len(c.skipped) for c in clips.values())})",
+            "classes": f"{len(data.labels)}: {', '.join(data.labels[:12])}{' ...' if len(data.labels) > 12 else ''}",
+            "features": f"{args.sample_rate} Hz, {args.clip_seconds} s, {args.n_mels} mels x {frames} frames",
+            "model": f"{args.model}{' (ImageNet init)' if args.pretrained else ''}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
+            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
+            "batch": f"{args.batch_size} per device x {accelerator.num_processes} processes x {args.accumulation_steps} "
+            f"accumulation steps = {args.effective_batch_size} per optimizer step",
+            "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total",
+        },
+    )
 
     # ---------------------------------------------------------------- training loop
     stop = GracefulStop()
@@ -174,8 +290,14 @@ def main(argv=None):
         loss_sum = torch.tensor(progress["loss_sum"] if carried else 0.0, dtype=torch.float64, device=accelerator.device)
         seen = torch.tensor(progress["seen"] if carried else 0, dtype=torch.float64, device=accelerator.device)
         start, batch_in_epoch = time.perf_counter(), skip
-        bar = tqdm(total=len(train_dl), initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                   disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(train_dl),
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            unit="batch",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
         for waves, targets in loader:
             with accelerator.accumulate(model):
                 waves = augment_waveforms(pcm_to_float(waves), noise, args)
@@ -194,14 +316,19 @@ def main(argv=None):
             if checkpoint_due:
                 save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
             if step % args.log_every == 0 or checkpoint_due:
-                bar.set_postfix(loss=f"{loss.item():.3f}", clips_per_s=f"{seen.item() * accelerator.num_processes / (time.perf_counter() - start):.0f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    clips_per_s=f"{seen.item() * accelerator.num_processes / (time.perf_counter() - start):.0f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                )
                 if stop.agreed(accelerator):
                     bar.close()
                     if not checkpoint_due:
                         save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
-                    accelerator.print(f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
-                                      "Continue with the same command plus --resume.")
+                    accelerator.print(
+                        f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
+                        "Continue with the same command plus --resume."
+                    )
                     accelerator.end_training()
                     return
         bar.close()
@@ -211,12 +338,25 @@ def main(argv=None):
 
         # ------------------------------------------------------------ evaluation on the validation split
         val = evaluate(model, val_dl, accelerator, data.labels)
-        results.add({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
-                     "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                     "seconds": seconds, "train_samples_per_second": throughput(train_clips, seconds)}, step=step)
-        accelerator.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-                          f"val accuracy {val['accuracy']:.4f}, val macro-F1 {val['macro_f1']:.4f}, "
-                          f"{throughput(train_clips, seconds):.0f} clips/s")
+        results.add(
+            {
+                "epoch": epoch,
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                "train_loss": train_loss,
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "seconds": seconds,
+                "train_samples_per_second": throughput(train_clips, seconds),
+            },
+            step=step,
+        )
+        accelerator.print(
+            f"epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
+            f"val accuracy {val['accuracy']:.4f}, val macro-F1 {val['macro_f1']:.4f}, "
+            f"{throughput(train_clips, seconds):.0f} clips/s"
+        )
         if best is None or val["accuracy"] > best["val"]["accuracy"]:
             best = {"epoch": epoch, "val": {k: val[k] for k in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}}
             if accelerator.is_main_process:
@@ -233,8 +373,13 @@ def main(argv=None):
         raise SystemExit("no epoch was trained (--epochs 0?), so there is no model to test")
     state, _ = load_pretrained(model_dir)
     accelerator.unwrap_model(model).load_state_dict(state)
-    summary = {"task": TASK, "best_epoch": best["epoch"], "labels": data.labels,
-               "train_samples_per_second": mean_throughput(results), "val": best["val"]}
+    summary = {
+        "task": TASK,
+        "best_epoch": best["epoch"],
+        "labels": data.labels,
+        "train_samples_per_second": mean_throughput(results),
+        "val": best["val"],
+    }
     if test_dl is not None:
         test = evaluate(model, test_dl, accelerator, data.labels)
         summary["test"] = {k: test[k] for k in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}
@@ -242,11 +387,21 @@ def main(argv=None):
     if accelerator.is_main_process:
         plot_curves(results.path, args.output_dir / "curves.png")
         shown = "test" if "test" in summary else "val"
-        plot_confusion_matrix(summary[shown]["confusion_matrix"], data.labels, args.output_dir / "confusion_matrix.png",
-                              title=f"{shown} confusion matrix (best epoch {best['epoch']})")
-    accelerator.print(f"best epoch {best['epoch'] + 1}: val accuracy {best['val']['accuracy']:.4f}"
-                      + (f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}" if "test" in summary else "")
-                      + f"; model in {model_dir}")
+        plot_confusion_matrix(
+            summary[shown]["confusion_matrix"],
+            data.labels,
+            args.output_dir / "confusion_matrix.png",
+            title=f"{shown} confusion matrix (best epoch {best['epoch']})",
+        )
+    accelerator.print(
+        f"best epoch {best['epoch'] + 1}: val accuracy {best['val']['accuracy']:.4f}"
+        + (
+            f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}"
+            if "test" in summary
+            else ""
+        )
+        + f"; model in {model_dir}"
+    )
     accelerator.end_training()
 
 
@@ -289,8 +444,13 @@ def largest_batch_size(args, config: dict, num_samples: int) -> int:
 def clip_loader(clips: CachedClips, args, shuffle: bool):
     # Own generators: starting an epoch must not draw from the global RNG that augmentation uses, or a
     # run resumed mid-epoch would augment differently from an uninterrupted one.
-    return make_loader(clips, batch_size=args.batch_size, shuffle=shuffle, workers=args.workers,
-                       generator=torch.Generator().manual_seed(args.seed))
+    return make_loader(
+        clips,
+        batch_size=args.batch_size,
+        shuffle=shuffle,
+        workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
 
 def normalisation_sample(train: CachedClips, count: int = 256) -> torch.Tensor:
@@ -316,7 +476,11 @@ def augment_waveforms(waves: torch.Tensor, noise: torch.Tensor, args) -> torch.T
             noise = noise.repeat(length // noise.numel() + 2)
         starts = torch.randint(0, noise.numel() - length, (batch, 1), device=waves.device)
         segments = noise[starts + torch.arange(length, device=waves.device)]
-        volume = torch.rand(batch, 1, device=waves.device) * args.noise_volume * (torch.rand(batch, 1, device=waves.device) < args.noise_prob)
+        volume = (
+            torch.rand(batch, 1, device=waves.device)
+            * args.noise_volume
+            * (torch.rand(batch, 1, device=waves.device) < args.noise_prob)
+        )
         waves = waves + volume * segments
     return waves
 
@@ -333,9 +497,16 @@ def mixup_loss(model, criterion, waves, targets, alpha: float) -> torch.Tensor:
 
 def save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best):
     """Everything the loop needs to continue exactly: position, the epoch's running loss, the best so far."""
-    checkpoints.save({"epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-                      "loss_sum": accelerator.reduce(loss_sum.to(accelerator.device), "sum").item(),
-                      "seen": int(accelerator.reduce(seen.to(accelerator.device), "sum").item()), "best": best})
+    checkpoints.save(
+        {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "step": step,
+            "loss_sum": accelerator.reduce(loss_sum.to(accelerator.device), "sum").item(),
+            "seen": int(accelerator.reduce(seen.to(accelerator.device), "sum").item()),
+            "best": best,
+        }
+    )
 
 
 @torch.no_grad()
@@ -348,10 +519,10 @@ def evaluate(model, loader, accelerator, labels: list[str]) -> dict:
         with accelerator.autocast():
             logits = model(waves)
         loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        p, t, l = accelerator.gather_for_metrics((logits.argmax(dim=1), targets, loss))
-        preds.append(p)
-        refs.append(t)
-        losses.append(l)
+        pred, ref, loss = accelerator.gather_for_metrics((logits.argmax(dim=1), targets, loss))
+        preds.append(pred)
+        refs.append(ref)
+        losses.append(loss)
     metric = load_metric("classification")
     result = metric.compute(predictions=torch.cat(preds).tolist(), references=torch.cat(refs).tolist(), labels=labels)
     result["loss"] = torch.cat(losses).mean().item()
@@ -360,24 +531,38 @@ def evaluate(model, loader, accelerator, labels: list[str]) -> dict:
 
 def write_data_report(accelerator, args, data, clips, noise_skipped):
     """OUTPUT_DIR/data_report.json: what was used, and every clip skipped with the reason."""
-    skipped = [{"split": name, **s} for name, c in clips.items() for s in c.skipped] + \
-              [{"split": "background_noise", **s} for s in noise_skipped]
+    skipped = [{"split": name, **s} for name, c in clips.items() for s in c.skipped] + [
+        {"split": "background_noise", **s} for s in noise_skipped
+    ]
     if accelerator.is_main_process:
-        write_json(args.output_dir / "data_report.json", {
-            "data": str(args.data), "format": data.format, "notes": data.notes, "labels": data.labels,
-            "clips": {name: len(c) for name, c in clips.items()}, "skipped_count": len(skipped), "skipped": skipped,
-            "cache_dir": str(args.cache_dir)})
+        write_json(
+            args.output_dir / "data_report.json",
+            {
+                "data": str(args.data),
+                "format": data.format,
+                "notes": data.notes,
+                "labels": data.labels,
+                "clips": {name: len(c) for name, c in clips.items()},
+                "skipped_count": len(skipped),
+                "skipped": skipped,
+                "cache_dir": str(args.cache_dir),
+            },
+        )
     if skipped:
-        accelerator.print(f"warning: skipped {len(skipped)} unreadable or empty clip(s), first {skipped[0]['path']} "
-                          f"({skipped[0]['reason']}); all listed in {args.output_dir / 'data_report.json'}")
+        accelerator.print(
+            f"warning: skipped {len(skipped)} unreadable or empty clip(s), first {skipped[0]['path']} "
+            f"({skipped[0]['reason']}); all listed in {args.output_dir / 'data_report.json'}"
+        )
 
 
 def require_every_class(root: str, labels: list[str], train: CachedClips):
     counts = torch.bincount(torch.from_numpy(train.targets), minlength=len(labels))
     empty = [labels[i] for i in range(len(labels)) if counts[i] == 0]
     if empty:
-        raise DataError(f"{root}: class(es) {empty} have no usable training clips; add clips or remove the class "
-                        "(data_report.json lists skipped files)")
+        raise DataError(
+            f"{root}: class(es) {empty} have no usable training clips; add clips or remove the class "
+            "(data_report.json lists skipped files)"
+        )
 
 
 def mean_throughput(results: ResultsLog) -> float:

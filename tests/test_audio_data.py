@@ -3,13 +3,12 @@
 import csv
 import json
 
+import audio_data
 import datasets
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
-import audio_data
 from audio_data import BadClip, CachedClips, DataError, detect_format, load_audio_data, read_audio
 
 RATE = 8000
@@ -50,6 +49,7 @@ def make_speech_commands(root, words=("no", "yes"), per_word=5):
 
 
 # ----------------------------------------------------------------------------- layouts
+
 
 def test_urbansound8k_uses_official_folds(tmp_path):
     root = make_us8k(tmp_path / "us8k")
@@ -128,6 +128,7 @@ def test_hub_dataset_saved_to_disk(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input that stops the run
 
+
 def test_metadata_row_pointing_at_missing_file(tmp_path):
     root = make_us8k(tmp_path / "us8k")
     (root / "audio" / "fold3" / "3001-1-0-1.wav").unlink()
@@ -158,9 +159,18 @@ def test_list_entry_without_file(tmp_path):
 
 # ----------------------------------------------------------------------------- decoding and cache
 
-@pytest.mark.parametrize("subtype,channels,rate", [
-    ("PCM_U8", 1, 16000), ("PCM_16", 1, 16000), ("PCM_24", 2, 44100), ("PCM_32", 1, 48000),
-    ("FLOAT", 2, 22050), ("DOUBLE", 1, 8000)])
+
+@pytest.mark.parametrize(
+    "subtype,channels,rate",
+    [
+        ("PCM_U8", 1, 16000),
+        ("PCM_16", 1, 16000),
+        ("PCM_24", 2, 44100),
+        ("PCM_32", 1, 48000),
+        ("FLOAT", 2, 22050),
+        ("DOUBLE", 1, 8000),
+    ],
+)
 def test_wav_flavours_decode_to_the_same_tone(tmp_path, subtype, channels, rate):
     path = tone(tmp_path / "x.wav", 1000, seconds=0.5, rate=rate, channels=channels, subtype=subtype)
     wave = read_audio(str(path), 16000)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torchvision
-
 from audio_model import AudioClassifier, build_backbone, frontend_config, load_classifier, save_classifier
 
 CONFIG = {"model": "resnet18", "labels": ["a", "b", "c"], **frontend_config(8000, 0.5, 32)}

@@ -7,17 +7,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+import make_demo_audio
 import pytest
 import soundfile as sf
-from safetensors.torch import load_file
-
-import make_demo_audio
 import torch
 from audio_data import CachedClips, load_audio_data
 from audio_model import load_classifier
-from shared.metrics import load_metric
 from conftest import REPO, run_script, script_env
+from safetensors.torch import load_file
+
+from shared.metrics import load_metric
 
 FAST = ["--sample-rate", 8000, "--n-mels", 32, "--workers", 0]
 NOT_COMPARABLE = {"seconds", "train_samples_per_second"}
@@ -32,20 +31,57 @@ def cache(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- learning end to end
 
+
 @pytest.fixture(scope="module")
 def us8k_run(tmp_path_factory, cache):
     """UrbanSound8K layout (mixed rates, stereo, 24-bit, float) plus one corrupt clip listed in the metadata."""
     root = tmp_path_factory.mktemp("us8k") / "UrbanSound8K"
-    make_demo_audio.main(["--layout", "urbansound8k", "--output", str(root), "--classes", "4",
-                          "--clips-per-class", "40", "--seconds", "1", "--seed", "3"])
+    make_demo_audio.main(
+        [
+            "--layout",
+            "urbansound8k",
+            "--output",
+            str(root),
+            "--classes",
+            "4",
+            "--clips-per-class",
+            "40",
+            "--seconds",
+            "1",
+            "--seed",
+            "3",
+        ]
+    )
     (root / "audio" / "fold5" / "999-0-0-0.wav").write_bytes(b"RIFF....WAVEfmt garbage")
     with (root / "metadata" / "UrbanSound8K.csv").open("a", newline="") as f:
         csv.writer(f).writerow(["999-0-0-0.wav", 999, 0, 1, 1, 5, 0, "low_hum"])
     out = tmp_path_factory.mktemp("runs") / "us8k"
     started = time.perf_counter()
-    proc = run_script("train_audio.py", "--data", root, "--output-dir", out, "--fold", 1, "--clip-seconds", 1,
-                      "--epochs", 6, "--batch-size", 16, "--nominal-batch-size", 16, "--mixed-precision", "bf16",
-                      "--mixup", 0.2, "--cache-dir", cache, *FAST, env=ONE_THREAD)
+    proc = run_script(
+        "train_audio.py",
+        "--data",
+        root,
+        "--output-dir",
+        out,
+        "--fold",
+        1,
+        "--clip-seconds",
+        1,
+        "--epochs",
+        6,
+        "--batch-size",
+        16,
+        "--nominal-batch-size",
+        16,
+        "--mixed-precision",
+        "bf16",
+        "--mixup",
+        0.2,
+        "--cache-dir",
+        cache,
+        *FAST,
+        env=ONE_THREAD,
+    )
     return root, out, proc, time.perf_counter() - started
 
 
@@ -60,20 +96,39 @@ def test_learns_well_above_chance_on_the_official_fold(us8k_run):
     test_clips = sum(1 for r in csv.DictReader((root / "metadata" / "UrbanSound8K.csv").open()) if r["fold"] == "1")
     assert sum(c["support"] for c in metrics["test"]["per_class"].values()) == test_clips
     assert "accumulation steps" in proc.stdout and "optimizer steps" in proc.stdout
-    print(f"\nUS8K-layout test accuracy {metrics['test']['accuracy']:.3f}, "
-          f"{metrics['train_samples_per_second']:.0f} clips/s, {seconds:.0f} s wall")
+    print(
+        f"\nUS8K-layout test accuracy {metrics['test']['accuracy']:.3f}, "
+        f"{metrics['train_samples_per_second']:.0f} clips/s, {seconds:.0f} s wall"
+    )
 
 
 def test_run_directory_contract(us8k_run):
     _, out, _, _ = us8k_run
-    for name in ("args.json", "results.csv", "metrics.json", "data_report.json", "curves.png", "confusion_matrix.png",
-                 "model/model.safetensors", "model/config.json"):
+    for name in (
+        "args.json",
+        "results.csv",
+        "metrics.json",
+        "data_report.json",
+        "curves.png",
+        "confusion_matrix.png",
+        "model/model.safetensors",
+        "model/config.json",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "checkpoints").glob("step_*")) and list((out / "logs").rglob("events.out.tfevents*"))
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["epoch"] for r in rows] == [str(e) for e in range(6)]
-    assert {"epoch", "step", "lr", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds",
-            "train_samples_per_second"} == set(rows[0])
+    assert {
+        "epoch",
+        "step",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_macro_f1",
+        "seconds",
+        "train_samples_per_second",
+    } == set(rows[0])
     args = json.loads((out / "args.json").read_text())
     assert args["accumulation_steps"] == 1 and args["num_processes"] == 1 and args["format"] == "urbansound8k"
 
@@ -90,19 +145,30 @@ def test_predict_labels_a_long_recording(us8k_run, tmp_path):
     _, out, _, _ = us8k_run
     kinds = ["sweep", "low_hum", "hiss", "high_tone", "low_hum", "sweep"]
     sf.write(tmp_path / "long.wav", make_demo_audio.long_recording(kinds, 1.0, 22050, seed=7), 22050, subtype="PCM_24")
-    proc = run_script("predict_audio.py", "--model-dir", out / "model", tmp_path, "--hop", 1.0, "--top-k", 2,
-                      "--output", tmp_path / "pred.jsonl")
+    proc = run_script(
+        "predict_audio.py",
+        "--model-dir",
+        out / "model",
+        tmp_path,
+        "--hop",
+        1.0,
+        "--top-k",
+        2,
+        "--output",
+        tmp_path / "pred.jsonl",
+    )
     lines = (tmp_path / "pred.jsonl").read_text().splitlines()
     assert proc.stdout == "" and len(lines) == 1
     record = json.loads(lines[0])
     assert set(record) == {"path", "label", "probability", "top", "windows"} and len(record["top"]) == 2
     assert [(w["start"], w["end"]) for w in record["windows"]] == [(float(i), float(i + 1)) for i in range(6)]
-    correct = sum(w["label"] == k for w, k in zip(record["windows"], kinds))
+    correct = sum(w["label"] == k for w, k in zip(record["windows"], kinds, strict=True))
     assert correct >= 5, record["windows"]
     assert set(record["windows"][0]["top"][0]) == {"label", "probability"}
 
 
 # ----------------------------------------------------------------------------- 1 vs 2 processes, exactly once, resume
+
 
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
@@ -121,8 +187,26 @@ def commands(tmp_path_factory):
 
 
 def equivalence_args(data, out, cache):
-    return ["--data", data, "--output-dir", out, "--epochs", 2, "--batch-size", 8, "--nominal-batch-size", 16,
-            "--no-augment", "--seed", 1, "--clip-seconds", 0.5, "--cache-dir", cache, *FAST]
+    return [
+        "--data",
+        data,
+        "--output-dir",
+        out,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--nominal-batch-size",
+        16,
+        "--no-augment",
+        "--seed",
+        1,
+        "--clip-seconds",
+        0.5,
+        "--cache-dir",
+        cache,
+        *FAST,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +235,7 @@ def test_two_processes_take_the_same_steps_as_one_with_accumulation(one_and_two_
     rows = [list(csv.DictReader((d / "results.csv").open())) for d in (one, two)]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == ["4", "8"]
     assert [r["lr"] for r in rows[0]] == [r["lr"] for r in rows[1]]
-    for r1, r2 in zip(*rows):
+    for r1, r2 in zip(*rows, strict=True):
         assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), rel=1e-4)
 
 
@@ -179,6 +263,7 @@ def results_without_timing(run_dir):
 
 def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(commands, tmp_path, cache):
     """With every augmentation on (SpecAugment, gain, background noise, mixup): the RNG state is restored too."""
+
     def with_augmentation(out):
         return [a for a in equivalence_args(commands, out, cache) if a != "--no-augment"] + ["--mixup", 0.2]
 
@@ -205,7 +290,8 @@ def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(commands, tmp_pat
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert results_without_timing(out) == results_without_timing(one)
     assert json.loads((out / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text()) | {
-        "train_samples_per_second": json.loads((out / "metrics.json").read_text())["train_samples_per_second"]}
+        "train_samples_per_second": json.loads((out / "metrics.json").read_text())["train_samples_per_second"]
+    }
     assert len(list((out / "checkpoints").glob("step_*"))) == 2  # --keep-checkpoints default
 
     foreign = run_script("train_audio.py", *args, "--resume", "--model", "mobilenet_v3_small", check=False, env=ONE_THREAD)

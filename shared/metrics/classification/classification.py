@@ -46,7 +46,14 @@ class Classification(evaluate.Metric):
         return {
             "accuracy": float(tp.sum() / max(len(true), 1)),
             "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "per_class": {names[i]: {"precision": float(precision[i]), "recall": float(recall[i]),
-                                     "f1": float(f1[i]), "support": int(support[i])} for i in range(n)},
+            "per_class": {
+                names[i]: {
+                    "precision": float(precision[i]),
+                    "recall": float(recall[i]),
+                    "f1": float(f1[i]),
+                    "support": int(support[i]),
+                }
+                for i in range(n)
+            },
             "confusion_matrix": matrix.tolist(),
         }
