@@ -71,3 +71,15 @@ def test_saved_model_takes_raw_waveforms(tmp_path):
     waves = torch.randn(3, 4000)
     assert config["labels"] == ["a", "b", "c"] and config["task"] == "audio-classification"
     assert torch.allclose(loaded(waves), model(waves), atol=1e-5)
+
+
+def test_batch_size_auto_is_accepted_and_starts_from_the_nominal_batch_on_cpu():
+    import train_audio
+
+    args = train_audio.parse_args(
+        ["--data", "x", "--output-dir", "y", "--batch-size", "auto", "--nominal-batch-size", "48", "--cpu"]
+    )
+    assert args.batch_size == "auto"
+    assert train_audio.largest_batch_size(args, CONFIG, 4000) == 48
+    with pytest.raises(SystemExit):
+        train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "0"])
