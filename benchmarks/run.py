@@ -50,7 +50,7 @@ FULL = {
     "det_epochs": 3,
     "coco_images": 500,
     "coco_reps": 3,
-    "knob_steps": 5,
+    "knob_steps": 3,
     "compile": True,
 }
 QUICK = {
