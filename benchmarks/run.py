@@ -405,6 +405,14 @@ def write_report(path: Path, r: dict):
         "",
     ]
 
+    if max(r["load"]) > m["cpus"]:
+        L += [
+            f"**Warning: the machine was busy** (load average up to {max(r['load']):.1f} on {m['cpus']} CPUs): other "
+            "processes took most of the cores, so every figure below is depressed and the ratios are compressed "
+            "towards 1x (and bf16, whose oneDNN/AMX kernels suffer most from oversubscribed cores, can fall below fp32). "
+            "Rerun `make bench` on an otherwise idle machine before quoting them.",
+            "",
+        ]
     L += ["## Summary against the targets", ""]
     for key, title, target in (
         ("s1", "Audio, 1 s 16 kHz clips", 2),
@@ -523,7 +531,11 @@ def write_report(path: Path, r: dict):
                 f"(compile + 2 warm-up steps: {comp['warm']:.0f} s) |"
             )
         else:
-            failed = comp.get("error") or f"did not finish within {comp.get('timeout', 0):.0f} s"
+            failed = comp.get("error") or (
+                f"did not finish within {comp['timeout']:.0f} s"
+                if comp.get("timeout", 0) > 30
+                else "skipped: the 10-minute budget was used up by the training runs"
+            )
             L.append(f"| {label} | {failed} | |")
     L += ["", "### Where a bf16 step goes (torch.profiler, self CPU time)", ""]
     for title, prof in r["profiles"].items():
@@ -626,6 +638,7 @@ def main(argv=None):
     r["load"].append(os.getloadavg()[0])
     r["wall"] = time.perf_counter() - started
     write_report(args.output, r)
+    (work / "results.json").write_text(json.dumps(r, indent=1, default=str))
     print(f"wrote {args.output} in {r['wall']:.0f} s", flush=True)
 
 
