@@ -250,7 +250,11 @@ def test_resume_after_sigterm_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     run_script("train_detection.py", *training_args(data, full, *common))
 
     part = tmp_path / "part"
-    cmd = [sys.executable, str(REPO / "scripts" / "train_detection.py"), *map(str, training_args(data, part, *common, "--checkpoint-steps", 1))]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train_detection.py"),
+        *map(str, training_args(data, part, *common, "--checkpoint-steps", 1)),
+    ]
     proc = subprocess.Popen(cmd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (part / "checkpoints" / "step_00000005").is_dir() and proc.poll() is None and time.time() < deadline:
