@@ -410,7 +410,8 @@ def write_report(path: Path, r: dict):
             f"**Warning: the machine was busy** (load average up to {max(r['load']):.1f} on {m['cpus']} CPUs): other "
             "processes took most of the cores, so every figure below is depressed and the ratios are compressed "
             "towards 1x (and bf16, whose oneDNN/AMX kernels suffer most from oversubscribed cores, can fall below fp32). "
-            "Rerun `make bench` on an otherwise idle machine before quoting them.",
+            "The matmul peak was measured under the same load, so MFU figures (even some above 100%) and the "
+            "target verdicts are not meaningful either. Rerun `make bench` on an otherwise idle machine before quoting them.",
             "",
         ]
     L += ["## Summary against the targets", ""]
