@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` fr
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from accelerate.utils import find_executable_batch_size  # noqa: E402
 from audio_data import (
     DEFAULT_CLIP_SECONDS,
     FORMATS,
@@ -47,7 +46,7 @@ from shared.runtime import (
     write_json,
 )
 from shared.schedule import build_scheduler  # noqa: E402
-from shared.training import optimizer_step, throughput, unwrap_for_saving  # noqa: E402
+from shared.training import largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -165,18 +164,7 @@ def parse_args(argv=None):
         help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)",
     )
     add_common_args(parser, epochs=30, batch_size=32, nominal_batch_size=64)
-    batch = next(action for action in parser._actions if action.dest == "batch_size")
-    batch.type = _batch_size
-    batch.help += "; 'auto' takes the largest that fits in device memory, starting from --nominal-batch-size"
     return parser.parse_args(argv)
-
-
-def _batch_size(value: str):
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
-    return int(value)
 
 
 def main(argv=None):
@@ -198,7 +186,7 @@ def main(argv=None):
     args.freq_mask = 0 if args.no_augment else args.n_mels // 8 if args.freq_mask is None else args.freq_mask
     args.time_mask = 0 if args.no_augment else frames // 10 if args.time_mask is None else args.time_mask
     if args.batch_size == "auto":
-        args.batch_size = largest_batch_size(args, config, num_samples)
+        args.batch_size = largest_batch_size(args, probe_step(args, config, num_samples))
     accelerator = setup_accelerator(args, "audio")
 
     # ---------------------------------------------------------------- data: decode once, cache, reuse
@@ -222,7 +210,8 @@ def main(argv=None):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
         model.backbone.compile()  # in place: parameter names (and so checkpoints and model/) stay the same
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
+    # fused: one kernel for all tensors instead of a Python loop per tensor (about 2x faster steps on CPU and GPU)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
     criterion = torch.nn.CrossEntropyLoss(
         weight=class_weights(clips["train"], len(data.labels)) if args.class_weights else None,
         label_smoothing=args.label_smoothing,
@@ -419,26 +408,16 @@ def parameter_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def largest_batch_size(args, config: dict, num_samples: int) -> int:
-    """--batch-size auto: the largest batch, halving from --nominal-batch-size, with which a training step
-    fits in GPU memory (accelerate's find_executable_batch_size). A CPU has no memory limit to probe, so
-    there the start value is taken as it is."""
-    from accelerate import PartialState
+def probe_step(args, config: dict, num_samples: int):
+    """One training step on random clips, for --batch-size auto."""
 
-    device = PartialState(cpu=args.cpu).device
-    if device.type == "cpu":
-        return args.nominal_batch_size
-
-    @find_executable_batch_size(starting_batch_size=args.nominal_batch_size)
-    def probe(batch_size):
+    def step(batch_size, device, dtype):
         model = build_model(args, config).to(device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(torch.randn(batch_size, num_samples, device=device)).float().logsumexp(1).mean()
         loss.backward()
-        return batch_size
 
-    return probe()
+    return step
 
 
 def clip_loader(clips: CachedClips, args, shuffle: bool):

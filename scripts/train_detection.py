@@ -50,7 +50,7 @@ from shared.plots import plot_curves  # noqa: E402
 from shared.results import ResultsLog, write_metrics  # noqa: E402
 from shared.runtime import add_common_args, make_loader, print_summary, setup_accelerator, write_args_json, write_json  # noqa: E402
 from shared.schedule import build_scheduler, warmup_momentum  # noqa: E402
-from shared.training import optimizer_step, throughput, unwrap_for_saving  # noqa: E402
+from shared.training import largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
 
 TASK = "detection"
 
@@ -125,18 +125,7 @@ def parse_args(argv=None):
         help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)",
     )
     add_common_args(parser, epochs=30, batch_size=16, nominal_batch_size=64)
-    batch = next(action for action in parser._actions if action.dest == "batch_size")
-    batch.type = _batch_size
-    batch.help += "; 'auto' takes the largest that fits in device memory, starting from --nominal-batch-size"
     return parser.parse_args(argv)
-
-
-def _batch_size(value: str):
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
-    return int(value)
 
 
 def load_hyp(path: Path | None) -> dict:
@@ -155,7 +144,7 @@ def main(argv=None):
     args.output_dir.mkdir(parents=True, exist_ok=True)
     hyp = load_hyp(args.hyp)
     if args.batch_size == "auto":
-        args.batch_size = largest_batch_size(args)
+        args.batch_size = largest_batch_size(args, probe_step(args))
     accelerator = setup_accelerator(args, TASK)
 
     # ---------------------------------------------------------------- data
@@ -443,35 +432,22 @@ def make_optimizer(model, hyp: dict, effective_batch: int) -> torch.optim.Optimi
     raise SystemExit(f"hyp optimizer {hyp['optimizer']!r}: use SGD or AdamW")
 
 
-def largest_batch_size(args) -> int:
-    """--batch-size auto: the largest batch, halving from --nominal-batch-size, with which a training step at
-    --img-size (x1.5 with --multi-scale) fits in GPU memory (accelerate's find_executable_batch_size). A CPU
-    has no memory limit to probe, so there the start value is taken as it is."""
-    from accelerate import PartialState
-    from accelerate.utils import find_executable_batch_size
-
-    device = PartialState(cpu=args.cpu).device
-    if device.type == "cpu":
-        return args.nominal_batch_size
+def probe_step(args):
+    """One training step on random images at the largest training size, for --batch-size auto."""
     size = int(args.img_size * (1.5 if args.multi_scale else 1))
 
-    @find_executable_batch_size(starting_batch_size=args.nominal_batch_size)
-    def probe(batch_size):
+    def step(batch_size, device, dtype):
         model = build_model(args.model, 1, args.img_size).to(device).train()
         model.transform._skip_resize = True
-        targets = [
-            {
-                "boxes": torch.tensor([[4.0, 4.0, size / 2, size / 2]], device=device),
-                "labels": torch.ones(1, dtype=torch.int64, device=device),
-            }
-        ] * batch_size
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
+        box = {
+            "boxes": torch.tensor([[4.0, 4.0, size / 2, size / 2]], device=device),
+            "labels": torch.ones(1, dtype=torch.int64, device=device),
+        }
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = sum(model(torch.rand(batch_size, 3, size, size, device=device), targets).values())
+            loss = sum(model(torch.rand(batch_size, 3, size, size, device=device), [box] * batch_size).values())
         loss.backward()
-        return batch_size
 
-    return probe()
+    return step
 
 
 def random_size(args, img_size: int, epoch: int, batch_in_epoch: int, accelerator) -> int:

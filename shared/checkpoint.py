@@ -37,7 +37,7 @@ class Checkpoints:
             (tmp / PROGRESS).write_text(json.dumps({**progress, "identity": self.identity}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in self.completed()[:-self.keep]:
+            for old in self.completed()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
@@ -61,20 +61,26 @@ class Checkpoints:
         else:
             path = Path(resume)
             if not (path / PROGRESS).is_file():
-                raise SystemExit(f"--resume {path}: not a checkpoint folder (no {PROGRESS}); "
-                                 f"pass one of {self.directory}/step_* or plain --resume for the latest")
+                raise SystemExit(
+                    f"--resume {path}: not a checkpoint folder (no {PROGRESS}); "
+                    f"pass one of {self.directory}/step_* or plain --resume for the latest"
+                )
         progress = json.loads((path / PROGRESS).read_text())
         self._refuse_foreign(path, progress.pop("identity", {}))
         self.accelerator.load_state(str(path))
-        self.accelerator.print(f"resumed from {path}: epoch {progress['epoch']}, "
-                               f"batch {progress['batch_in_epoch']}, optimizer step {progress['step']}")
+        self.accelerator.print(
+            f"resumed from {path}: epoch {progress['epoch']}, "
+            f"batch {progress['batch_in_epoch']}, optimizer step {progress['step']}"
+        )
         return progress
 
     def _refuse_foreign(self, path: Path, saved: dict):
         for key, value in self.identity.items():
             if key in saved and saved[key] != value:
-                raise SystemExit(f"checkpoint {path} was written with {key}={saved[key]!r}, but this run has "
-                                 f"{key}={value!r}. Resume with the same model and data, or use a new --output-dir.")
+                raise SystemExit(
+                    f"checkpoint {path} was written with {key}={saved[key]!r}, but this run has "
+                    f"{key}={value!r}. Resume with the same model and data, or use a new --output-dir."
+                )
 
 
 class GracefulStop:

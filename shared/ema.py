@@ -13,7 +13,7 @@ def make_ema(model: torch.nn.Module, decay: float = 0.9999, tau: float = 2000.0)
     def update(ema_tensors, tensors, num_averaged):
         # num_averaged stays on the device: no host sync per step.
         d = decay * (1 - torch.exp(-(num_averaged.float() + 1) / tau))
-        for e, t in zip(ema_tensors, tensors):
+        for e, t in zip(ema_tensors, tensors, strict=True):
             if e.is_floating_point():
                 e.lerp_(t.to(e.dtype), (1 - d).to(e.dtype))
             else:

@@ -32,6 +32,8 @@ def load_pretrained(directory: Path):
     weights, config = directory / "model.safetensors", directory / "config.json"
     for f in (weights, config):
         if not f.is_file():
-            raise SystemExit(f"{f} not found: --model-dir must be the model/ folder of a training run "
-                             "(it holds model.safetensors and config.json).")
+            raise SystemExit(
+                f"{f} not found: --model-dir must be the model/ folder of a training run "
+                "(it holds model.safetensors and config.json)."
+            )
     return load_file(weights), json.loads(config.read_text())

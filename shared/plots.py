@@ -23,11 +23,11 @@ def plot_curves(results_csv: Path, out_png: Path):
     cols = min(4, len(columns))
     nrows = -(-len(columns) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, column in zip(axes.flat, columns):
+    for ax, column in zip(axes.flat, columns, strict=False):
         ax.plot(epochs, [float(r[column]) for r in rows], marker=".")
         ax.set_title(column)
         ax.set_xlabel("epoch")
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
@@ -49,8 +49,9 @@ def plot_confusion_matrix(matrix, labels: list[str], out_png: Path, title: str =
     if len(labels) <= 30:
         for i in range(len(labels)):
             for j in range(len(labels)):
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
-                        color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+                ax.text(
+                    j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8
+                )
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -15,24 +15,63 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, nominal_batch_size: int):
     """Flags with the same meaning in every training script."""
     g = parser.add_argument_group("run and hardware")
-    g.add_argument("--output-dir", required=True, type=Path, help="where args.json, results.csv, metrics.json, model/, checkpoints/ and logs/ go")
+    g.add_argument(
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="where args.json, results.csv, metrics.json, model/, checkpoints/ and logs/ go",
+    )
     g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"samples per device per forward pass (default {batch_size})")
-    g.add_argument("--nominal-batch-size", type=int, default=nominal_batch_size,
-                   help="effective batch per optimizer step; gradient accumulation steps = nominal / (batch size x processes) "
-                        f"(default {nominal_batch_size})")
+    g.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=batch_size,
+        help=f"samples per device per forward pass (default {batch_size}); 'auto' takes the largest that fits "
+        "in GPU memory, halving from --nominal-batch-size",
+    )
+    g.add_argument(
+        "--nominal-batch-size",
+        type=int,
+        default=nominal_batch_size,
+        help="effective batch per optimizer step; gradient accumulation steps = nominal / (batch size x processes) "
+        f"(default {nominal_batch_size})",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation (default 0)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes per device")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="overrides the accelerate config; fp16 needs a GPU, bf16 runs on recent GPUs and CPUs")
+    g.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="overrides the accelerate config; fp16 needs a GPU, bf16 runs on recent GPUs and CPUs",
+    )
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (helps when the per-device batch is small)")
-    g.add_argument("--no-augment", action="store_true", help="turn off all training augmentation (for equivalence checks and debugging)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints, or from PATH")
-    g.add_argument("--checkpoint-steps", type=int, default=0, help="also save a checkpoint every N optimizer steps (0: only at epoch ends)")
+    g.add_argument(
+        "--sync-bn", action="store_true", help="SyncBatchNorm across processes (helps when the per-device batch is small)"
+    )
+    g.add_argument(
+        "--no-augment", action="store_true", help="turn off all training augmentation (for equivalence checks and debugging)"
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH",
+        help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints, or from PATH",
+    )
+    g.add_argument(
+        "--checkpoint-steps", type=int, default=0, help="also save a checkpoint every N optimizer steps (0: only at epoch ends)"
+    )
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
+
+
+def _batch_size(value: str):
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
+    return int(value)
 
 
 def setup_accelerator(args, run_name: str, kwargs_handlers=None) -> Accelerator:
@@ -63,11 +102,14 @@ def setup_accelerator(args, run_name: str, kwargs_handlers=None) -> Accelerator:
         kwargs_handlers=kwargs_handlers,
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise SystemExit("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16 "
-                         "(or the preset accelerate_configs/cpu.yaml).")
+        raise SystemExit(
+            "fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16 (or the preset accelerate_configs/cpu.yaml)."
+        )
     if args.effective_batch_size != args.nominal_batch_size:
-        accelerator.print(f"note: nominal batch {args.nominal_batch_size} is not a multiple of "
-                          f"{args.batch_size} x {args.num_processes} processes; the effective batch is {args.effective_batch_size}")
+        accelerator.print(
+            f"note: nominal batch {args.nominal_batch_size} is not a multiple of "
+            f"{args.batch_size} x {args.num_processes} processes; the effective batch is {args.effective_batch_size}"
+        )
     set_seed(args.seed)
     accelerator.init_trackers(run_name, config=_flat_config(args))
     return accelerator
@@ -81,13 +123,17 @@ def _refuse_impossible_launch(args):
         return
     gpus = torch.cuda.device_count()
     if world_size > 1 and gpus == 0:
-        raise SystemExit(f"{world_size} processes were launched for GPUs, but this machine has none. "
-                         "To train with several CPU processes add --cpu (or set ACCELERATE_USE_CPU=true), e.g. "
-                         "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml SCRIPT --cpu ...")
+        raise SystemExit(
+            f"{world_size} processes were launched for GPUs, but this machine has none. "
+            "To train with several CPU processes add --cpu (or set ACCELERATE_USE_CPU=true), e.g. "
+            "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml SCRIPT --cpu ..."
+        )
     if gpus and local_rank >= gpus:
-        raise SystemExit(f"process with LOCAL_RANK {local_rank} has no GPU: this machine has {gpus}. "
-                         f"Launch at most {gpus} processes per machine (--num_processes / --nproc_per_node); "
-                         "the effective batch stays the same because accumulation grows.")
+        raise SystemExit(
+            f"process with LOCAL_RANK {local_rank} has no GPU: this machine has {gpus}. "
+            f"Launch at most {gpus} processes per machine (--num_processes / --nproc_per_node); "
+            "the effective batch stays the same because accumulation grows."
+        )
 
 
 def _flat_config(args) -> dict:
@@ -100,17 +146,29 @@ def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_
     generator: pass a torch.Generator so that starting an iteration (which draws a worker seed) leaves the
     global RNG alone; then a resumed run's augmentation draws the same numbers as an uninterrupted one."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
-        drop_last=drop_last, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=generator,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=generator,
     )
 
 
 def environment_facts(accelerator: Accelerator) -> dict:
     import accelerate
+
     facts = {
-        "python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__,
-        "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision, "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "device": str(accelerator.device),
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+        "command": " ".join(sys.argv),
     }
     for name in ("torchvision", "torchaudio"):
         if name in sys.modules:

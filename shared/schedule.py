@@ -13,8 +13,12 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int, shape: st
     if shape == "onecycle":
         max_lrs = [g["lr"] for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lrs, total_steps=max(total_steps, 2),
-            pct_start=max(warmup_steps, 1) / max(total_steps, 2), final_div_factor=1 / (25 * final_lr_ratio) if final_lr_ratio else 1e4)
+            optimizer,
+            max_lr=max_lrs,
+            total_steps=max(total_steps, 2),
+            pct_start=max(warmup_steps, 1) / max(total_steps, 2),
+            final_div_factor=1 / (25 * final_lr_ratio) if final_lr_ratio else 1e4,
+        )
     if shape not in ("cosine", "linear"):
         raise ValueError(f"unknown schedule {shape!r}: use cosine, linear or onecycle")
 

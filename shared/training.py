@@ -1,7 +1,8 @@
 """The optimizer step every training script takes the same way."""
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import find_executable_batch_size
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, ema=None, max_grad_norm: float | None = None) -> bool:
@@ -29,3 +30,20 @@ def throughput(samples: int, seconds: float) -> float:
 def unwrap_for_saving(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind DDP and torch.compile wrappers."""
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def largest_batch_size(args, training_step) -> int:
+    """--batch-size auto: the largest batch, halving from --nominal-batch-size, for which
+    training_step(batch_size, device, autocast_dtype) -- one forward and backward pass -- fits in GPU memory
+    (accelerate's find_executable_batch_size). A CPU has no memory limit to probe: there the start value is used."""
+    device = PartialState(cpu=args.cpu).device
+    if device.type == "cpu":
+        return args.nominal_batch_size
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
+
+    @find_executable_batch_size(starting_batch_size=args.nominal_batch_size)
+    def probe(batch_size):
+        training_step(batch_size, device, dtype)
+        return batch_size
+
+    return probe()

@@ -80,6 +80,6 @@ def test_batch_size_auto_is_accepted_and_starts_from_the_nominal_batch_on_cpu():
         ["--data", "x", "--output-dir", "y", "--batch-size", "auto", "--nominal-batch-size", "48", "--cpu"]
     )
     assert args.batch_size == "auto"
-    assert train_audio.largest_batch_size(args, CONFIG, 4000) == 48
+    assert train_audio.largest_batch_size(args, train_audio.probe_step(args, CONFIG, 4000)) == 48
     with pytest.raises(SystemExit):
         train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "0"])

@@ -1,6 +1,5 @@
 """The shared package: accumulation from the process count, refused launches, schedules, EMA, checkpoints."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -8,8 +7,8 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-
 from conftest import REPO, script_env
+
 from shared.checkpoint import Checkpoints
 from shared.ema import make_ema
 from shared.schedule import build_scheduler, warmup_momentum
@@ -27,8 +26,13 @@ print("ACCUM", args.accumulation_steps, args.effective_batch_size, args.num_proc
 
 def run_setup(tmp_path, *flags, **env):
     code = SETUP_SNIPPET.format(repo=str(REPO))
-    return subprocess.run([sys.executable, "-c", code, "--output-dir", str(tmp_path), *flags],
-                          env=script_env(**env), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, "--output-dir", str(tmp_path), *flags],
+        env=script_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_accumulation_follows_nominal_batch(tmp_path):
@@ -115,7 +119,8 @@ def test_checkpoints_keep_the_newest_and_ignore_an_interrupted_save(trained_bits
 def test_checkpoint_of_another_label_set_is_refused(trained_bits):
     acc, _, _, directory = trained_bits
     Checkpoints(acc, directory, keep=2, identity={"model": "linear", "labels": ["a", "b"]}).save(
-        {"epoch": 1, "batch_in_epoch": 0, "step": 5})
+        {"epoch": 1, "batch_in_epoch": 0, "step": 5}
+    )
     other = Checkpoints(acc, directory, keep=2, identity={"model": "linear", "labels": ["a", "c"]})
     with pytest.raises(SystemExit, match="labels=.*new --output-dir"):
         other.resume("latest")
