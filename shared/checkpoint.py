@@ -1,6 +1,6 @@
 """Resumable checkpoints: accelerate's save_state plus where the run stood, written atomically.
 
-A checkpoint is OUTPUT_DIR/checkpoints/step_XXXXXXXX/ holding accelerate's files (model,
+A checkpoint is OUTPUT_DIR/checkpoints/step_<optimizer step, 8 digits>/ holding accelerate's files (model,
 optimizer, scaler, RNG states, registered objects such as the scheduler and the EMA) and
 progress.json (epoch, batches done in it, optimizer step, identity of the run). It is written
 under a temporary name and renamed when complete, so a kill while saving leaves the previous
