@@ -30,7 +30,6 @@ from audio_data import (
     load_noise,
 )
 from audio_model import TASK, AudioClassifier, frontend_config, pcm_to_float, save_classifier  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from shared.checkpoint import Checkpoints, GracefulStop  # noqa: E402
 from shared.metrics import load_metric  # noqa: E402
@@ -46,7 +45,7 @@ from shared.runtime import (
     write_json,
 )
 from shared.schedule import build_scheduler  # noqa: E402
-from shared.training import largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
+from shared.training import epoch_bar, largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -279,14 +278,7 @@ def main(argv=None):
         loss_sum = torch.tensor(progress["loss_sum"] if carried else 0.0, dtype=torch.float64, device=accelerator.device)
         seen = torch.tensor(progress["seen"] if carried else 0, dtype=torch.float64, device=accelerator.device)
         start, batch_in_epoch = time.perf_counter(), skip
-        bar = tqdm(
-            total=len(train_dl),
-            initial=skip,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            unit="batch",
-            disable=not accelerator.is_local_main_process,
-            dynamic_ncols=True,
-        )
+        bar = epoch_bar(accelerator, epoch=epoch, epochs=args.epochs, total=len(train_dl), done=skip)
         for waves, targets in loader:
             with accelerator.accumulate(model):
                 waves = augment_waveforms(pcm_to_float(waves), noise, args)
@@ -302,24 +294,24 @@ def main(argv=None):
                 continue
             step += 1
             checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
-            if checkpoint_due:
-                save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
-            if step % args.log_every == 0 or checkpoint_due:
+            logging = step % args.log_every == 0 or checkpoint_due
+            if logging:
                 bar.set_postfix(
                     loss=f"{loss.item():.3f}",
                     clips_per_s=f"{seen.item() * accelerator.num_processes / (time.perf_counter() - start):.0f}",
                     lr=f"{scheduler.get_last_lr()[0]:.2e}",
                 )
-                if stop.agreed(accelerator):
-                    bar.close()
-                    if not checkpoint_due:
-                        save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
-                    accelerator.print(
-                        f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
-                        "Continue with the same command plus --resume."
-                    )
-                    accelerator.end_training()
-                    return
+            stopping = logging and stop.agreed(accelerator)  # every process logs on the same steps, so all agree
+            if checkpoint_due or stopping:
+                save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
+            if stopping:
+                bar.close()
+                accelerator.print(
+                    f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
+                    "Continue with the same command plus --resume."
+                )
+                accelerator.end_training()
+                return
         bar.close()
         seconds = time.perf_counter() - start
         train_loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(seen, "sum")).item()

@@ -40,7 +40,6 @@ from detection_data import (  # noqa: E402
     train_transform,
 )
 from detection_model import available_models, build_model, freeze_backbone, input_size, set_postprocess  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from shared.checkpoint import Checkpoints, GracefulStop  # noqa: E402
 from shared.ema import make_ema  # noqa: E402
@@ -50,7 +49,7 @@ from shared.plots import plot_curves  # noqa: E402
 from shared.results import ResultsLog, write_metrics  # noqa: E402
 from shared.runtime import add_common_args, make_loader, print_summary, setup_accelerator, write_args_json, write_json  # noqa: E402
 from shared.schedule import build_scheduler, warmup_momentum  # noqa: E402
-from shared.training import largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
+from shared.training import epoch_bar, largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
 
 TASK = "detection"
 
@@ -257,14 +256,7 @@ def main(argv=None):
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         loss_names, running, local_batches = None, None, 0  # running loss sums stay on the device: no host sync per step
         start, batch_in_epoch = time.perf_counter(), skip
-        bar = tqdm(
-            total=len(train_dl),
-            initial=skip,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            unit="batch",
-            disable=not accelerator.is_local_main_process,
-            dynamic_ncols=True,
-        )
+        bar = epoch_bar(accelerator, epoch=epoch, epochs=args.epochs, total=len(train_dl), done=skip)
         for images, targets in loader:
             images = images.float().div_(255)
             if augment:
@@ -289,17 +281,8 @@ def main(argv=None):
                 continue
             step += 1
             checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
-            if checkpoint_due:
-                save_checkpoint(
-                    accelerator,
-                    checkpoints,
-                    progress,
-                    epoch=epoch,
-                    batch_in_epoch=batch_in_epoch,
-                    step=step,
-                    **epoch_losses(accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True),
-                )
-            if step % args.log_every == 0 or checkpoint_due:
+            logging = step % args.log_every == 0 or checkpoint_due
+            if logging:
                 mean_loss = running[0].item() / local_batches
                 if not math.isfinite(mean_loss):
                     raise SystemExit(
@@ -312,26 +295,22 @@ def main(argv=None):
                     img_per_s=f"{seen / (time.perf_counter() - start):.1f}",
                     lr=f"{scheduler.get_last_lr()[0]:.2e}",
                 )
-                if stop.agreed(accelerator):
-                    bar.close()
-                    if not checkpoint_due:
-                        save_checkpoint(
-                            accelerator,
-                            checkpoints,
-                            progress,
-                            epoch=epoch,
-                            batch_in_epoch=batch_in_epoch,
-                            step=step,
-                            **epoch_losses(
-                                accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True
-                            ),
-                        )
-                    accelerator.print(
-                        f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
-                        "Continue with the same command plus --resume."
-                    )
-                    accelerator.end_training()
-                    return
+            stopping = logging and stop.agreed(accelerator)  # every process logs on the same steps, so all agree
+            if checkpoint_due or stopping:
+                losses_so_far = epoch_losses(
+                    accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True
+                )
+                save_checkpoint(
+                    accelerator, checkpoints, progress, epoch=epoch, batch_in_epoch=batch_in_epoch, step=step, **losses_so_far
+                )
+            if stopping:
+                bar.close()
+                accelerator.print(
+                    f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
+                    "Continue with the same command plus --resume."
+                )
+                accelerator.end_training()
+                return
         bar.close()
         seconds = time.perf_counter() - start
         train = epoch_losses(accelerator, loss_names, running, local_batches, carried, carried_batches)

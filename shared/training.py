@@ -3,6 +3,7 @@
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import find_executable_batch_size
+from tqdm.auto import tqdm
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, ema=None, max_grad_norm: float | None = None) -> bool:
@@ -47,3 +48,15 @@ def largest_batch_size(args, training_step) -> int:
         return batch_size
 
     return probe()
+
+
+def epoch_bar(accelerator: Accelerator, *, epoch: int, epochs: int, total: int, done: int = 0):
+    """The per-epoch progress bar, on the first process of each machine only; `done` batches were resumed past."""
+    return tqdm(
+        total=total,
+        initial=done,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        unit="batch",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
