@@ -258,9 +258,10 @@ def main(argv=None):
         start, batch_in_epoch = time.perf_counter(), skip
         bar = epoch_bar(accelerator, epoch=epoch, epochs=args.epochs, total=len(train_dl), done=skip)
         for images, targets in loader:
-            images = images.float().div_(255)
             if augment:
                 images = ColourJitter.apply(images, torch.stack([t["colour"] for t in targets]).to(images.device))
+            else:
+                images = images.float().div_(255)
             targets = targets_to_model(targets, accelerator.device)
             if args.multi_scale:
                 images, targets = rescale_batch(images, targets, random_size(args, img_size, epoch, batch_in_epoch, accelerator))
