@@ -21,8 +21,15 @@ def free_port() -> int:
 
 def script_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
     env.update(extra)
     return env
 
@@ -34,11 +41,12 @@ def run_script(script: str, *args, nproc: int = 1, env: dict | None = None, chec
         cmd = [sys.executable, path]
         run_env = script_env(**(env or {}))
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", path]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", path]
         run_env = script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd + [str(a) for a in args], env=run_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} {' '.join(map(str, args))} exited {proc.returncode}\n"
-                    f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
     return proc

@@ -3,7 +3,15 @@
 import pytest
 import torch
 import torchvision
-from audio_model import AudioClassifier, build_backbone, frontend_config, load_classifier, save_classifier
+from audio_model import (
+    AudioClassifier,
+    TinyMapConv2d,
+    build_backbone,
+    frontend_config,
+    load_classifier,
+    save_classifier,
+)
+from torch import nn
 
 CONFIG = {"model": "resnet18", "labels": ["a", "b", "c"], **frontend_config(8000, 0.5, 32)}
 
@@ -83,3 +91,48 @@ def test_batch_size_auto_is_accepted_and_starts_from_the_nominal_batch_on_cpu():
     assert train_audio.largest_batch_size(args, train_audio.probe_step(args, CONFIG, 4000)) == 48
     with pytest.raises(SystemExit):
         train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "0"])
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (dict(in_channels=16, out_channels=24, kernel_size=3, padding=1, bias=False), (2, 4)),
+        (dict(in_channels=16, out_channels=24, kernel_size=3, stride=2, padding=1, bias=True), (4, 7)),
+        (dict(in_channels=16, out_channels=8, kernel_size=(1, 3), dilation=2, padding=(0, 2)), (1, 8)),
+        (dict(in_channels=16, out_channels=24, kernel_size=1, stride=2, bias=False), (3, 5)),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiny_map_convolution_is_one_matmul_with_the_stock_results(conv, size, channels_last, monkeypatch):
+    torch.manual_seed(0)
+    stock = nn.Conv2d(**conv)
+    tiny = TinyMapConv2d(**conv)
+    tiny.load_state_dict(stock.state_dict())
+    x = torch.randn(3, 16, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_stock, x_tiny = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = stock(x_stock)
+    expected.square().sum().backward()
+
+    def no_stock_kernel(*args, **kwargs):
+        raise AssertionError("a map this small must not reach the stock convolution")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", no_stock_kernel)
+    out = tiny(x_tiny)
+    out.square().sum().backward()
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(x_tiny.grad, x_stock.grad, atol=1e-4)
+    for name, p in stock.named_parameters():
+        assert torch.allclose(dict(tiny.named_parameters())[name].grad, p.grad, atol=1e-4), name
+
+
+def test_larger_maps_keep_the_stock_convolution_and_the_classifier_keeps_resnet_names(monkeypatch):
+    calls = []
+    stock_conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or stock_conv2d(*a, **k))
+    TinyMapConv2d(4, 4, 3, padding=1)(torch.randn(1, 4, 3, 3))  # 9 positions
+    assert calls == [1]
+    model = AudioClassifier(CONFIG)
+    assert type(model.backbone.layer4[0].conv1) is TinyMapConv2d
+    model.backbone.load_state_dict(build_backbone("resnet18", 3).state_dict())
