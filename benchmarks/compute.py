@@ -77,10 +77,15 @@ class ResNetStep:
         frames: int = 101,
         n_mels: int = 64,
         fused_adamw: bool = False,
+        tiny_map_convs: bool = False,
     ):
         torch.manual_seed(0)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = audio_resnet18().to(memory_format=fmt)
+        if tiny_map_convs:
+            from audio_model import use_tiny_map_convs  # scripts/ is on sys.path in benchmarks/run.py
+
+            use_tiny_map_convs(self.model)
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=fused_adamw or None)
         self.x = torch.randn(batch, 1, n_mels, frames).contiguous(memory_format=fmt)

@@ -148,7 +148,7 @@ def _replace_last_linear(model: nn.Module, num_classes: int):
 
 
 class TinyMapConv2d(nn.Conv2d):
-    """A Conv2d that, on CPUs, computes outputs of at most MAX_POSITIONS positions as unfold + one matrix multiply.
+    """A Conv2d that, on CPUs, computes outputs of at most MAX_POSITIONS positions as one matrix multiply.
 
     A log-mel is small: the last ResNet stage sees 2x4 positions for a 1 s clip. oneDNN's convolution
     kernels, tuned for images, are slowest exactly there (its bf16 weight-gradient kernel takes over twice
@@ -160,13 +160,19 @@ class TinyMapConv2d(nn.Conv2d):
     def _conv_forward(self, x, weight, bias):
         if isinstance(self.padding, str) or self.padding_mode != "zeros" or self.groups != 1 or x.device.type != "cpu":
             return super()._conv_forward(x, weight, bias)
-        n, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        windows = windows[..., ::dh, ::dw]  # (N, C, oh, ow, kh, kw), a view
+        n, _, oh, ow = windows.shape[:4]
         if oh * ow > self.MAX_POSITIONS:
             return super()._conv_forward(x, weight, bias)
-        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, positions)
-        out = F.linear(columns.transpose(1, 2).reshape(n * oh * ow, -1), weight.flatten(1), bias)
+        # Read the weight in its own memory order (channels_last models keep (O, kh, kw, C)): reshaping it
+        # against its layout would copy all of it on every call.
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            rows, weight = windows.permute(0, 2, 3, 4, 5, 1), weight.permute(0, 2, 3, 1)
+        else:
+            rows = windows.permute(0, 2, 3, 1, 4, 5)
+        out = F.linear(rows.reshape(n * oh * ow, -1), weight.reshape(len(weight), -1), bias)
         return out.view(n, oh, ow, -1).permute(0, 3, 1, 2)  # a channels_last tensor, as the next layers want
 
 
