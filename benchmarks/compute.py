@@ -117,7 +117,8 @@ class ResNetStep:
 PROFILE_GROUPS = [
     ("convolutions (fwd + bwd)", ("conv", "mkldnn_convolution", "convolution_backward")),
     ("batch norm (fwd + bwd)", ("batch_norm",)),
-    ("matmul / linear", ("addmm", "aten::mm", "aten::bmm", "linear")),
+    ("matmul / linear (with launchkit, also the tiny-map convolutions)", ("addmm", "aten::mm", "aten::bmm", "linear")),
+    ("tiny-map convolutions: stacking taps, and its backward", ("aten::stack", "aten::cat", "slice_backward")),
     ("ReLU, pooling, adds", ("relu", "threshold", "pool", "aten::add", "aten::mean", "aten::sum")),
     ("dtype casts and copies (autocast)", ("aten::to", "_to_copy", "copy_", "clone", "contiguous")),
     ("optimizer (AdamW)", ("foreach", "adam", "aten::mul", "aten::div", "aten::sqrt", "aten::lerp", "addcmul", "addcdiv")),

@@ -161,19 +161,24 @@ class TinyMapConv2d(nn.Conv2d):
         if isinstance(self.padding, str) or self.padding_mode != "zeros" or self.groups != 1 or x.device.type != "cpu":
             return super()._conv_forward(x, weight, bias)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        windows = windows[..., ::dh, ::dw]  # (N, C, oh, ow, kh, kw), a view
-        n, _, oh, ow = windows.shape[:4]
+        padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (N, H, W, C)
+        oh, ow = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1, (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
         if oh * ow > self.MAX_POSITIONS:
             return super()._conv_forward(x, weight, bias)
-        # Read the weight in its own memory order (channels_last models keep (O, kh, kw, C)): reshaping it
-        # against its layout would copy all of it on every call.
+        # One strided slice of the input per kernel tap, stacked: the backward pass is then plain adds, which
+        # beat unfold's scatter kernel. Taps go where the weight's memory order wants them (channels_last
+        # models keep it as (O, kh, kw, C)), so that reading the weight as a matrix needs no copy of it.
+        taps = [
+            padded[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
         if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-            rows, weight = windows.permute(0, 2, 3, 4, 5, 1), weight.permute(0, 2, 3, 1)
+            rows, weight = torch.stack(taps, dim=3), weight.permute(0, 2, 3, 1)  # (N, oh, ow, kh*kw, C)
         else:
-            rows = windows.permute(0, 2, 3, 1, 4, 5)
-        out = F.linear(rows.reshape(n * oh * ow, -1), weight.reshape(len(weight), -1), bias)
-        return out.view(n, oh, ow, -1).permute(0, 3, 1, 2)  # a channels_last tensor, as the next layers want
+            rows = torch.stack(taps, dim=4)  # (N, oh, ow, C, kh*kw)
+        out = F.linear(rows.reshape(len(x) * oh * ow, -1), weight.reshape(len(weight), -1), bias)
+        return out.view(len(x), oh, ow, -1).permute(0, 3, 1, 2)  # a channels_last tensor, as the next layers want
 
 
 def use_tiny_map_convs(model: nn.Module) -> nn.Module:

@@ -109,8 +109,9 @@ def test_tiny_map_convolution_is_one_matmul_with_the_stock_results(conv, size, c
     tiny = TinyMapConv2d(**conv)
     tiny.load_state_dict(stock.state_dict())
     x = torch.randn(3, 16, *size)
-    if channels_last:
+    if channels_last:  # as the audio script runs it: weights and inputs (N, H, W, C) in memory
         x = x.contiguous(memory_format=torch.channels_last)
+        stock, tiny = stock.to(memory_format=torch.channels_last), tiny.to(memory_format=torch.channels_last)
     x_stock, x_tiny = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = stock(x_stock)
     expected.square().sum().backward()
