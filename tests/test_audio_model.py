@@ -137,3 +137,22 @@ def test_larger_maps_keep_the_stock_convolution_and_the_classifier_keeps_resnet_
     model = AudioClassifier(CONFIG)
     assert type(model.backbone.layer4[0].conv1) is TinyMapConv2d
     model.backbone.load_state_dict(build_backbone("resnet18", 3).state_dict())
+
+
+def test_tiny_map_convolutions_compile_to_the_same_results():
+    """--compile traces TinyMapConv2d's Python; the compiled block must compute what the eager one does."""
+    torch.manual_seed(0)
+    block = nn.Sequential(TinyMapConv2d(16, 24, 3, padding=1, bias=False), nn.ReLU(), TinyMapConv2d(24, 8, 1, stride=2))
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 2, 4).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(block)
+    outputs, grads = [], []
+    for model in (block, compiled):
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in block.parameters()])
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for eager, comp in zip(*grads, strict=True):
+        assert torch.allclose(eager, comp, atol=1e-4)
