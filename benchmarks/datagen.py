@@ -3,6 +3,7 @@
 Each audio class is a harmonic tone at its own pitch with a random onset, amplitude and background
 noise, so both pipelines can learn it and accuracies after the same epochs can be compared."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ def write_audio_set(
     root: Path, *, classes: int, train: int, val: int, seconds: float, rates, channels: int, subtype: str, seed: int = 0
 ) -> Path:
     """DIR/{train,val}/<label>/*.wav; clip i takes its sample rate from `rates` in turn."""
-    done = root / ".complete"
-    if done.exists():
+    settings = f"{classes} {train} {val} {seconds} {list(rates)} {channels} {subtype} {seed}"
+    if not needs_writing(root, settings):
         return root
     rng = np.random.default_rng(seed)
     for split, count in (("train", train), ("val", val)):
@@ -28,8 +29,17 @@ def write_audio_set(
             folder = root / split / f"class{label:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             sf.write(folder / f"{split}{i:05d}.wav", _tone(rng, label, rate, seconds, channels), rate, subtype=subtype)
-    done.touch()
+    (root / ".complete").write_text(settings)
     return root
+
+
+def needs_writing(root: Path, settings: str) -> bool:
+    """True (after clearing the folder) unless it holds a complete set written with these settings."""
+    done = root / ".complete"
+    if done.exists() and done.read_text() == settings:
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
 
 
 def _tone(rng, label: int, rate: int, seconds: float, channels: int) -> np.ndarray:
@@ -47,7 +57,8 @@ def _tone(rng, label: int, rate: int, seconds: float, channels: int) -> np.ndarr
 
 def write_detection_set(root: Path, *, train: int, val: int, size: int) -> Path:
     """scripts/make_demo_detection.py's shapes (data.yaml + images/ + labels/)."""
-    if not (root / "data.yaml").exists():
+    settings = f"{train} {val} {size}"
+    if needs_writing(root, settings):
         subprocess.run(
             [
                 sys.executable,
@@ -65,4 +76,5 @@ def write_detection_set(root: Path, *, train: int, val: int, size: int) -> Path:
             ],
             check=True,
         )
+        (root / ".complete").write_text(settings)
     return root / "data.yaml"
