@@ -319,6 +319,11 @@ KNOBS = [  # (label, batch, bf16, channels_last, fused AdamW, tiny-map convoluti
 LAUNCHKIT_KNOB = 5
 
 
+def knob_step(knob: tuple, compile_model: bool = False, frames: int = 101) -> "compute.ResNetStep":
+    _, batch, bf16, channels_last, fused, tiny = knob
+    return compute.ResNetStep(batch, bf16, channels_last, compile_model, frames=frames, fused_adamw=fused, tiny_map_convs=tiny)
+
+
 def time_steps(steppers: list, steps: int) -> list[float]:
     """Median seconds per step of each stepper. All are built and warmed up first, then timed one step each
     in turn, so load from elsewhere on the machine spreads over all of them instead of landing on a few."""
@@ -336,10 +341,7 @@ def time_steps(steppers: list, steps: int) -> list[float]:
 
 def knob_table(flops_per_clip: float, peaks: dict, steps: int, quick: bool) -> list[dict]:
     knobs = [KNOBS[2], KNOBS[LAUNCHKIT_KNOB]] if quick else KNOBS
-    steppers = [
-        compute.ResNetStep(batch, bf16, cl, False, fused_adamw=fused, tiny_map_convs=tiny)
-        for _, batch, bf16, cl, fused, tiny in knobs
-    ]
+    steppers = [knob_step(knob) for knob in knobs]
     rows = []
     for (label, batch, bf16, *_), seconds in zip(knobs, time_steps(steppers, steps), strict=True):
         sps = batch / seconds
@@ -354,12 +356,9 @@ def ceiling_4s(data: Path, steps: int, clips: int = 48) -> dict:
     baseline's per-clip data work (decode, mix to mono, resample, log-mel) on one thread, as a worker does it."""
     import baseline_audio
 
-    _, batch, _, channels_last, fused, tiny = KNOBS[LAUNCHKIT_KNOB]
-    steppers = [
-        compute.ResNetStep(batch, False, False, False, frames=401),
-        compute.ResNetStep(batch, True, channels_last, False, frames=401, fused_adamw=fused, tiny_map_convs=tiny),
-    ]
-    baseline_net, launchkit_net = (batch / t for t in time_steps(steppers, steps))
+    plain_fp32, launchkit = KNOBS[0], KNOBS[LAUNCHKIT_KNOB]
+    steppers = [knob_step(plain_fp32, frames=401), knob_step(launchkit, frames=401)]
+    baseline_net, launchkit_net = (s.batch / t for s, t in zip(steppers, time_steps(steppers, steps), strict=True))
     args = baseline_audio.parse_args(["--data", str(data), "--output-dir", "-", "--clip-seconds", "4"])
     items, _ = baseline_audio.list_clips(data / "train")
     dataset = baseline_audio.ClipDataset(items[:clips], args, train=True)
@@ -388,10 +387,9 @@ def ceiling_4s(data: Path, steps: int, clips: int = 48) -> dict:
 def compile_probe(steps: int, timeout: float, work: Path) -> dict:
     """torch.compile of the step with launchkit's settings, in a child process (its compile workers and caches
     stay out of this one)."""
-    _, batch, _, channels_last, fused, tiny = KNOBS[LAUNCHKIT_KNOB]
     code = (
-        f"import json, sys; sys.path[:0] = [{str(HERE)!r}, {str(REPO / 'scripts')!r}]; import compute; "
-        f"s = compute.ResNetStep({batch}, True, {channels_last}, True, fused_adamw={fused}, tiny_map_convs={tiny}); "
+        f"import json, sys; sys.path[:0] = [{str(HERE)!r}, {str(REPO / 'scripts')!r}]; import run; "
+        f"s = run.knob_step(run.KNOBS[run.LAUNCHKIT_KNOB], compile_model=True); "
         f"sps, warm = s.samples_per_second(warmup=2, steps={steps}); print(json.dumps({{'sps': sps, 'warm': warm}}))"
     )
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"))
@@ -683,10 +681,8 @@ def main(argv=None):
     r["knobs"] = knob_table(flops["s1"], r["peaks"], cfg["knob_steps"], args.quick)
     r["ceiling_4s"] = ceiling_4s(us8k, cfg["knob_steps"])
     r["profiles"] = {
-        KNOBS[LAUNCHKIT_KNOB][0]: compute.profile_step(
-            compute.ResNetStep(32, True, True, False, fused_adamw=True, tiny_map_convs=True)
-        ),
-        "bf16, NCHW, batch 32 (plain autocast)": compute.profile_step(compute.ResNetStep(32, True, False, False)),
+        KNOBS[LAUNCHKIT_KNOB][0]: compute.profile_step(knob_step(KNOBS[LAUNCHKIT_KNOB])),
+        "bf16, NCHW, batch 32 (plain autocast)": compute.profile_step(knob_step(KNOBS[2])),
     }
 
     compile_reserve = 75 if cfg["compile"] else 0  # the probe took 46-82 s here; it is skipped if less is left

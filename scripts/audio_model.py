@@ -161,10 +161,11 @@ class TinyMapConv2d(nn.Conv2d):
         if isinstance(self.padding, str) or self.padding_mode != "zeros" or self.groups != 1 or x.device.type != "cpu":
             return super()._conv_forward(x, weight, bias)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (N, H, W, C)
-        oh, ow = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1, (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
+        h, w = x.shape[-2:]
+        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if oh * ow > self.MAX_POSITIONS:
             return super()._conv_forward(x, weight, bias)
+        padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (N, H, W, C)
         # One strided slice of the input per kernel tap, stacked: the backward pass is then plain adds, which
         # beat unfold's scatter kernel. Taps go where the weight's memory order wants them (channels_last
         # models keep it as (O, kh, kw, C)), so that reading the weight as a matrix needs no copy of it.
