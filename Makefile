@@ -25,8 +25,8 @@ demo-data: $(STAMP)
 	$(PY) scripts/make_demo_detection.py --output-dir demo_data/shapes
 
 demo: demo-data
-	$(LAUNCH) scripts/train_audio.py --data demo_data/speech_commands --output-dir $(OUT)/demo_audio --epochs 4 --batch-size 32 --nominal-batch-size 32
-	$(LAUNCH) scripts/train_detection.py --data demo_data/shapes/data.yaml --output-dir $(OUT)/demo_detection --epochs 8
+	$(LAUNCH) scripts/train_audio.py --data demo_data/speech_commands --output-dir $(OUT)/demo_audio --overwrite --epochs 4 --batch-size 32 --nominal-batch-size 32
+	$(LAUNCH) scripts/train_detection.py --data demo_data/shapes/data.yaml --output-dir $(OUT)/demo_detection --overwrite --epochs 8
 	@echo "audio metrics:";     $(PY) -c "import json;m=json.load(open('$(OUT)/demo_audio/metrics.json'));print({k:m[s][k] for s in ('test',) for k in ('accuracy','macro_f1')})"
 	@echo "detection metrics:"; $(PY) -c "import json;m=json.load(open('$(OUT)/demo_detection/metrics.json'));s=m.get('test',m['val']);print({k:round(s[k],4) for k in ('map','map50')})"
 

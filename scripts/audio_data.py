@@ -11,10 +11,15 @@ Layouts (detected in this order, or forced with --format):
 """
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
+import math
 import os
+import posixpath
+import socket
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,9 +65,7 @@ class AudioData:
 
 
 def detect_format(root: str) -> str:
-    path = Path(root)
-    if not path.exists():
-        return "hub"
+    path = _require_folder(root)
     if (path / "metadata" / "UrbanSound8K.csv").is_file():
         return "urbansound8k"
     if (path / "meta" / "esc50.csv").is_file():
@@ -71,9 +74,18 @@ def detect_format(root: str) -> str:
         return "speech_commands"
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return "hub"
-    if path.is_dir():
-        return "folders"
-    raise DataError(f"--data {root}: not a folder or a Hugging Face dataset id")
+    return "folders"
+
+
+def _require_folder(root: str) -> Path:
+    """Only an explicit --format hub makes --data a Hub id: guessing would turn a mistyped path into half a
+    minute of network retries and a confusing Hub error."""
+    path = Path(root)
+    if not path.exists():
+        raise DataError(f"--data {root}: no such folder; for a Hub dataset add --format hub")
+    if not path.is_dir():
+        raise DataError(f"--data {root} is a file; pass the dataset's folder")
+    return path
 
 
 def load_audio_data(
@@ -87,7 +99,10 @@ def load_audio_data(
     val_fraction: float = 0.1,
 ) -> AudioData:
     """Parse the splits of a dataset; stop with a DataError naming the file to fix when the layout is broken."""
-    fmt = fmt or detect_format(root)
+    if fmt is None:
+        fmt = detect_format(root)
+    elif fmt != "hub":
+        _require_folder(root)
     if fmt in ("urbansound8k", "esc50"):
         return _fold_dataset(Path(root), fmt, fold, val_fold)
     if fold is not None and fmt != "hub":
@@ -106,16 +121,13 @@ def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) 
     fold is --fold K and validation is another whole fold (--val-fold, default the fold before K)."""
     if fmt == "urbansound8k":
         meta, file_col, class_col, id_col = root / "metadata" / "UrbanSound8K.csv", "slice_file_name", "class", "classID"
-        audio_path = lambda row: root / "audio" / f"fold{row['fold']}" / row[file_col]  # noqa: E731
+        audio_path = lambda row, k: root / "audio" / f"fold{k}" / row[file_col]  # noqa: E731
     else:
         meta, file_col, class_col, id_col = root / "meta" / "esc50.csv", "filename", "category", "target"
-        audio_path = lambda row: root / "audio" / row[file_col]  # noqa: E731
-    with meta.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing_cols = {file_col, class_col, "fold"} - set(rows[0] if rows else {})
-    if missing_cols:
-        raise DataError(f"{meta}: missing column(s) {sorted(missing_cols)}; the file must keep the official header")
-    folds = sorted({int(r["fold"]) for r in rows})
+        audio_path = lambda row, k: root / "audio" / row[file_col]  # noqa: E731
+    rows = _read_metadata(meta, {file_col, class_col, "fold"})
+    row_folds = [_integer(meta, line, row, "fold") for line, row in rows]
+    folds = sorted(set(row_folds))
     fold = folds[0] if fold is None else fold
     if val_fold is None:
         val_fold = folds[folds.index(fold) - 1] if fold in folds else None
@@ -124,23 +136,19 @@ def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) 
             raise DataError(f"{flag} {value}: {meta} has folds {folds}; pick one of them")
     if val_fold == fold:
         raise DataError(f"--val-fold {val_fold} equals the test fold --fold {fold}; pick another fold for validation")
-    missing = [str(audio_path(r)) for r in rows if not audio_path(r).is_file()]
+    paths = [audio_path(row, k) for (_, row), k in zip(rows, row_folds, strict=True)]
+    missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(
             f"{meta} lists {len(missing)} file(s) that do not exist, first {missing[0]}. "
             "Restore the audio files or remove their rows from the metadata."
         )
-    # Label order follows the official class ids, so a model's output index matches the dataset's classID.
-    labels = (
-        [name for _, name in sorted({(int(r[id_col]), r[class_col]) for r in rows})]
-        if id_col in rows[0]
-        else sorted({r[class_col] for r in rows})
-    )
+    labels = _official_label_order(meta, rows, class_col, id_col)
     index = {name: i for i, name in enumerate(labels)}
     parts = {"train": [], "val": [], "test": []}
-    for r in rows:
-        part = "test" if int(r["fold"]) == fold else "val" if int(r["fold"]) == val_fold else "train"
-        parts[part].append((str(audio_path(r)), index[r[class_col]]))
+    for (_, row), k, path in zip(rows, row_folds, paths, strict=True):
+        part = "test" if k == fold else "val" if k == val_fold else "train"
+        parts[part].append((str(path), index[row[class_col]]))
     splits = {name: _split(items) for name, items in parts.items()}
     return AudioData(
         fmt,
@@ -150,26 +158,77 @@ def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) 
     )
 
 
+def _read_text(path: Path) -> str:
+    """A metadata or list file as text. A byte-order mark (spreadsheet exports) is dropped; bytes that are not
+    UTF-8 stop the run at their line instead of with a decode traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: byte {data[err.start]:#04x} is not UTF-8; save the file as UTF-8") from None
+
+
+def _read_metadata(meta: Path, columns: set[str]) -> list[tuple[int, dict]]:
+    """The rows of an official metadata csv with their line numbers, after checking its shape."""
+    if not meta.is_file():
+        raise DataError(f"{meta} does not exist; restore the dataset's official metadata file (or pass another --format)")
+    reader = csv.DictReader(io.StringIO(_read_text(meta), newline=""))
+    rows = [(reader.line_num, row) for row in reader]
+    if reader.fieldnames is None:
+        raise DataError(f"{meta} is empty; restore the dataset's official metadata file")
+    missing = columns - set(reader.fieldnames)
+    if missing:
+        raise DataError(f"{meta}: missing column(s) {sorted(missing)}; the file must keep the official header")
+    if not rows:
+        raise DataError(f"{meta} has a header but no rows; restore the dataset's official metadata file")
+    for line, row in rows:
+        if None in row or None in row.values():  # DictReader's marks for extra and missing fields
+            raise DataError(f"{meta} line {line}: not the {len(reader.fieldnames)} fields of the header; fix the row")
+    return rows
+
+
+def _integer(meta: Path, line: int, row: dict, column: str) -> int:
+    try:
+        return int(row[column])
+    except ValueError:
+        raise DataError(
+            f"{meta} line {line}: {column} {row[column]!r} is not a whole number; write it as the official files do (e.g. 3)"
+        ) from None
+
+
+def _official_label_order(meta: Path, rows: list[tuple[int, dict]], class_col: str, id_col: str) -> list[str]:
+    """Labels in the order of the official class ids, so a model's output index matches the dataset's id.
+    Every class name must have one id and every id one name, or the order would be ambiguous."""
+    if id_col not in rows[0][1]:
+        return sorted({row[class_col] for _, row in rows})
+    pairs = {(_integer(meta, line, row, id_col), row[class_col]) for line, row in rows}
+    ids, names = Counter(i for i, _ in pairs), Counter(name for _, name in pairs)
+    conflicts = [(i, name) for i, name in sorted(pairs) if ids[i] > 1 or names[name] > 1]
+    if conflicts:
+        raise DataError(
+            f"{meta}: {id_col} and {class_col} disagree: "
+            + ", ".join(f"{id_col} {i} = {name!r}" for i, name in conflicts)
+            + f". Each {class_col} needs exactly one {id_col}; fix the rows that differ."
+        )
+    return [name for _, name in sorted(pairs)]
+
+
 def _speech_commands(root: Path) -> AudioData:
     """Speech Commands: the official list files split speakers; everything else is training data."""
     labels = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NOISE_FOLDER and not p.name.startswith("."))
-    files = {label: _audio_files(root / label, root) for label in labels}
-    listed = {}
-    for part, name in (("val", "validation_list.txt"), ("test", "testing_list.txt")):
-        list_file = root / name
-        entries = [line.strip() for line in list_file.read_text().splitlines() if line.strip()] if list_file.is_file() else []
-        for entry in entries:
-            if not (root / entry).is_file():
-                raise DataError(
-                    f"{list_file} lists {entry}, which does not exist under {root}. Restore the file or remove the line."
-                )
-        listed[part] = set(entries)
+    clips = {
+        path.relative_to(root).as_posix(): (str(path), i)
+        for i, label in enumerate(labels)
+        for path in _audio_files(root / label, root)
+    }
+    listed = {
+        part: _list_entries(root / name, root, clips) if (root / name).is_file() else set()
+        for part, name in (("val", "validation_list.txt"), ("test", "testing_list.txt"))
+    }
     parts = {"train": [], "val": [], "test": []}
-    for i, label in enumerate(labels):
-        for path in files[label]:
-            rel = path.relative_to(root).as_posix()
-            part = "val" if rel in listed["val"] else "test" if rel in listed["test"] else "train"
-            parts[part].append((str(path), i))
+    for rel, item in clips.items():
+        parts["val" if rel in listed["val"] else "test" if rel in listed["test"] else "train"].append(item)
     noise = _audio_files(root / NOISE_FOLDER, root, required=False) if (root / NOISE_FOLDER).is_dir() else []
     splits = {name: _split(items) for name, items in parts.items() if items or name != "test"}
     _require_nonempty(splits, root)
@@ -181,6 +240,30 @@ def _speech_commands(root: Path) -> AudioData:
         notes=["validation and test from validation_list.txt and testing_list.txt"]
         + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []),
     )
+
+
+def _list_entries(list_file: Path, root: Path, clips: dict) -> set[str]:
+    """The clips (paths relative to root) that validation_list.txt or testing_list.txt names. Lists edited by
+    hand or written on Windows keep their meaning: './', backslashes, trailing spaces and CRLF are accepted. An
+    entry that matches no clip stops the run, because a held-out clip that silently fails to match is trained on."""
+    entries = set()
+    for number, line in enumerate(_read_text(list_file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        entry = posixpath.normpath(line.strip().replace("\\", "/"))
+        if entry not in clips:
+            folder = entry.split("/")[0]
+            problem = (
+                f"which is not an audio clip in a class folder of {root}"
+                if (root / entry).is_file()
+                else f"which does not exist under {root}"
+                + ("" if (root / folder).is_dir() else f": there is no class folder {folder}/")
+            )
+            raise DataError(f"{list_file} lists {entry}, {problem} (line {number}). Restore the file or remove the line.")
+        entries.add(entry)
+    if not entries:
+        raise DataError(f"{list_file} names no clips; list one clip per line (e.g. yes/0a7c2a8d_nohash_0.wav) or delete the file")
+    return entries
 
 
 def _class_folders(root: Path, val_fraction: float) -> AudioData:
@@ -354,13 +437,20 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 # ----------------------------------------------------------------------------- decoding
 
 
-def read_audio(source, sample_rate: int) -> torch.Tensor:
+def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torch.Tensor:
     """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; any rate; any channels) as mono
-    float32 at sample_rate. Raises BadClip for empty, corrupt or unreadable input."""
+    float32 at sample_rate: the whole file, or only its first num_samples. Training and predict_audio.py both
+    read through here. Raises BadClip for empty, corrupt or unreadable input."""
     try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(_soundfile_source(source)) as f:
+            rate = f.samplerate
+            # Only the frames the clip needs, so a 1 s clip of a long recording does not decode all of it; 10 ms
+            # more lets the resampler see the same neighbours at the cut as in the whole file.
+            frames = -1 if num_samples is None else math.ceil(num_samples * rate / sample_rate) + rate // 100
+            data = f.read(frames, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise BadClip(f"unreadable: {err}") from None
+        # libsndfile's own words, without the file name: reports show the path beside the reason
+        raise BadClip(f"unreadable: {getattr(err, 'error_string', err)}") from None
     if data.shape[0] == 0:
         raise BadClip("empty: no audio frames")
     wave = torch.from_numpy(data.mean(axis=1))
@@ -368,7 +458,13 @@ def read_audio(source, sample_rate: int) -> torch.Tensor:
         raise BadClip("contains NaN or infinite samples")
     if rate != sample_rate:
         wave = AF.resample(wave, rate, sample_rate)
-    return wave
+    return wave[:num_samples]
+
+
+def _soundfile_source(source):
+    # soundfile encodes a str path as strict UTF-8, which fails on file names holding undecodable bytes
+    # (Python keeps them as surrogate escapes); the file system's own bytes open any name.
+    return os.fsencode(source) if isinstance(source, str | os.PathLike) else source
 
 
 def fix_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -376,8 +472,15 @@ def fix_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
     return torch.nn.functional.pad(wave[:num_samples], (0, max(0, num_samples - wave.shape[-1])))
 
 
+def within_full_scale(waves: torch.Tensor) -> torch.Tensor:
+    """Scale each clip (along the last dim) whose peak exceeds full scale down to a peak of 1.0. Float files
+    may hold samples beyond +-1 that int16 would clip; training clips and predict_audio.py windows both pass
+    through here, so the model sees a loud recording the same way in both."""
+    return waves / waves.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+
+
 def to_pcm16(wave: torch.Tensor) -> np.ndarray:
-    return (wave.clamp(-1, 1) * 32767).round().to(torch.int16).numpy()
+    return (within_full_scale(wave) * 32767).round().to(torch.int16).numpy()
 
 
 class _DecodeJob(torch.utils.data.Dataset):
@@ -389,21 +492,24 @@ class _DecodeJob(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, to_pcm16(fix_length(read_audio(self.sources[i], self.sample_rate), self.num_samples)), None
+            wave = read_audio(self.sources[i], self.sample_rate, self.num_samples)
+            return i, to_pcm16(fix_length(wave, self.num_samples)), None
         except BadClip as err:
             return i, None, str(err)
 
 
 class CachedClips(torch.utils.data.Dataset):
     """Fixed-length int16 waveforms of one split, decoded once into CACHE/<key>.npy (a memory map) and
-    reused by later runs and by the other processes of this run. Items: (int16 waveform, class index)."""
+    reused by later runs and by the other processes of this run. Every process of every machine may construct
+    it at the same time: one decodes, the others wait for it (see _build_cache_once). Items: (int16 waveform,
+    class index)."""
 
     def __init__(self, split: Split, sample_rate: int, num_samples: int, cache_dir: Path, workers: int = 0, label: str = ""):
         cache_dir = Path(cache_dir)
         key = _cache_key(split, sample_rate, num_samples)
         self.array_path, manifest = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-        if not manifest.is_file():
-            _build_cache(split, sample_rate, num_samples, self.array_path, manifest, workers, label)
+        if not manifest.is_file():  # present means complete: no lock needed
+            _build_cache_once(split, sample_rate, num_samples, self.array_path, manifest, workers, label)
         bad = {int(i): reason for i, reason in json.loads(manifest.read_text())["bad"].items()}
         self.skipped = [{"path": split.names[i], "reason": reason} for i, reason in sorted(bad.items())]
         self.rows = np.array([i for i in range(len(split.targets)) if i not in bad], dtype=np.int64)
@@ -429,15 +535,26 @@ def _cache_key(split: Split, sample_rate: int, num_samples: int) -> str:
     else:
         for path in split.sources:
             st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            # The file system's bytes: any file name hashes, also one that is not valid UTF-8.
+            h.update(os.fsencode(os.path.abspath(path)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
-def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Path, workers: int, label: str):
+def _build_cache_once(split, sample_rate, num_samples, array_path: Path, manifest: Path, workers: int, label: str):
+    """Build the cache unless another process already has. An exclusive lock on CACHE/<key>.lock lets one process
+    decode while every other one (on this machine, or on another sharing the folder: Linux maps flock to NFS
+    locks) waits for as long as decoding takes; no collective barrier, which would time out on a large data set."""
     array_path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique temporary names, then renames: concurrent builders (other machines on a shared disk) never
-    # see a half-written cache, and the manifest appears last.
-    tmp = array_path.with_name(f".{array_path.stem}.{os.getpid()}.npy")
+    with open(array_path.with_suffix(".lock"), "a") as lock:  # "a": create it, never truncate it
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, also when the process dies
+        if not manifest.is_file():
+            _build_cache(split, sample_rate, num_samples, array_path, manifest, workers, label)
+
+
+def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Path, workers: int, label: str):
+    # Temporary names unique per machine and process, then renames: a reader never sees a half-written cache,
+    # and the manifest appears last.
+    tmp = array_path.with_name(f".{array_path.stem}.{_writer_id()}.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(len(split.sources), num_samples))
     loader = torch.utils.data.DataLoader(
         _DecodeJob(split.sources, sample_rate, num_samples),
@@ -456,11 +573,31 @@ def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Pa
     out.flush()
     del out
     os.replace(tmp, array_path)
-    tmp_manifest = manifest.with_name(f".{manifest.name}.{os.getpid()}")
+    tmp_manifest = manifest.with_name(f".{manifest.name}.{_writer_id()}")
     tmp_manifest.write_text(
         json.dumps({"clips": len(split.sources), "sample_rate": sample_rate, "num_samples": num_samples, "bad": bad})
     )
     os.replace(tmp_manifest, manifest)
+
+
+def _writer_id() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def require_usable_splits(clips: dict[str, CachedClips], report_path: Path):
+    """Stop before training when decoding left a split without clips; otherwise the run fails only at its end,
+    when evaluation finds nothing to evaluate."""
+    for name, split in clips.items():
+        if not len(split):
+            why = (
+                f"all {len(split.skipped)} of its clips were skipped as unreadable or empty"
+                if split.skipped
+                else "it has no clips"
+            )
+            raise DataError(
+                f"the {name} split has no usable clips: {why}. {report_path} lists every skipped file with the reason; "
+                "repair or replace those files."
+            )
 
 
 def load_noise(files: list[str], sample_rate: int) -> tuple[torch.Tensor, list[dict]]:

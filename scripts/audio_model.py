@@ -3,6 +3,8 @@ classification network with a 1-channel stem. The frontend is part of the saved 
 takes raw waveforms."""
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -85,14 +87,34 @@ class LogMelFrontend(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the network: change it here
+
+# Families that cannot take a log-mel (each checked with a forward pass on a 1x64x101 log-mel): the vision
+# transformers and MaxViT are built for one fixed image size, Inception v3 needs at least 75x75 pixels, and
+# GoogLeNet and Inception v3 return auxiliary outputs in training. Swin pads to its windows and works.
+UNSUPPORTED_FAMILIES = ("vit_", "maxvit", "inception", "googlenet")
+
+
+def supported_models() -> list[str]:
+    return [n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(UNSUPPORTED_FAMILIES)]
+
+
+def require_supported_model(name: str):
+    supported = supported_models()
+    if name not in supported:
+        why = (
+            "needs a fixed image size or returns auxiliary outputs in training, so it cannot take a log-mel"
+            if name in torchvision.models.list_models(module=torchvision.models)
+            else "not a torchvision classification model"
+        )
+        raise SystemExit(f"--model {name}: {why}; choose one of {', '.join(supported)}")
+
+
 def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
     """Any torchvision classification model by name, with a 1-channel first convolution.
 
     With pretrained ImageNet weights (from the local torch hub cache) the RGB filters of the stem are
     summed into one channel and the last linear layer is replaced for num_classes."""
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        raise SystemExit(f"--model {name}: not a torchvision classification model; choose one of {', '.join(known)}")
+    require_supported_model(name)
     if pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
@@ -102,12 +124,31 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.
                 f"{weights.url} to that path on a machine with internet (or set TORCH_HOME), "
                 "or train from scratch without --pretrained."
             )
-        model = torchvision.models.get_model(name, weights=weights)
+        # Built empty and filled from the file here, not by torchvision, whose loader unpickles without weights_only.
+        model = torchvision.models.get_model(name, weights=None, num_classes=len(weights.meta["categories"]))
+        model.load_state_dict(_weights_file(cached, weights.url))
         _replace_last_linear(model, num_classes)
     else:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     _one_channel_stem(model)
     return model
+
+
+def _weights_file(path: Path, url: str) -> dict:
+    """A state dict read with weights_only=True: a tampered or planted file in the cache cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever is wrong with the file, the fix is the same
+        problem = (
+            "it holds objects other than tensors, which are never unpickled"
+            if isinstance(err, pickle.UnpicklingError)
+            else f"damaged or truncated: {type(err).__name__}"
+        )
+        raise SystemExit(
+            f"--pretrained: {path} is not a plain weights file ({problem}); delete it and download {url} again"
+        ) from None
+    # DenseNet's files predate a module rename ('norm.1' -> 'norm1'); torchvision renames the keys the same way.
+    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k): v for k, v in state.items()}
 
 
 def _one_channel_stem(model: nn.Module):

@@ -6,11 +6,14 @@ label is a 0-based class index. Anything wrong in the input is either fixed (and
 (and counted) in a DataReport that the training script writes to OUTPUT_DIR/data_report.json."""
 
 import json
+import math
+import os
 import random
 import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,11 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
+FORMATS = ("yolo", "coco", "hub")
+MAX_PIXELS = 40_000_000  # larger images are skipped unread: one decoded 95-megapixel image is 285 MB of RGB
+# probe_image enforces the cap from the header, as a counted skip; PIL's own check would instead warn (or raise)
+# at Image.open, before the cap is looked at.
+Image.MAX_IMAGE_PIXELS = None
 PAD_VALUE = 114  # the grey YOLO letterboxes with
 EXIF_ORIENTATION = 0x0112
 
@@ -46,26 +54,37 @@ class DetectionData:
     report: "DataReport"
     hub: dict = field(default_factory=dict)  # split -> datasets.Dataset for Hub data
     description: str = ""
+    sources: dict[str, str] = field(default_factory=dict)  # split -> the file, folder or Hub split it came from
 
 
 class DataReport:
-    """Per-file counts of what was fixed or skipped, and per-split totals."""
+    """Per-file counts of what was fixed or skipped, per-split totals, and the pixel cap images were held to."""
 
     ACTIONS = {
         "wrong_field_count": "label line skipped: a YOLO line needs 5 fields 'class cx cy w h'",
         "class_out_of_range": "box skipped: class id is not an index of `names` (or category not in the json)",
         "coords_outside_0_1": "box skipped: YOLO coordinates must be normalised to [0, 1]",
+        "non_finite_box": "box skipped: a coordinate is NaN or infinite",
+        "missing_bbox": "COCO annotation skipped: no `bbox` of 4 numbers [x, y, w, h] (listed by annotation id)",
         "zero_size_box": "box skipped: width or height is zero",
         "duplicate_box": "box skipped: the same class and box appear twice",
         "box_clipped_to_image": "box clipped to the image borders",
         "crowd_annotation": "COCO iscrowd=1 annotation skipped",
         "corrupt_image": "image skipped: it cannot be decoded",
         "missing_image": "image skipped: the file does not exist",
+        "too_large": "image skipped unread: more than {max_pixels:,} pixels (width x height from its header); "
+        "raise the cap with --max-pixels to keep it",
+        "unreadable_label": "image skipped: its label file cannot be read as UTF-8 text, so its boxes are unknown "
+        "(as a background image it would teach that its objects are background)",
+        "orphan_label": "label file unused: no image of the same name in the matching images/ folder",
+        "size_mismatch": "COCO width/height differ from the image file: the file's size is used and the boxes are "
+        "kept as written (clipped to the image); check the image was not resized after labelling",
         "exif_rotated": "image rotated upright from its EXIF orientation (labels refer to the upright image)",
         "converted_to_rgb": "image converted to 8-bit RGB (grayscale, RGBA, palette, CMYK or 16-bit)",
     }
 
-    def __init__(self):
+    def __init__(self, max_pixels: int = MAX_PIXELS):
+        self.max_pixels = max_pixels
         self.files: dict[str, Counter] = defaultdict(Counter)
         self.totals: dict[str, Counter] = defaultdict(Counter)
 
@@ -76,7 +95,7 @@ class DataReport:
 
     def to_dict(self, data: DetectionData) -> dict:
         return {
-            "meaning": self.ACTIONS,
+            "meaning": {kind: text.format(max_pixels=self.max_pixels) for kind, text in self.ACTIONS.items()},
             "splits": {
                 s: {
                     "images": len(v),
@@ -121,14 +140,16 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def probe_image(path: Path) -> tuple[tuple[int, int] | None, list[str]]:
-    """Upright (width, height) and fixes, or None when the file is missing or cannot be decoded."""
+def probe_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[tuple[int, int] | None, list[str]]:
+    """Upright (width, height) and fixes, or None when the file is missing, too large or cannot be decoded."""
     if not path.is_file():
         return None, ["missing_image"]
     try:
         with Image.open(path) as img:
+            w, h = img.size  # from the header: nothing is decoded yet
+            if w * h > max_pixels:
+                return None, ["too_large"]
             img.load()
-            w, h = img.size
             rotated = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             fixes = (["exif_rotated"] if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else []) + (
                 ["converted_to_rgb"] if img.mode != "RGB" else []
@@ -138,34 +159,56 @@ def probe_image(path: Path) -> tuple[tuple[int, int] | None, list[str]]:
         return None, ["corrupt_image"]
 
 
-def probe_all(paths: list[Path]):
+def probe_all(paths: list[Path], max_pixels: int = MAX_PIXELS):
     """Decoding is the slow part of a scan; PIL releases the GIL, so threads help."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(probe_image, paths))
+        return list(pool.map(partial(probe_image, max_pixels=max_pixels), paths))
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_data(data: str, val_fraction: float = 0.1) -> DetectionData:
-    """Auto-detect the format of --data: a data.yaml, a COCO instances json, or a Hub dataset id."""
+def load_data(data: str, val_fraction: float = 0.1, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -> DetectionData:
+    """--data: a data.yaml (YOLO), a COCO instances json, a save_to_disk folder, or with fmt "hub" a Hub dataset id.
+    fmt forces the parser; without it the format is told from the path."""
     path = Path(data)
+    fmt = fmt or detect_format(path)
+    if fmt == "yolo":
+        return load_data_yaml(existing_file(path), max_pixels)
+    if fmt == "coco":
+        return load_coco(existing_file(path), val_fraction, max_pixels)
+    if fmt == "hub":
+        return load_hub(data, val_fraction, max_pixels)
+    raise SystemExit(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        # Never a Hub id by guess: a mistyped path would cost ~25 s of offline retries before failing.
+        raise SystemExit(f"no such file or folder {path}; for a Hub dataset add --format hub")
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise SystemExit(f"--data {path}: file not found")
-        return load_data_yaml(path)
+        return "yolo"
     if path.suffix == ".json":
-        if not path.is_file():
-            raise SystemExit(f"--data {path}: file not found")
-        report = DataReport()
-        train, names = read_coco(path, report, "train")
-        splits = dict(zip(("train", "val"), split_off(train, val_fraction), strict=False))
-        return DetectionData(names, splits, report, description=f"COCO json {path} (val: {val_fraction:.0%} of it)")
-    if path.exists():
-        raise SystemExit(f"--data {path}: expected a data.yaml, a COCO instances .json, or a Hub dataset id")
-    return load_hub(data, val_fraction)
+        return "coco"
+    if is_saved_dataset(path):
+        return "hub"
+    raise SystemExit(
+        f"--data {path}: expected a data.yaml, a COCO instances .json or a folder written by save_to_disk "
+        f"(--format {{{','.join(FORMATS)}}} forces one)"
+    )
 
 
-def load_data_yaml(path: Path) -> DetectionData:
-    cfg = yaml.safe_load(path.read_text()) or {}
+def existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise SystemExit(f"--data {path}: no such file (YOLO data is a data.yaml, COCO data an instances .json)")
+    return path
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by save_to_disk: of a DatasetDict (dataset_dict.json) or of a single Dataset (state.json)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_data_yaml(path: Path, max_pixels: int = MAX_PIXELS) -> DetectionData:
+    cfg = read_yaml(path)
     names = parse_names(cfg, path)
     root = (path.parent / cfg.get("path", ".")).resolve()
     for split in ("train", "val"):
@@ -174,15 +217,27 @@ def load_data_yaml(path: Path) -> DetectionData:
                 f"{path}: no `{split}:` entry. Add `{split}: images/{split}` (a folder of images, a .txt list "
                 "of image paths or a COCO .json), relative to `path:`"
             )
-    report, splits = DataReport(), {}
+    report, splits, sources = DataReport(max_pixels), {}, {}
     for split in SPLITS:
         if cfg.get(split):
             entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
             splits[split] = []
             for entry in entries:
                 splits[split] += read_split_entry(root / str(entry), names, report, split, path)
+            sources[split] = ", ".join(str(root / str(entry)) for entry in entries)
             renumber(splits[split])
-    return DetectionData(names, splits, report, description=f"YOLO data.yaml {path} (root {root})")
+    return DetectionData(names, splits, report, description=f"YOLO data.yaml {path} (root {root})", sources=sources)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:  # binary: a file that is not UTF-8 is a YAMLError too; errors name the file
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: not valid YAML; fix it where the parser stopped:\n{e}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: expected `key: value` lines (path, train, val, test, names), got a YAML {type(cfg).__name__}")
+    return cfg
 
 
 def parse_names(cfg: dict, path: Path) -> list[str]:
@@ -193,13 +248,26 @@ def parse_names(cfg: dict, path: Path) -> list[str]:
             "`names: {0: cat, 1: dog}`, in the order of the class ids used in the label files"
         )
     if isinstance(names, dict):
-        keys = sorted(int(k) for k in names)
-        if keys != list(range(len(keys))):
-            raise SystemExit(f"{path}: `names` keys must be the class ids 0..{len(keys) - 1}, got {keys}")
-        names = [names[k] if k in names else names[str(k)] for k in keys]
+        names = names_from_dict(names, path)
     if not isinstance(names, list) or not names:
         raise SystemExit(f"{path}: `names` must be a non-empty list or dict of class names")
     return [str(n) for n in names]
+
+
+def names_from_dict(names: dict, path: Path) -> list:
+    """`{0: cat, 1: dog}` (ids as YAML ints or strings) as a list in id order."""
+    try:
+        by_id = {int(k): v for k, v in names.items()}
+    except (TypeError, ValueError):
+        if all(isinstance(v, int) for v in names.values()):
+            flipped = ", ".join(f"{i}: {n}" for n, i in sorted(names.items(), key=lambda item: item[1]))
+            raise SystemExit(f"{path}: `names` maps names to ids; it must map ids to names: `names: {{{flipped}}}`") from None
+        raise SystemExit(
+            f"{path}: `names` keys must be the class ids 0, 1, ... (`names: {{0: cat, 1: dog}}`), got {list(names)}"
+        ) from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise SystemExit(f"{path}: `names` keys must be the class ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
+    return [by_id[i] for i in range(len(by_id))]
 
 
 def read_split_entry(target: Path, names: list[str], report: DataReport, split: str, yaml_path: Path) -> list[Sample]:
@@ -211,19 +279,30 @@ def read_split_entry(target: Path, names: list[str], report: DataReport, split: 
             raise SystemExit(f"{yaml_path}: `names` {names} differ from the categories of {target} {json_names}")
         return samples
     if target.suffix == ".txt" and target.is_file():
-        images = [(target.parent / line.strip()).resolve() for line in target.read_text().splitlines() if line.strip()]
+        images = read_image_list(target)
         root = target.parent
     elif target.is_dir():
         images = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         root = target.parent
         if not images:
             raise SystemExit(f"{yaml_path}: `{split}` folder {target} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        count_orphan_labels(images, target, report, split)
     else:
         raise SystemExit(
             f"{yaml_path}: `{split}` folder {target} not found. Fix `{split}:` or `path:` "
             "(split paths are relative to `path:`, which is relative to the data.yaml)"
         )
     return read_yolo_images(images, root, names, report, split)
+
+
+def read_image_list(path: Path) -> list[Path]:
+    """A .txt of image paths relative to its folder, kept as listed (not resolved): a symlinked image finds its
+    label by turning `images` into `labels` in the path it is listed under."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: the byte-order mark Windows editors add
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not UTF-8 text ({e}); save the list of image paths as UTF-8") from None
+    return [path.parent / line.strip() for line in lines if line.strip()]
 
 
 def label_path(image: Path) -> Path:
@@ -236,15 +315,40 @@ def label_path(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
+def find_label(image: Path) -> Path:
+    """The label of the image path as listed; failing that, of the file a symlink points to (labels kept beside
+    the real images)."""
+    listed = label_path(image)
+    if listed.is_file():
+        return listed
+    resolved = label_path(image.resolve())
+    return resolved if resolved.is_file() else listed
+
+
+def count_orphan_labels(images: list[Path], folder: Path, report: DataReport, split: str):
+    """Label files in the split's labels folder that no image claims (a renamed or deleted image): their boxes are
+    not trained on, so the report says so."""
+    claimed = {label_path(image) for image in images}
+    labels_folder = label_path(folder / "image").parent
+    for label in sorted(labels_folder.rglob("*.txt")):
+        if label not in claimed:
+            report.add(split, label, "orphan_label")
+
+
 def read_yolo_images(images: list[Path], root: Path, names: list[str], report: DataReport, split: str) -> list[Sample]:
     samples = []
-    for image, (size, fixes) in zip(images, probe_all(images), strict=False):
+    for image, (size, fixes) in zip(images, probe_all(images, report.max_pixels), strict=False):
         for fix in fixes:
             report.add(split, image, fix)
         if size is None:
             continue
         w, h = size
-        boxes, labels = parse_yolo_label(label_path(image), w, h, len(names), report, split)
+        label = find_label(image)
+        try:
+            boxes, labels = parse_yolo_label(label, w, h, len(names), report, split)
+        except (UnicodeDecodeError, OSError):
+            report.add(split, label, "unreadable_label")
+            continue
         samples.append(Sample(len(samples), _relative(image, root), str(image), w, h, boxes, labels))
     return samples
 
@@ -253,7 +357,7 @@ def parse_yolo_label(path: Path, w: int, h: int, nc: int, report: DataReport, sp
     """Rows `class cx cy w h` (normalised). A missing file means a background image."""
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
             fields = line.split()
             if not fields:
                 continue
@@ -268,6 +372,9 @@ def parse_yolo_label(path: Path, w: int, h: int, nc: int, report: DataReport, sp
             if not cls_f.is_integer() or not 0 <= cls_f < nc:
                 report.add(split, path, "class_out_of_range")
                 continue
+            if not all(map(math.isfinite, xywh)):
+                report.add(split, path, "non_finite_box")
+                continue
             if any(not 0.0 <= v <= 1.0 for v in xywh):
                 report.add(split, path, "coords_outside_0_1")
                 continue
@@ -280,6 +387,9 @@ def clean_boxes(rows, w: int, h: int, report: DataReport, split: str, file) -> t
     """Clip boxes to the image, drop empty ones and exact duplicates; every change is counted."""
     seen, boxes, labels = set(), [], []
     for cls, x0, y0, x1, y1 in rows:
+        if not all(map(math.isfinite, (x0, y0, x1, y1))):  # NaN slips through every comparison below
+            report.add(split, file, "non_finite_box")
+            continue
         c = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
         if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
             report.add(split, file, "zero_size_box")
@@ -296,66 +406,112 @@ def clean_boxes(rows, w: int, h: int, report: DataReport, split: str, file) -> t
     return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64)
 
 
+def load_coco(path: Path, val_fraction: float, max_pixels: int = MAX_PIXELS) -> DetectionData:
+    report = DataReport(max_pixels)
+    train, names = read_coco(path, report, "train")
+    splits = dict(zip(("train", "val"), split_off(train, val_fraction), strict=False))
+    sources = {"train": str(path), "val": f"{path} ({val_fraction:.0%} of it)"}
+    return DetectionData(names, splits, report, description=f"COCO json {path} (val: {val_fraction:.0%} of it)", sources=sources)
+
+
 def read_coco(path: Path, report: DataReport, split: str, image_root: Path | None = None):
     """A COCO instances file; images are looked up relative to the json's folder, its parent, or an images/ folder there."""
-    coco = json.loads(path.read_text())
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise SystemExit(f"{path}: not a COCO instances file (no `{key}` list)")
+    coco = read_coco_json(path)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     names = [str(c["name"]) for c in categories]
     index_of = {c["id"]: i for i, c in enumerate(categories)}
     root = image_root or find_image_root(path, coco["images"])
     by_image = defaultdict(list)
     for ann in coco["annotations"]:
-        by_image[ann["image_id"]].append(ann)
+        by_image[ann.get("image_id")].append(ann)
     files = [root / im["file_name"] for im in coco["images"]]
     samples = []
-    for im, file, (size, fixes) in zip(coco["images"], files, probe_all(files), strict=False):
+    for im, file, (size, fixes) in zip(coco["images"], files, probe_all(files, report.max_pixels), strict=False):
         for fix in fixes:
             report.add(split, file, fix)
         if size is None:
             continue
         w, h = size
-        rows = []
-        for ann in by_image[im["id"]]:
-            if ann.get("iscrowd", 0):
-                report.add(split, file, "crowd_annotation")
-            elif ann["category_id"] not in index_of:
-                report.add(split, file, "class_out_of_range")
-            else:
-                x, y, bw, bh = ann["bbox"]
-                rows.append((index_of[ann["category_id"]], x, y, x + bw, y + bh))
+        if "width" in im and "height" in im and (im["width"], im["height"]) != (w, h):
+            report.add(split, file, "size_mismatch")
+        rows = coco_rows(by_image[im["id"]], index_of, report, split, file, path)
         boxes, labels = clean_boxes(rows, w, h, report, split, file)
         samples.append(Sample(im["id"], im["file_name"], str(file), w, h, boxes, labels))
     return samples, names
 
 
+def read_coco_json(path: Path) -> dict:
+    try:
+        coco = json.loads(path.read_bytes())
+    except ValueError as e:  # a JSONDecodeError, or a UnicodeDecodeError for a file that is not UTF-8/16/32
+        raise SystemExit(f"{path}: not valid JSON ({e}); fix it, or export it again from the labelling tool") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco, dict) or key not in coco:
+            raise SystemExit(f"{path}: not a COCO instances file (no `{key}` list)")
+    return coco
+
+
+def coco_rows(annotations: list[dict], index_of: dict, report: DataReport, split: str, file: Path, json_path: Path) -> list:
+    """(class, x0, y0, x1, y1) of the usable annotations of one image; the others are counted."""
+    rows = []
+    for ann in annotations:
+        box = coco_box(ann)
+        if ann.get("iscrowd", 0):
+            report.add(split, file, "crowd_annotation")
+        elif box is None:
+            report.add(split, f"{json_path} annotation {ann.get('id')}", "missing_bbox")
+        elif ann.get("category_id") not in index_of:
+            report.add(split, file, "class_out_of_range")
+        else:
+            x, y, bw, bh = box
+            rows.append((index_of[ann["category_id"]], x, y, x + bw, y + bh))
+    return rows
+
+
+def coco_box(ann: dict) -> tuple[float, float, float, float] | None:
+    """`bbox` [x, y, w, h] as floats, or None when it is missing or not 4 numbers."""
+    try:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return x, y, w, h
+
+
 def find_image_root(json_path: Path, images: list[dict]) -> Path:
+    """The folder `file_name` is relative to: the json's, its parent, or an images/ folder in either. Judged by the
+    first 50 entries, so a missing first image does not send every lookup to the wrong folder."""
     candidates = [json_path.parent, json_path.parent.parent, json_path.parent / "images", json_path.parent.parent / "images"]
+    first = [im["file_name"] for im in images[:50]]
     for root in candidates:
-        if images and (root / images[0]["file_name"]).is_file():
+        if any((root / name).is_file() for name in first):
             return root
+    if first:
+        raise SystemExit(
+            f"{json_path}: none of its first {len(first)} images (such as {first[0]}) is in any of "
+            f"{', '.join(map(str, candidates))}; put the images in one of them (`file_name` is relative to it)"
+        )
     return json_path.parent
 
 
-def load_hub(dataset_id: str, val_fraction: float) -> DetectionData:
+def load_hub(data: str, val_fraction: float, max_pixels: int = MAX_PIXELS) -> DetectionData:
     import datasets
 
     try:
-        dsd = datasets.load_dataset(dataset_id)
+        dsd = datasets.load_from_disk(data) if is_saved_dataset(Path(data)) else datasets.load_dataset(data)
     except Exception as e:  # offline misses and unknown ids surface as several exception types
         raise SystemExit(
-            f"--data {dataset_id}: not a file, and the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
+            f"--data {data}: the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
             "Use a data.yaml or COCO json path, or a Hub id that is cached locally (HF_HOME) or reachable."
         ) from e
-    return from_hub_dataset(dsd, dataset_id, val_fraction)
+    if isinstance(dsd, datasets.Dataset):
+        dsd = datasets.DatasetDict({"train": dsd})
+    return from_hub_dataset(dsd, data, val_fraction, max_pixels)
 
 
-def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1) -> DetectionData:
+def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1, max_pixels: int = MAX_PIXELS) -> DetectionData:
     """Splits in the `objects{bbox, category}` convention (bbox = COCO [x, y, w, h] pixels, category a ClassLabel)."""
     aliases = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
-    report, splits, hub = DataReport(), {}, {}
+    report, splits, hub, sources = DataReport(max_pixels), {}, {}, {}
     names = None
     for hub_split, ds in dsd.items():
         split = aliases.get(hub_split)
@@ -371,6 +527,7 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1) -> Detec
         names = names or list(getattr(feature, "names", None) or [])
         hub[split] = ds
         splits[split] = read_hub_split(ds, split, report, names)
+        sources[split] = f"{name} split {hub_split}"
     if "train" not in splits:
         raise SystemExit(f"{name}: no `train` split (found {list(dsd)})")
     if not names:
@@ -378,7 +535,8 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1) -> Detec
     if "val" not in splits:
         splits["train"], splits["val"] = split_off(splits["train"], val_fraction)
         hub["val"] = hub["train"]
-    return DetectionData(names, splits, report, hub=hub, description=f"Hub dataset {name}")
+        sources["val"] = f"{sources['train']} ({val_fraction:.0%} of it)"
+    return DetectionData(names, splits, report, hub=hub, description=f"Hub dataset {name}", sources=sources)
 
 
 def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list[Sample]:
@@ -392,6 +550,9 @@ def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list
         else:
             img, _ = open_rgb(ds[i]["image"])
             w, h = img.size
+        if w * h > report.max_pixels:
+            report.add(split, file, "too_large")
+            continue
         rows = []
         for (x, y, bw, bh), cat in zip(obj["bbox"], obj["category"], strict=False):
             if not 0 <= cat < len(names):
@@ -401,6 +562,18 @@ def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list
         boxes, labels = clean_boxes(rows, w, h, report, split, file)
         samples.append(Sample(i, f"{i:08d}.jpg", i, w, h, boxes, labels))
     return samples
+
+
+def require_boxes(data: DetectionData, report_path: Path):
+    """Stop before training when a split kept no box: training would learn nothing, and val or test mAP would be -1,
+    which makes picking the best epoch meaningless."""
+    for split, samples in data.splits.items():
+        if not any(len(s.labels) for s in samples):
+            raise SystemExit(
+                f"the {split} split ({data.sources.get(split, data.description)}) has no boxes after cleaning: "
+                f"{len(samples)} images, all background or with every box skipped. See {report_path} for what was "
+                f"skipped and why; fix those labels, or give the {split} split labelled images."
+            )
 
 
 def split_off(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
@@ -419,8 +592,9 @@ def renumber(samples: list[Sample]):
 
 
 def _relative(path: Path, root: Path) -> str:
+    """As listed, symlinks kept: a symlinked image keeps its name inside the dataset."""
     try:
-        return str(path.resolve().relative_to(root.resolve()))
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)))
     except ValueError:
         return str(path)
 

@@ -17,10 +17,13 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 TINY_MODELS = ("fcos_tiny",)
+# Detectors whose training targets need instance masks or keypoints, which boxes-only detection data cannot give.
+NEEDS_MASKS_OR_KEYPOINTS = ("maskrcnn_", "keypointrcnn_")
 
 
 def available_models() -> list[str]:
-    return list(TINY_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models.detection))
+    detectors = torchvision.models.list_models(module=torchvision.models.detection)
+    return list(TINY_MODELS) + sorted(name for name in detectors if not name.startswith(NEEDS_MASKS_OR_KEYPOINTS))
 
 
 def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = False) -> nn.Module:
@@ -32,6 +35,11 @@ def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = F
                 "such as fcos_resnet50_fpn whose weights are cached."
             )
         return fcos_tiny(num_classes + 1, img_size)
+    if name.startswith(NEEDS_MASKS_OR_KEYPOINTS):
+        raise SystemExit(
+            f"--model {name!r} trains on instance masks or keypoints, which detection data (boxes only) does not "
+            f"have; choose one of: {', '.join(available_models())}"
+        )
     if name not in available_models():
         raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
     kwargs = {} if name.startswith("ssd") else {"min_size": img_size, "max_size": img_size}

@@ -9,13 +9,15 @@ window probabilities. Each line: {"path", "label", "probability", "top": [{"labe
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
 import torch  # noqa: E402
-from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, read_audio  # noqa: E402
+from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, read_audio, within_full_scale  # noqa: E402
 from audio_model import load_classifier  # noqa: E402
 
 
@@ -27,7 +29,9 @@ def parse_args(argv=None):
     parser.add_argument("--hop", type=float, default=None, help="step between windows in seconds (default: half a window)")
     parser.add_argument("--top-k", type=int, default=3, help="how many labels to list with their probabilities (default 3)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default 32)")
-    parser.add_argument("--output", type=Path, default=None, help="write the JSON lines to this file instead of stdout")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="write the JSON lines to this file (replaced whole) instead of stdout"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     return parser.parse_args(argv)
 
@@ -40,24 +44,37 @@ def main(argv=None):
     window = round((args.window or config["clip_seconds"]) * rate)
     hop = round(args.hop * rate) if args.hop else max(1, window // 2)
     files = list(find_audio(args.paths))
-    out = args.output.open("w") if args.output else sys.stdout
     failed = []
-    for path in files:
-        try:
-            wave = read_audio(str(path), rate)
-        except BadClip as err:
-            failed.append(f"{path}: {err}")
-            continue
-        starts = window_starts(wave.numel(), window, hop)
-        segments = torch.stack([fix_length(wave[s : s + window], window) for s in starts])
-        probs = predict(model, segments.to(device), args.batch_size)
-        out.write(json.dumps(file_record(path, probs, starts, wave.numel(), window, rate, labels, args.top_k)) + "\n")
-        out.flush()
-    if args.output:
-        out.close()
+    with output_stream(args.output) as out:
+        for path in files:
+            try:
+                wave = read_audio(str(path), rate)
+            except BadClip as err:
+                failed.append(f"{path}: {err}")
+                continue
+            starts = window_starts(wave.numel(), window, hop)
+            probs = predict(model, windows(wave, starts, window).to(device), args.batch_size)
+            out.write(json.dumps(file_record(path, probs, starts, wave.numel(), window, rate, labels, args.top_k)) + "\n")
+            out.flush()
     if failed:
         print(f"skipped {len(failed)} unreadable file(s):\n  " + "\n  ".join(failed), file=sys.stderr)
         sys.exit(1)
+
+
+@contextmanager
+def output_stream(path: Path | None):
+    """stdout, or a temporary file beside PATH that replaces it whole at the end: an existing PATH is never
+    appended to, and a run that stops half-way leaves it as it was."""
+    if path is None:
+        yield sys.stdout
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as out:
+            yield out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def find_audio(paths):
@@ -78,6 +95,11 @@ def window_starts(length: int, window: int, hop: int) -> list[int]:
     if starts[-1] + window < length:
         starts.append(length - window)
     return starts
+
+
+def windows(wave: torch.Tensor, starts: list[int], window: int) -> torch.Tensor:
+    """The model's inputs: one fixed-length window per start, each brought within full scale as training clips are."""
+    return within_full_scale(torch.stack([fix_length(wave[s : s + window], window) for s in starts]))
 
 
 @torch.no_grad()

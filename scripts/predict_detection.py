@@ -5,9 +5,14 @@
 
 Writes to --output-dir: predictions.json (COCO results: image_id, file_name, category_id = class index,
 bbox [x, y, w, h] in pixels, score), images.json (image_id -> file), labels/<image>.txt (YOLO rows
-`class cx cy w h confidence`, normalised) and drawn/<image>.jpg (boxes drawn on the picture)."""
+`class cx cy w h confidence`, normalised) and drawn/<image>.jpg (boxes drawn on the picture). <image> is the
+image's path relative to the folder it was found in, without its suffix (photos/ holding a/x.jpg gives
+labels/a/x.txt); with several inputs it is relative to the folder that holds them all. Earlier outputs in
+--output-dir are replaced only with --overwrite."""
 
 import argparse
+import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,6 +39,7 @@ from shared.model_io import load_pretrained  # noqa: E402
 from shared.runtime import write_json  # noqa: E402
 
 PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
+OUTPUTS = ("predictions.json", "images.json", "skipped.json", "labels", "drawn")
 
 
 def parse_args(argv=None):
@@ -49,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--max-det", type=int, default=None, help="at most this many detections per image (default: the model's, 100)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--no-draw", action="store_true", help="skip writing drawn images")
+    p.add_argument("--overwrite", action="store_true", help="remove earlier predictions in --output-dir first")
     return p.parse_args(argv)
 
 
@@ -69,8 +76,9 @@ def main(argv=None):
     model.to(device).eval()
 
     files = find_images(args.inputs)
+    stems = dict(zip(files, output_stems(list(files.values())), strict=True))
     samples, skipped = [], []
-    for file, (size, problems) in zip(files, probe_all(files), strict=False):
+    for file, (size, problems) in zip(files, probe_all(list(files)), strict=False):
         if size is None:
             skipped.append({"file": str(file), "problem": problems[0]})
             continue
@@ -82,9 +90,9 @@ def main(argv=None):
     dataset = DetectionDataset(samples, eval_transform(img_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=make_collate(img_size))
 
-    names, stems = config["labels"], output_stems(samples)
+    names = config["labels"]
     results = []
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    clear_earlier_outputs(out, args.overwrite)
     with torch.no_grad():
         for images, targets in loader:
             outputs = model(images.to(device).float().div_(255))
@@ -106,8 +114,10 @@ def main(argv=None):
                     f"{line} {s:.4f}"
                     for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist(), strict=False)
                 ]
-                stem = stems[sample.image_id]
-                (out / "labels" / f"{stem}.txt").write_text("".join(r + "\n" for r in rows))
+                stem = stems[Path(sample.source)]
+                label_file = out / "labels" / f"{stem}.txt"
+                label_file.parent.mkdir(parents=True, exist_ok=True)
+                label_file.write_text("".join(r + "\n" for r in rows))
                 if not args.no_draw:
                     draw(dataset.load(sample.image_id), boxes, labels, scores, names, out / "drawn" / f"{stem}.jpg")
     write_json(out / "predictions.json", results)
@@ -118,25 +128,47 @@ def main(argv=None):
     print(f"{len(results)} detections (score >= {conf}) in {len(samples)} images -> {out}")
 
 
-def find_images(inputs: list[Path]) -> list[Path]:
-    files = []
+def find_images(inputs: list[Path]) -> dict[Path, Path]:
+    """Every image once, mapped to its path relative to the folder holding all inputs (a file input counts as its
+    folder): distinct files get distinct paths, and the same ones on every run."""
     for path in inputs:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.is_file():
-            files.append(path)
-        else:
+        if not path.exists():
             raise SystemExit(f"{path}: no such file or folder")
-    return files
+    base = os.path.commonpath([os.path.abspath(path if path.is_dir() else path.parent) for path in inputs])
+    found = {}
+    for path in inputs:
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else [path]
+        for image in images:
+            found.setdefault(os.path.abspath(image), image)
+    return {image: Path(absolute).relative_to(base) for absolute, image in found.items()}
 
 
-def output_stems(samples: list[Sample]) -> list[str]:
-    """The image's stem; files of the same name in different folders get their image id appended."""
-    counts = Counter(Path(s.file_name).stem for s in samples)
-    return [
-        Path(s.file_name).stem if counts[Path(s.file_name).stem] == 1 else f"{Path(s.file_name).stem}_{s.image_id}"
-        for s in samples
-    ]
+def output_stems(relatives: list[Path]) -> list[Path]:
+    """Output names without suffix: the relative path without its suffix (a/x.jpg -> a/x, as YOLO labels are
+    named), or with it where images differ only by suffix (a/x.jpg, a/x.png), so no output overwrites another."""
+    bare = [r.with_suffix("") for r in relatives]
+    shared = Counter(bare)
+    stems = [r if shared[b] > 1 else b for r, b in zip(relatives, bare, strict=True)]
+    clashes = sorted(str(s) for s, n in Counter(stems).items() if n > 1)
+    if clashes:
+        raise SystemExit(f"images {', '.join(clashes)} would write the same output files; rename one of them")
+    return stems
+
+
+def clear_earlier_outputs(out: Path, overwrite: bool):
+    """Earlier predictions are replaced whole or not at all: new outputs over old ones would leave the labels
+    and drawings of images not predicted this time."""
+    earlier = [out / name for name in OUTPUTS if (out / name).exists()]
+    if earlier and not overwrite:
+        raise SystemExit(
+            f"{out} holds earlier predictions ({', '.join(p.name for p in earlier)}); add --overwrite to replace "
+            "them, or pick another --output-dir"
+        )
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def draw(image, boxes, labels, scores, names, path: Path):

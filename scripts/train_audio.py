@@ -18,34 +18,65 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 from audio_data import (
     DEFAULT_CLIP_SECONDS,
     FORMATS,
     CachedClips,
     DataError,
-    default_cache_dir,  # noqa: E402
+    default_cache_dir,
     load_audio_data,
     load_noise,
+    require_usable_splits,
 )
-from audio_model import TASK, AudioClassifier, frontend_config, pcm_to_float, save_classifier  # noqa: E402
+from audio_model import TASK, AudioClassifier, frontend_config, pcm_to_float, require_supported_model, save_classifier
 
-from shared.checkpoint import Checkpoints, GracefulStop  # noqa: E402
-from shared.metrics import load_metric  # noqa: E402
-from shared.model_io import load_pretrained  # noqa: E402
-from shared.plots import plot_confusion_matrix, plot_curves  # noqa: E402
-from shared.results import ResultsLog, write_metrics  # noqa: E402
+from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
+from shared.metrics import load_metric
+from shared.model_io import load_pretrained
+from shared.plots import plot_confusion_matrix, plot_curves
+from shared.results import ResultsLog, write_metrics
 from shared.runtime import (
     add_common_args,
+    files_fingerprint,
+    flat_config,
     make_loader,
     print_summary,
-    setup_accelerator,  # noqa: E402
+    seed_per_process,
+    setup_accelerator,
     write_args_json,
     write_json,
 )
-from shared.schedule import build_scheduler  # noqa: E402
-from shared.training import epoch_bar, largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
+from shared.schedule import build_scheduler
+from shared.training import (
+    StepGuard,
+    epoch_bar,
+    largest_batch_size,
+    optimizer_step,
+    throughput,
+    unwrap_for_saving,
+)
+
+# The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
+ORDER_AND_SCHEDULE_ARGS = (
+    "model",
+    "batch_size",
+    "nominal_batch_size",
+    "epochs",
+    "seed",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "schedule",
+    "label_smoothing",
+    "clip_grad",
+    "mixup",
+    "class_weights",
+    "fold",
+    "val_fold",
+    "val_fraction",
+)
 
 
 def parse_args(argv=None):
@@ -160,7 +191,7 @@ def parse_args(argv=None):
         "--log-every",
         type=int,
         default=10,
-        help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)",
+        help="update the progress bar every N optimizer steps (default 10)",
     )
     add_common_args(parser, epochs=30, batch_size=32, nominal_batch_size=64)
     return parser.parse_args(argv)
@@ -168,7 +199,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    require_supported_model(args.model)  # before a large data set is decoded
     data = load_audio_data(
         args.data,
         args.format,
@@ -186,18 +217,22 @@ def main(argv=None):
     args.time_mask = 0 if args.no_augment else frames // 10 if args.time_mask is None else args.time_mask
     if args.batch_size == "auto":
         args.batch_size = largest_batch_size(args, probe_step(args, config, num_samples))
-    accelerator = setup_accelerator(args, "audio")
+    accelerator = setup_accelerator(args)
+    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    accelerator.init_trackers("audio", config=flat_config(args))
 
     # ---------------------------------------------------------------- data: decode once, cache, reuse
-    with accelerator.local_main_process_first():  # one process decodes; the others then read its cache
-        clips = {
-            name: CachedClips(split, args.sample_rate, num_samples, args.cache_dir, args.workers, name)
-            for name, split in data.splits.items()
-        }
-        noise, noise_skipped = (
-            load_noise(data.noise_files, args.sample_rate) if data.noise_files and not args.no_augment else (torch.zeros(0), [])
-        )
+    # Every process asks for the cache; the first to take its file lock decodes, the others wait on the lock
+    # (not on a collective, which would time out while a large data set is decoded).
+    clips = {
+        name: CachedClips(split, args.sample_rate, num_samples, args.cache_dir, args.workers, name)
+        for name, split in data.splits.items()
+    }
+    noise, noise_skipped = (
+        load_noise(data.noise_files, args.sample_rate) if data.noise_files and not args.no_augment else (torch.zeros(0), [])
+    )
     write_data_report(accelerator, args, data, clips, noise_skipped)
+    require_usable_splits(clips, args.output_dir / "data_report.json")
     require_every_class(args.data, data.labels, clips["train"])
     train_dl, val_dl = (clip_loader(clips[name], args, shuffle=name == "train") for name in ("train", "val"))
     test_dl = clip_loader(clips["test"], args, shuffle=False) if "test" in clips else None
@@ -218,6 +253,7 @@ def main(argv=None):
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
     noise = noise.to(accelerator.device)
+    seed_per_process(accelerator, args.seed)
     steps_per_epoch = math.ceil(len(train_dl) / args.accumulation_steps)
     scheduler = build_scheduler(
         optimizer,
@@ -225,15 +261,24 @@ def main(argv=None):
         warmup_steps=round(args.warmup_epochs * steps_per_epoch),
         shape=args.schedule,
     )
-    accelerator.register_for_checkpointing(scheduler)
 
-    identity = {
+    # Anything here that differs on --resume would skip the wrong samples or jump the schedule.
+    fingerprint = {
         "task": TASK,
-        "model": args.model,
         "labels": data.labels,
+        "processes": accelerator.num_processes,
+        "files": files_fingerprint({name: split.names for name, split in data.splits.items()}),
         **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},
+        **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
     }
-    checkpoints = Checkpoints(accelerator, args.output_dir / "checkpoints", keep=args.keep_checkpoints, identity=identity)
+    checkpoints = Checkpoints(
+        accelerator,
+        run,
+        keep=args.keep_checkpoints,
+        fingerprint=fingerprint,
+        modules={"model": model},
+        states={"optimizer": optimizer, "scheduler": scheduler},
+    )
     progress = checkpoints.resume(args.resume) or {
         "epoch": 0,
         "batch_in_epoch": 0,
@@ -264,7 +309,7 @@ def main(argv=None):
     )
 
     # ---------------------------------------------------------------- training loop
-    stop = GracefulStop()
+    guard = StepGuard(accelerator, GracefulStop())
     model_dir = args.output_dir / "model"
     step, best = progress["step"], progress["best"]
     for epoch in range(progress["epoch"], args.epochs):
@@ -285,6 +330,8 @@ def main(argv=None):
                 with accelerator.autocast():
                     loss = mixup_loss(model, criterion, waves, targets, args.mixup)
                 accelerator.backward(loss)
+                guard.add(loss)
+                stopping = accelerator.sync_gradients and guard.stop_agreed(epoch=epoch, step=step + 1)
                 stepped = optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=args.clip_grad)
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
@@ -294,14 +341,12 @@ def main(argv=None):
                 continue
             step += 1
             checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
-            logging = step % args.log_every == 0 or checkpoint_due
-            if logging:
+            if step % args.log_every == 0:
                 bar.set_postfix(
                     loss=f"{loss.item():.3f}",
                     clips_per_s=f"{seen.item() * accelerator.num_processes / (time.perf_counter() - start):.0f}",
                     lr=f"{scheduler.get_last_lr()[0]:.2e}",
                 )
-            stopping = logging and stop.agreed(accelerator)  # every process logs on the same steps, so all agree
             if checkpoint_due or stopping:
                 save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
             if stopping:
@@ -344,7 +389,7 @@ def main(argv=None):
                 save_classifier(model_dir, unwrap_for_saving(accelerator, model), config)
         accelerator.wait_for_everyone()
         save_checkpoint(accelerator, checkpoints, epoch + 1, 0, step, torch.zeros(()), torch.zeros(()), best)
-        if stop.agreed(accelerator):
+        if guard.stop_agreed(epoch=epoch, step=step):
             accelerator.print(f"stopped after epoch {epoch + 1}; checkpoint saved. Continue with the same command plus --resume.")
             accelerator.end_training()
             return

@@ -23,33 +23,52 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from detection_data import (  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from detection_data import (
+    MAX_PIXELS,
     ColourJitter,
     DetectionDataset,
     eval_transform,
     label_statistics,
     load_data,
     make_collate,
+    require_boxes,
     targets_to_model,
     to_coco,
     to_original_coordinates,
     train_transform,
 )
-from detection_model import available_models, build_model, freeze_backbone, input_size, set_postprocess  # noqa: E402
+from detection_model import available_models, build_model, freeze_backbone, input_size, set_postprocess
 
-from shared.checkpoint import Checkpoints, GracefulStop  # noqa: E402
-from shared.ema import make_ema  # noqa: E402
-from shared.metrics import load_metric  # noqa: E402
-from shared.model_io import load_pretrained, save_pretrained  # noqa: E402
-from shared.plots import plot_curves  # noqa: E402
-from shared.results import ResultsLog, write_metrics  # noqa: E402
-from shared.runtime import add_common_args, make_loader, print_summary, setup_accelerator, write_args_json, write_json  # noqa: E402
-from shared.schedule import build_scheduler, warmup_momentum  # noqa: E402
-from shared.training import epoch_bar, largest_batch_size, optimizer_step, throughput, unwrap_for_saving  # noqa: E402
+from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
+from shared.ema import make_ema
+from shared.metrics import load_metric
+from shared.model_io import load_pretrained, save_pretrained
+from shared.plots import plot_curves
+from shared.results import ResultsLog, write_metrics
+from shared.runtime import (
+    add_common_args,
+    files_fingerprint,
+    flat_config,
+    make_loader,
+    print_summary,
+    seed_per_process,
+    setup_accelerator,
+    write_args_json,
+    write_json,
+)
+from shared.schedule import build_scheduler, warmup_momentum
+from shared.training import (
+    StepGuard,
+    epoch_bar,
+    largest_batch_size,
+    optimizer_step,
+    throughput,
+    unwrap_for_saving,
+)
 
 TASK = "detection"
 
@@ -77,11 +96,30 @@ HYP = {
 }
 
 
+# The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
+ORDER_AND_SCHEDULE_ARGS = ("model", "batch_size", "nominal_batch_size", "epochs", "seed", "multi_scale", "val_fraction")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data")
     d.add_argument(
-        "--data", required=True, help="YOLO data.yaml, COCO instances .json (images beside it or in images/), or a Hub dataset id"
+        "--data",
+        required=True,
+        help="YOLO data.yaml, COCO instances .json (images beside it or in images/), or a Hub dataset id (with --format hub)",
+    )
+    d.add_argument(
+        "--format",
+        choices=["yolo", "coco", "hub"],
+        default=None,
+        help="layout of --data (default: from the path: .yaml is YOLO, .json is COCO, a save_to_disk folder is Hub); "
+        "a Hugging Face dataset id needs --format hub",
+    )
+    d.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"images with more pixels are skipped without decoding, and counted in data_report.json (default {MAX_PIXELS})",
     )
     d.add_argument(
         "--val-fraction",
@@ -121,7 +159,7 @@ def parse_args(argv=None):
         "--log-every",
         type=int,
         default=10,
-        help="update the progress bar (and check for a stop request) every N optimizer steps (default 10)",
+        help="update the progress bar every N optimizer steps (default 10)",
     )
     add_common_args(parser, epochs=30, batch_size=16, nominal_batch_size=64)
     return parser.parse_args(argv)
@@ -140,19 +178,19 @@ def load_hyp(path: Path | None) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     hyp = load_hyp(args.hyp)
     if args.batch_size == "auto":
         args.batch_size = largest_batch_size(args, probe_step(args))
-    accelerator = setup_accelerator(args, TASK)
+    accelerator = setup_accelerator(args)
+    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    accelerator.init_trackers(TASK, config=flat_config(args))
 
     # ---------------------------------------------------------------- data
-    data = load_data(args.data, args.val_fraction)
+    data = load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
     names = data.names
     if accelerator.is_main_process:
         write_json(args.output_dir / "data_report.json", {"data": args.data, "names": names, **data.report.to_dict(data)})
-    if not any(len(s.labels) for s in data.splits["train"]):
-        raise SystemExit(f"{args.data}: the training split has no boxes; see {args.output_dir / 'data_report.json'}")
+    require_boxes(data, args.output_dir / "data_report.json")
 
     # ---------------------------------------------------------------- model
     model = build_model(args.model, len(names), args.img_size, args.pretrained)
@@ -193,10 +231,26 @@ def main(argv=None):
         final_lr_ratio=hyp["lrf"],
     )
     ema = make_ema(unwrap_for_saving(accelerator, model), hyp["ema_decay"], hyp["ema_tau"])
-    accelerator.register_for_checkpointing(scheduler, ema)
+    seed_per_process(accelerator, args.seed)
 
-    identity = {"task": TASK, "model": args.model, "labels": names}
-    checkpoints = Checkpoints(accelerator, args.output_dir / "checkpoints", keep=args.keep_checkpoints, identity=identity)
+    # Anything here that differs on --resume would skip the wrong samples or jump the schedule.
+    fingerprint = {
+        "task": TASK,
+        "labels": names,
+        "processes": accelerator.num_processes,
+        "hyp": hyp,
+        "img_size": img_size,
+        "files": files_fingerprint({split: [str(s.source) for s in samples] for split, samples in data.splits.items()}),
+        **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
+    }
+    checkpoints = Checkpoints(
+        accelerator,
+        run,
+        keep=args.keep_checkpoints,
+        fingerprint=fingerprint,
+        modules={"model": model, "ema": ema},
+        states={"optimizer": optimizer, "scheduler": scheduler},
+    )
     progress = checkpoints.resume(args.resume) or {
         "epoch": 0,
         "batch_in_epoch": 0,
@@ -241,7 +295,7 @@ def main(argv=None):
         plot_label_statistics(label_statistics(data.splits["train"], names), names, args.output_dir / "labels.png")
 
     # ---------------------------------------------------------------- training loop
-    stop = GracefulStop()
+    guard = StepGuard(accelerator, GracefulStop())
     model_dir = args.output_dir / "model"
     metric = load_metric("coco_map")
     step = progress["step"]
@@ -271,6 +325,8 @@ def main(argv=None):
                     losses = model(images, targets)
                 loss = sum(losses.values())
                 accelerator.backward(loss)
+                guard.add(loss)
+                stopping = accelerator.sync_gradients and guard.stop_agreed(epoch=epoch, step=step + 1)
                 stepped = optimizer_step(accelerator, model, optimizer, scheduler, ema, hyp["clip_grad"])
             values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).double()
             loss_names = loss_names or ["loss", *losses]
@@ -282,21 +338,14 @@ def main(argv=None):
                 continue
             step += 1
             checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
-            logging = step % args.log_every == 0 or checkpoint_due
-            if logging:
+            if step % args.log_every == 0:
                 mean_loss = running[0].item() / local_batches
-                if not math.isfinite(mean_loss):
-                    raise SystemExit(
-                        f"the training loss became {mean_loss} at optimizer step {step}; lower lr0 in --hyp, "
-                        "check data_report.json for broken boxes, or train without mixed precision"
-                    )
                 seen = local_batches * args.batch_size * accelerator.num_processes
                 bar.set_postfix(
                     loss=f"{mean_loss:.3f}",
                     img_per_s=f"{seen / (time.perf_counter() - start):.1f}",
                     lr=f"{scheduler.get_last_lr()[0]:.2e}",
                 )
-            stopping = logging and stop.agreed(accelerator)  # every process logs on the same steps, so all agree
             if checkpoint_due or stopping:
                 losses_so_far = epoch_losses(
                     accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True
@@ -351,7 +400,7 @@ def main(argv=None):
         if args.patience and progress["stale_epochs"] >= args.patience:
             accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {progress['best_epoch'] + 1})")
             break
-        if stop.agreed(accelerator):
+        if guard.stop_agreed(epoch=epoch, step=step):
             accelerator.print(f"stopped after epoch {epoch + 1}; checkpoint saved. Continue with the same command plus --resume.")
             accelerator.end_training()
             return

@@ -1,86 +1,279 @@
-"""Resumable checkpoints: accelerate's save_state plus where the run stood, written atomically.
+"""One run per output folder, resumable checkpoints without pickles, and preemption that ends in a checkpoint.
 
-A checkpoint is OUTPUT_DIR/checkpoints/step_<optimizer step, 8 digits>/ holding accelerate's files (model,
-optimizer, scaler, RNG states, registered objects such as the scheduler and the EMA) and
-progress.json (epoch, batches done in it, optimizer step, identity of the run). It is written
-under a temporary name and renamed when complete, so a kill while saving leaves the previous
-checkpoint as it was."""
+OUTPUT_DIR/run.json names the run (a random id) that owns the folder; OUTPUT_DIR/.lock is held by the
+run's main process while it lives. A checkpoint is OUTPUT_DIR/checkpoints/step_<optimizer step, 8 digits>/:
 
+    model.safetensors, ema.safetensors   the nn.Modules (safetensors: tensors only, nothing to execute)
+    state.pt                              optimizer, scheduler and grad-scaler state_dicts
+    rng_<process>.pt                      each process's Python, NumPy and torch RNG states
+    progress.json                         where the run stood, its run id and its fingerprint
+
+The .pt files hold plain tensors, numbers and containers and are read with torch.load(weights_only=True),
+which refuses anything else; nothing on the load path unpickles arbitrary objects. A checkpoint is written
+under a temporary name and renamed when complete, so a kill while saving leaves the previous one as it was."""
+
+import ctypes
+import fcntl
 import json
 import os
+import pickle
+import random
 import shutil
 import signal
+import socket
+import time
+import uuid
 from pathlib import Path
 
+import numpy as np
+import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file, save_file
 
 PROGRESS = "progress.json"
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+
+
+class RunFolder:
+    """The output folder of one run. A fresh run never writes into a folder that holds another run:
+    it stops unless the user says --resume (continue that run) or --overwrite (delete it first)."""
+
+    def __init__(self, accelerator: Accelerator, directory: Path, *, resume: str | None, overwrite: bool):
+        self.directory = Path(directory)
+        self._lock = None
+        run_id = None
+        if accelerator.is_main_process:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = _hold_lock(self.directory)
+            run_id = self._claim(resume, overwrite)
+        # Every process must name the same run, and only the main process has read the folder.
+        self.run_id = broadcast_object_list([run_id])[0] if accelerator.num_processes > 1 else run_id
+
+    def _claim(self, resume: str | None, overwrite: bool) -> str:
+        held = self.held_run()
+        if held and overwrite:
+            self._clear()
+            held = []
+        if held and resume is None:
+            raise SystemExit(
+                f"{self.directory} already holds a run ({', '.join(held)}). Continue it with --resume, "
+                "start it again from scratch with --overwrite (deletes it), or pick another --output-dir."
+            )
+        run_file = self.directory / RUN_FILE
+        if resume is not None and run_file.is_file():
+            return json.loads(run_file.read_text())["run_id"]
+        if held:  # results without a run.json: written by an older version, which cannot be resumed
+            raise SystemExit(f"{self.directory} holds a run ({', '.join(held)}) that --resume cannot continue; use --overwrite")
+        run_id = uuid.uuid4().hex[:12]
+        run_file.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+        return run_id
+
+    def held_run(self) -> list[str]:
+        """What in the folder shows that a run has trained there (a run.json alone is a run that stopped
+        before its first epoch, on bad data say: a fresh run may take its place)."""
+        marks = ["metrics.json", "results.csv"]
+        held = [m for m in marks if (self.directory / m).exists()]
+        if any((self.directory / "checkpoints").glob("step_*")):
+            held.append("checkpoints/")
+        return held
+
+    def _clear(self):
+        for entry in self.directory.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _hold_lock(directory: Path):
+    """An exclusive lock on OUTPUT_DIR/.lock for the life of this process (the kernel drops it if we die)."""
+    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 -- held open until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        raise SystemExit(
+            f"{directory} is in use by a live run ({owner}); wait for it to finish or pick another --output-dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 class Checkpoints:
-    def __init__(self, accelerator: Accelerator, directory: Path, *, keep: int, identity: dict):
+    """Save and resume the state of one run. `modules` are saved as safetensors (model, EMA), `states`
+    through their state_dict (optimizer, scheduler). `fingerprint` holds everything that fixes the sample
+    order and the schedule; a checkpoint written with a different one is refused, with the differences."""
+
+    def __init__(self, accelerator: Accelerator, run: RunFolder, *, keep: int, fingerprint: dict, modules: dict, states: dict):
         self.accelerator = accelerator
-        self.directory = Path(directory)
+        self.run_id = run.run_id
+        self.directory = run.directory / "checkpoints"
         self.keep = max(1, keep)
-        self.identity = identity
+        self.fingerprint = fingerprint
+        self.modules, self.states = modules, states
 
     def save(self, progress: dict) -> Path:
         """Save on every process (each writes its RNG state); the main process renames and prunes."""
+        acc = self.accelerator
         final = self.directory / f"step_{progress['step']:08d}"
         tmp = self.directory / f".tmp_step_{progress['step']:08d}"
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (tmp / PROGRESS).write_text(json.dumps({**progress, "identity": self.identity}, indent=2))
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._write_state(tmp)
+        torch.save(_rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            record = {**progress, "run_id": self.run_id, "fingerprint": self.fingerprint}
+            (tmp / PROGRESS).write_text(json.dumps(record, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.completed()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return final
 
+    def _write_state(self, folder: Path):
+        for name, module in self.modules.items():
+            state = self.accelerator.unwrap_model(module, keep_torch_compile=False).state_dict()
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / f"{name}.safetensors")
+        states = {name: obj.state_dict() for name, obj in self.states.items()}
+        if self.accelerator.scaler is not None:
+            states["scaler"] = self.accelerator.scaler.state_dict()
+        torch.save(states, folder / "state.pt")
+
     def completed(self) -> list[Path]:
-        """Finished checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.glob("step_*") if (p / PROGRESS).is_file())
+        """This run's finished checkpoints, oldest first. Interrupted saves and other runs' checkpoints are
+        ignored, so pruning and "latest" never touch them."""
+        found = []
+        for path in self.directory.glob("step_*"):
+            progress = _read_progress(path)
+            if progress is not None and progress.get("run_id") == self.run_id:
+                found.append((progress["step"], path))
+        return [path for _, path in sorted(found)]
 
     def resume(self, resume: str | None) -> dict | None:
         """Load the checkpoint named by --resume ('latest' or a path); return its progress, or None to start fresh."""
         if resume is None:
             return None
+        path = self._find(resume)
+        if path is None:
+            self.accelerator.print(f"--resume: no checkpoint in {self.directory} yet; starting from scratch")
+            return None
+        progress = _read_progress(path)
+        self._refuse_other_runs(path, progress)
+        self._load_state(path)
+        if self.accelerator.is_main_process:
+            self._discard_newer_than(progress["step"])
+        self.accelerator.wait_for_everyone()
+        self.accelerator.print(
+            f"resumed from {path}: epoch {progress['epoch']}, batch {progress['batch_in_epoch']}, "
+            f"optimizer step {progress['step']}"
+        )
+        return {k: v for k, v in progress.items() if k not in ("run_id", "fingerprint")}
+
+    def _find(self, resume: str) -> Path | None:
         if resume == "latest":
             found = self.completed()
-            if not found:
-                self.accelerator.print(f"--resume: no checkpoint in {self.directory} yet; starting from scratch")
-                return None
-            path = found[-1]
-        else:
-            path = Path(resume)
-            if not (path / PROGRESS).is_file():
-                raise SystemExit(
-                    f"--resume {path}: not a checkpoint folder (no {PROGRESS}); "
-                    f"pass one of {self.directory}/step_* or plain --resume for the latest"
-                )
-        progress = json.loads((path / PROGRESS).read_text())
-        self._refuse_foreign(path, progress.pop("identity", {}))
-        self.accelerator.load_state(str(path))
-        self.accelerator.print(
-            f"resumed from {path}: epoch {progress['epoch']}, "
-            f"batch {progress['batch_in_epoch']}, optimizer step {progress['step']}"
-        )
-        return progress
+            return found[-1] if found else None
+        path = Path(resume)
+        if _read_progress(path) is None:
+            raise SystemExit(
+                f"--resume {path}: not a checkpoint folder (no {PROGRESS}); "
+                f"pass one of {self.directory}/step_* or plain --resume for the latest"
+            )
+        return path
 
-    def _refuse_foreign(self, path: Path, saved: dict):
-        for key, value in self.identity.items():
-            if key in saved and saved[key] != value:
-                raise SystemExit(
-                    f"checkpoint {path} was written with {key}={saved[key]!r}, but this run has "
-                    f"{key}={value!r}. Resume with the same model and data, or use a new --output-dir."
-                )
+    def _refuse_other_runs(self, path: Path, progress: dict):
+        if progress.get("run_id") != self.run_id:
+            raise SystemExit(
+                f"checkpoint {path} belongs to run {progress.get('run_id')}, not to run {self.run_id} of "
+                f"{self.directory.parent}; resume it into its own output folder, or start this one with --overwrite"
+            )
+        saved = progress.get("fingerprint", {})
+        differ = sorted(k for k in saved.keys() | self.fingerprint.keys() if saved.get(k) != self.fingerprint.get(k))
+        if differ:
+            lines = "\n".join(
+                f"  {k}: {_short(saved.get(k))} in the checkpoint, {_short(self.fingerprint.get(k))} now" for k in differ
+            )
+            raise SystemExit(
+                f"--resume refused: {path} was written by a run with other settings that fix the sample order "
+                f"or the schedule:\n{lines}\nResume with the original arguments (see {self.directory.parent / 'args.json'}), "
+                "or start a new run with --overwrite or another --output-dir."
+            )
+
+    def _load_state(self, path: Path):
+        acc = self.accelerator
+        for name, module in self.modules.items():
+            acc.unwrap_model(module, keep_torch_compile=False).load_state_dict(load_file(path / f"{name}.safetensors"))
+        states = _safe_load(path / "state.pt")
+        for name, obj in self.states.items():
+            obj.load_state_dict(states[name])
+        if acc.scaler is not None and "scaler" in states:
+            acc.scaler.load_state_dict(states["scaler"])
+        rng = path / f"rng_{acc.process_index}.pt"
+        if not rng.is_file():
+            raise SystemExit(
+                f"{path} has no RNG state for process {acc.process_index}: it was written by fewer processes, "
+                "or the output folder is not on a disk that every machine shares"
+            )
+        _set_rng_state(_safe_load(rng))
+
+    def _discard_newer_than(self, step: int):
+        newer = [p for p in self.completed() if _read_progress(p)["step"] > step]
+        for path in newer:
+            shutil.rmtree(path)
+        if newer:
+            self.accelerator.print(f"discarded this run's newer checkpoints {', '.join(p.name for p in newer)}")
+
+
+def _read_progress(path: Path) -> dict | None:
+    try:
+        return json.loads((Path(path) / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _safe_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SystemExit(
+            f"{path} holds objects other than tensors and plain values, so it was not loaded (loading it could run "
+            f"code). It was not written by this version of the scripts; start the run again with --overwrite. ({err})"
+        ) from None
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(saved: dict):
+    version, state, gauss = saved["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 class GracefulStop:
@@ -90,14 +283,25 @@ class GracefulStop:
         self.requested = False
         signal.signal(signal.SIGTERM, self._request)
         signal.signal(signal.SIGINT, self._request)
+        _term_when_the_accelerate_launcher_dies()
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every process once any process was asked to stop (one small all-reduce)."""
-        if self.requested:
-            accelerator.set_trigger()
-        return accelerator.check_trigger()
+
+def _term_when_the_accelerate_launcher_dies():
+    """A single-process `accelerate launch` runs the script as a child and does not pass SIGTERM on: when
+    the launcher is killed the script would be orphaned and never checkpoint. Ask the kernel to send us
+    SIGTERM when that parent dies (Linux). Other parents (a shell, torchrun) are left alone, so `nohup` works."""
+    if "WORLD_SIZE" in os.environ:  # torchrun and the multi-process launcher forward signals themselves
+        return
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    names = [os.path.basename(part) for part in parent[:3]]
+    if b"accelerate.commands.launch" in parent or (b"accelerate" in names and b"launch" in parent):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,6 +1,7 @@
 """Accelerator setup, the command-line flags every training script shares, and the run summary."""
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -61,6 +62,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
         help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints, or from PATH",
     )
     g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in OUTPUT_DIR and start from scratch (without it, a folder that holds a run "
+        "is only reused with --resume)",
+    )
+    g.add_argument(
         "--checkpoint-steps", type=int, default=0, help="also save a checkpoint every N optimizer steps (0: only at epoch ends)"
     )
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
@@ -74,7 +81,7 @@ def _batch_size(value: str):
     return int(value)
 
 
-def setup_accelerator(args, run_name: str, kwargs_handlers=None) -> Accelerator:
+def setup_accelerator(args, kwargs_handlers=None) -> Accelerator:
     """Build the Accelerator, derive gradient accumulation from the process count, and seed everything.
 
     Sets args.num_processes, args.accumulation_steps and args.effective_batch_size."""
@@ -111,8 +118,13 @@ def setup_accelerator(args, run_name: str, kwargs_handlers=None) -> Accelerator:
             f"{args.batch_size} x {args.num_processes} processes; the effective batch is {args.effective_batch_size}"
         )
     set_seed(args.seed)
-    accelerator.init_trackers(run_name, config=_flat_config(args))
     return accelerator
+
+
+def seed_per_process(accelerator: Accelerator, seed: int):
+    """Call once the weights exist (drawn identically on every process): from here on each process draws its
+    own augmentation (seed + process index), the same on every run and restored on resume."""
+    set_seed(seed, device_specific=True)
 
 
 def _refuse_impossible_launch(args):
@@ -136,8 +148,19 @@ def _refuse_impossible_launch(args):
         )
 
 
-def _flat_config(args) -> dict:
+def flat_config(args) -> dict:
+    """The arguments as TensorBoard's hparams accept them."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+
+
+def files_fingerprint(splits: dict[str, list]) -> str:
+    """A short hash of every split's file list in order: a resumed run must read the same files."""
+    h = hashlib.sha1()
+    for name in sorted(splits):
+        h.update(f"[{name}]\n".encode())
+        for item in splits[name]:
+            h.update(os.fsencode(str(item)) + b"\n")
+    return h.hexdigest()[:16]
 
 
 def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_last=False, generator=None):

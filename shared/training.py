@@ -1,9 +1,37 @@
-"""The optimizer step every training script takes the same way."""
+"""The optimizer step every training script takes the same way, and the checks made at each one."""
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import find_executable_batch_size
 from tqdm.auto import tqdm
+
+from shared.checkpoint import GracefulStop
+
+
+class StepGuard:
+    """Non-finite losses and stop requests, agreed by all processes with one small all-reduce per optimizer
+    step. Checked before the step is taken, so a NaN never reaches the weights or a checkpoint."""
+
+    def __init__(self, accelerator: Accelerator, stop: GracefulStop):
+        self.accelerator, self.stop = accelerator, stop
+        self.non_finite = torch.zeros((), device=accelerator.device)  # on the device: no host sync per micro-batch
+
+    def add(self, loss: torch.Tensor):
+        self.non_finite += (~torch.isfinite(loss.detach())).float()
+
+    def stop_agreed(self, *, epoch: int, step: int) -> bool:
+        """Raise if any process saw a non-finite loss since the last call; True when any process was asked to stop."""
+        flags = torch.stack([self.non_finite, torch.tensor(float(self.stop.requested), device=self.non_finite.device)])
+        bad, stop = self.accelerator.reduce(flags, "sum").tolist()
+        self.non_finite.zero_()
+        if bad:
+            raise SystemExit(
+                f"the training loss became NaN or infinite at epoch {epoch + 1}, optimizer step {step} "
+                f"({int(bad)} micro-batch(es) over all processes); the step was not taken and the last good checkpoint "
+                "is kept. Lower the learning rate, check data_report.json, or train without mixed precision; "
+                "then continue with --resume."
+            )
+        return bool(stop)
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, ema=None, max_grad_norm: float | None = None) -> bool:
@@ -47,7 +75,17 @@ def largest_batch_size(args, training_step) -> int:
         training_step(batch_size, device, dtype)
         return batch_size
 
-    return probe()
+    return smallest_over_processes(probe())
+
+
+def smallest_over_processes(value: int) -> int:
+    """Cards differ in free memory: every process must use the batch the tightest one found."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return value
+    found = torch.tensor([value], device=state.device)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+    return int(found.item())
 
 
 def epoch_bar(accelerator: Accelerator, *, epoch: int, epochs: int, total: int, done: int = 0):

@@ -1,5 +1,7 @@
 """The audio model: float32 frontend under autocast, 1-channel stems, cached pretrained weights, save/load."""
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -10,6 +12,7 @@ from audio_model import (
     frontend_config,
     load_classifier,
     save_classifier,
+    supported_models,
 )
 from torch import nn
 
@@ -54,6 +57,32 @@ def test_any_torchvision_classifier_gets_a_one_channel_stem(name):
 def test_unknown_model_name():
     with pytest.raises(SystemExit, match="not a torchvision classification model"):
         build_backbone("resnet19", 3)
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "googlenet", "vit_b_16", "maxvit_t"])
+def test_classifiers_that_cannot_take_a_log_mel_are_refused_with_the_supported_list(name, monkeypatch):
+    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: pytest.fail(f"built {name}"))
+    with pytest.raises(
+        SystemExit, match=rf"--model {name}: needs a fixed image size .*choose one of alexnet, .*resnet18, .*swin_t"
+    ):
+        build_backbone(name, 3)
+    assert not any(n.startswith(("vit_", "inception", "googlenet", "maxvit")) for n in supported_models())
+
+
+def test_pretrained_weights_file_holding_code_is_refused_and_never_run(tmp_path, monkeypatch):
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    cached = tmp_path / "checkpoints" / torchvision.models.ResNet18_Weights.DEFAULT.url.split("/")[-1]
+    cached.parent.mkdir()
+    torch.save({"conv1.weight": Payload()}, cached)
+    with pytest.raises(SystemExit, match=rf"{cached} is not a plain weights file .*delete it and download"):
+        build_backbone("resnet18", 3, pretrained=True)
+    assert not marker.exists()
 
 
 def test_pretrained_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -294,6 +295,22 @@ def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(commands, tmp_pat
     }
     assert len(list((out / "checkpoints").glob("step_*"))) == 2  # --keep-checkpoints default
 
-    foreign = run_script("train_audio.py", *args, "--resume", "--model", "mobilenet_v3_small", check=False, env=ONE_THREAD)
+    changed = [a if a != 8 else 4 for a in args]  # --batch-size 8 -> 4 changes the sample order
+    foreign = run_script("train_audio.py", *changed, "--resume", "--model", "mobilenet_v3_small", check=False, env=ONE_THREAD)
     assert foreign.returncode != 0
-    assert "was written with model='resnet18', but this run has model='mobilenet_v3_small'" in foreign.stderr + foreign.stdout
+    assert "--resume refused" in foreign.stderr
+    assert "batch_size: 8 in the checkpoint, 4 now" in foreign.stderr
+    assert 'model: "resnet18" in the checkpoint, "mobilenet_v3_small" now' in foreign.stderr
+
+
+def test_a_non_finite_loss_stops_within_the_step_and_keeps_the_last_good_checkpoint(commands, tmp_path, cache):
+    """--lr 1e30 blows the weights up after the first step; the next loss is not finite."""
+    out = tmp_path / "blown_up"
+    args = [*equivalence_args(commands, out, cache), "--lr", "1e30", "--checkpoint-steps", 1]
+    proc = run_script("train_audio.py", *args, check=False, env=ONE_THREAD)
+    assert proc.returncode != 0
+    found = re.search(r"the training loss became NaN or infinite at epoch 1, optimizer step (\d+)", proc.stderr)
+    assert found, proc.stderr[-3000:]
+    kept = sorted((out / "checkpoints").glob("step_*"))
+    assert json.loads((kept[-1] / "progress.json").read_text())["step"] == int(found.group(1)) - 1
+    assert all(torch.isfinite(v).all() for v in load_file(kept[-1] / "model.safetensors").values())

@@ -1,11 +1,12 @@
-"""Detection models: freezing, pretrained weights from the local cache (and the error without them), --hyp."""
+"""Detection models: freezing, pretrained weights from the local cache (and the error without them), models that
+need more than boxes refused, --hyp."""
 
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from detection_model import build_model, freeze_backbone
+from detection_model import available_models, build_model, freeze_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 from train_detection import HYP, load_hyp
 
@@ -46,6 +47,15 @@ def test_pretrained_needs_the_cached_file_and_transfers_matching_tensors(tmp_pat
         build_model("fcos_tiny", 3, 96, pretrained=True)
     with pytest.raises(SystemExit, match="unknown --model"):
         build_model("yolo_v99", 3, 96)
+
+
+def test_models_that_need_masks_or_keypoints_are_refused_and_not_listed():
+    models = available_models()
+    assert {"fcos_tiny", "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "ssdlite320_mobilenet_v3_large"} <= set(models)
+    assert not [name for name in models if "mask" in name or "keypoint" in name]
+    for name in ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn"):
+        with pytest.raises(SystemExit, match=f"--model '{name}' trains on instance masks or keypoints.*: fcos_tiny, "):
+            build_model(name, 3, 96)
 
 
 def test_hyp_file_overrides_and_rejects_typos(tmp_path):

@@ -2,8 +2,11 @@
 presets this machine cannot honour (which must stop with the fix, not run something else)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, free_port, script_env
@@ -184,3 +187,71 @@ def test_presets_this_machine_cannot_run_stop_with_the_fix(audio_data, tmp_path,
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run" / "model").exists()
+
+
+# ----------------------------------------------------------------------------- preemption on every launch path
+
+
+def preempted_commands(script, args, port):
+    """What a user starts, by launch path: the process that receives SIGTERM is the first in the list.
+    Plain python is covered by the resume tests of each script."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    presets = REPO / "accelerate_configs"
+    return {
+        "torchrun, 2 processes": [*torchrun, script, *args],
+        "accelerate launch, 1 process": [*ACCELERATE, "--config_file", presets / "cpu.yaml", script, *args],
+        "accelerate launch, 2 processes": [
+            *ACCELERATE, "--config_file", presets / "cpu_2proc.yaml", "--main_process_port", port, script, "--cpu", *args
+        ],
+    }  # fmt: skip
+
+
+def preemption_args(data, out):
+    return [*audio_args(data, out), "--epochs", "4", "--batch-size", "4", "--nominal-batch-size", "4", "--checkpoint-steps", "1"]
+
+
+def start_and_preempt(cmd, out, tmp_path, env) -> tuple[float, str]:
+    """Start cmd in its own process group, SIGTERM its first process once a checkpoint exists, and wait
+    until every process of the group (orphans included) has exited. Returns seconds from signal to exit, output."""
+    log = (tmp_path / "log.txt").open("w+")
+    proc = subprocess.Popen(list(map(str, cmd)), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    deadline = time.time() + 240
+    while not list((out / "checkpoints").glob("step_*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be preempted"
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    while time.time() - signalled < 60:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    seconds = time.time() - signalled
+    log.seek(0)
+    return seconds, log.read()
+
+
+@pytest.mark.parametrize(
+    "path", ["torchrun, 2 processes", "accelerate launch, 1 process", "accelerate launch, 2 processes", "make"]
+)
+def test_sigterm_to_what_the_user_started_ends_in_a_checkpoint(audio_data, tmp_path, path):
+    out = tmp_path / "run" / "audio"
+    args = preemption_args(audio_data, out)
+    env = script_env(OMP_NUM_THREADS="1", **({"ACCELERATE_USE_CPU": "true"} if path.startswith("torchrun") else {}))
+    if path == "make":
+        cmd = ["make", "--no-print-directory", "-C", REPO, "train-audio", f"DATA={audio_data}", f"OUT={out.parent}",
+               f"ARGS={' '.join(args[4:])}"]  # fmt: skip
+    else:
+        cmd = preempted_commands(REPO / "scripts/train_audio.py", args, free_port())[path]
+    seconds, log = start_and_preempt(cmd, out, tmp_path, env)
+    assert seconds < 30 and "checkpoint saved" in log, log[-3000:]
+    assert not (out / "metrics.json").exists()
+    progress = json.loads((sorted((out / "checkpoints").glob("step_*"))[-1] / "progress.json").read_text())
+    assert progress["step"] > 1 and progress["run_id"] == json.loads((out / "run.json").read_text())["run_id"]
+    if path == "accelerate launch, 1 process":  # the launcher died at once; its orphan saved: resume to the end
+        cmd = preempted_commands(REPO / "scripts/train_audio.py", [*args, "--resume"], free_port())[path]
+        resumed = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+        assert (out / "metrics.json").is_file()

@@ -1,15 +1,16 @@
 """The shared package: accumulation from the process count, refused launches, schedules, EMA, checkpoints."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO, script_env
+from conftest import REPO, free_port, script_env
 
-from shared.checkpoint import Checkpoints
+from shared.checkpoint import Checkpoints, RunFolder
 from shared.ema import make_ema
 from shared.schedule import build_scheduler, warmup_momentum
 
@@ -19,7 +20,7 @@ sys.path.insert(0, {repo!r})
 from shared.runtime import add_common_args, setup_accelerator
 p = argparse.ArgumentParser(); add_common_args(p, epochs=1, batch_size=16, nominal_batch_size=64)
 args = p.parse_args(sys.argv[1:])
-acc = setup_accelerator(args, "t")
+acc = setup_accelerator(args)
 print("ACCUM", args.accumulation_steps, args.effective_batch_size, args.num_processes, acc.device.type)
 """
 
@@ -86,45 +87,206 @@ def test_ema_ramps_its_decay_and_averages_buffers():
 def trained_bits(tmp_path):
     acc = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model, opt = acc.prepare(model, opt)
-    return acc, model, opt, tmp_path / "checkpoints"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (step + 1))
+    return acc, model, opt, sched, tmp_path / "run"
+
+
+FINGERPRINT = {"model": "linear", "labels": ["a", "b"], "batch_size": 16, "files": "abc"}
+
+
+def checkpoints(acc, model, opt, sched, run, fingerprint=FINGERPRINT, keep=2):
+    return Checkpoints(
+        acc, run, keep=keep, fingerprint=fingerprint, modules={"model": model}, states={"optimizer": opt, "scheduler": sched}
+    )
+
+
+def train_step(model, opt, sched):
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
 
 
 def test_checkpoints_keep_the_newest_and_ignore_an_interrupted_save(trained_bits, monkeypatch):
-    acc, model, opt, directory = trained_bits
-    ckpts = Checkpoints(acc, directory, keep=2, identity={"model": "linear", "labels": ["a", "b"]})
+    acc, model, opt, sched, directory = trained_bits
+    ckpts = checkpoints(acc, model, opt, sched, RunFolder(acc, directory, resume=None, overwrite=False))
     for step in (1, 2, 3):
+        train_step(model, opt, sched)
         ckpts.save({"epoch": 0, "batch_in_epoch": step, "step": step})
     assert [p.name for p in ckpts.completed()] == ["step_00000002", "step_00000003"]
-    weights_at_3 = model.weight.detach().clone()
+    weights_at_3, lr_at_3 = model.weight.detach().clone(), sched.get_last_lr()
+    momentum_at_3 = opt.state_dict()["state"][0]["momentum_buffer"].clone()
 
-    def die_half_way(path):
-        (directory / ".tmp_step_00000004").mkdir(exist_ok=True)
-        (directory / ".tmp_step_00000004" / "model.safetensors").write_bytes(b"partial")
+    def die_half_way(folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(acc, "save_state", die_half_way)
-    with torch.no_grad():
-        model.weight.add_(1.0)
+    monkeypatch.setattr(ckpts, "_write_state", die_half_way)
+    train_step(model, opt, sched)
     with pytest.raises(KeyboardInterrupt):
         ckpts.save({"epoch": 0, "batch_in_epoch": 4, "step": 4})
     monkeypatch.undo()
     assert ckpts.completed()[-1].name == "step_00000003"
     progress = ckpts.resume("latest")
     assert progress["step"] == 3
-    assert torch.equal(model.weight, weights_at_3)
+    assert torch.equal(model.weight, weights_at_3) and sched.get_last_lr() == lr_at_3
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], momentum_at_3)
 
 
-def test_checkpoint_of_another_label_set_is_refused(trained_bits):
-    acc, _, _, directory = trained_bits
-    Checkpoints(acc, directory, keep=2, identity={"model": "linear", "labels": ["a", "b"]}).save(
-        {"epoch": 1, "batch_in_epoch": 0, "step": 5}
+def test_resume_with_other_settings_is_refused_listing_every_difference(trained_bits):
+    acc, model, opt, sched, directory = trained_bits
+    run = RunFolder(acc, directory, resume=None, overwrite=False)
+    checkpoints(acc, model, opt, sched, run).save({"epoch": 1, "batch_in_epoch": 0, "step": 5})
+    changed = {**FINGERPRINT, "labels": ["a", "c"], "batch_size": 8}
+    with pytest.raises(SystemExit) as refused:
+        checkpoints(acc, model, opt, sched, run, changed).resume("latest")
+    message = str(refused.value)
+    assert "--resume refused" in message and "--overwrite" in message
+    assert (
+        "batch_size: 16 in the checkpoint, 8 now" in message and 'labels: ["a", "b"] in the checkpoint, ["a", "c"] now' in message
     )
-    other = Checkpoints(acc, directory, keep=2, identity={"model": "linear", "labels": ["a", "c"]})
-    with pytest.raises(SystemExit, match="labels=.*new --output-dir"):
-        other.resume("latest")
+    assert "files" not in message and "model:" not in message
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
-        other.resume(str(directory))
-    saved = json.loads((directory / "step_00000005" / "progress.json").read_text())
-    assert saved["identity"]["labels"] == ["a", "b"]
+        checkpoints(acc, model, opt, sched, run).resume(str(directory))
+
+
+def test_a_fresh_run_never_reuses_a_folder_that_holds_a_run(trained_bits):
+    acc, model, opt, sched, directory = trained_bits
+    first = RunFolder(acc, directory, resume=None, overwrite=False)
+    checkpoints(acc, model, opt, sched, first).save({"epoch": 1, "batch_in_epoch": 0, "step": 8})
+    (directory / "metrics.json").write_text("{}")
+    first._lock.close()  # the first run has ended
+    with pytest.raises(SystemExit, match="already holds a run .*--resume.*--overwrite"):
+        RunFolder(acc, directory, resume=None, overwrite=False)
+    again = RunFolder(acc, directory, resume="latest", overwrite=False)
+    assert again.run_id == first.run_id
+    again._lock.close()
+    fresh = RunFolder(acc, directory, resume=None, overwrite=True)
+    assert fresh.run_id != first.run_id
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", "run.json"]
+
+
+def test_a_second_live_run_cannot_share_the_folder(trained_bits):
+    acc, _, _, _, directory = trained_bits
+    live = RunFolder(acc, directory, resume=None, overwrite=False)
+    with pytest.raises(SystemExit, match=f"in use by a live run \\(pid {os.getpid()}"):
+        RunFolder(acc, directory, resume="latest", overwrite=False)
+    live._lock.close()
+    RunFolder(acc, directory, resume="latest", overwrite=False)
+
+
+def test_pruning_and_latest_see_only_this_runs_checkpoints(trained_bits):
+    """An older run's step_8 (here: copied in) is neither pruned by nor resumed into a run at step 1."""
+    acc, model, opt, sched, directory = trained_bits
+    old = RunFolder(acc, directory, resume=None, overwrite=False)
+    checkpoints(acc, model, opt, sched, old).save({"epoch": 2, "batch_in_epoch": 0, "step": 8})
+    old._lock.close()
+    new = RunFolder(acc, directory, resume=None, overwrite=True)
+    run_b = checkpoints(acc, model, opt, sched, new, keep=1)
+    other_run = directory / "checkpoints" / "step_00000008"
+    other_run.mkdir(parents=True)
+    (other_run / "progress.json").write_text(json.dumps({"step": 8, "epoch": 2, "batch_in_epoch": 0, "run_id": old.run_id}))
+    run_b.save({"epoch": 0, "batch_in_epoch": 1, "step": 1})
+    assert other_run.exists() and [p.name for p in run_b.completed()] == ["step_00000001"]
+    assert run_b.resume("latest")["step"] == 1
+    with pytest.raises(SystemExit, match=f"belongs to run {old.run_id}"):
+        run_b.resume(str(other_run))
+
+
+def test_resuming_an_older_checkpoint_discards_the_newer_ones(trained_bits):
+    acc, model, opt, sched, directory = trained_bits
+    ckpts = checkpoints(acc, model, opt, sched, RunFolder(acc, directory, resume=None, overwrite=False), keep=3)
+    for step in (1, 2, 3):
+        ckpts.save({"epoch": 0, "batch_in_epoch": step, "step": step})
+    ckpts.resume(str(directory / "checkpoints" / "step_00000001"))
+    assert [p.name for p in ckpts.completed()] == ["step_00000001"]
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a planted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(trained_bits, tmp_path):
+    acc, model, opt, sched, directory = trained_bits
+    ckpts = checkpoints(acc, model, opt, sched, RunFolder(acc, directory, resume=None, overwrite=False))
+    path = ckpts.save({"epoch": 0, "batch_in_epoch": 1, "step": 1})
+    marker = tmp_path / "payload_ran"
+    # Where accelerate's load_state used to unpickle registered objects, and the project's own state file.
+    torch.save(Payload(marker), path / "custom_checkpoint_0.pkl")
+    torch.save({"optimizer": Payload(marker)}, path / "state.pt")
+    with pytest.raises(SystemExit, match="state.pt holds objects other than tensors"):
+        ckpts.resume("latest")
+    assert not marker.exists()
+
+
+STEP_GUARD_SNIPPET = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from accelerate import Accelerator
+from shared.checkpoint import GracefulStop
+from shared.training import StepGuard
+acc = Accelerator(cpu=True)
+guard = StepGuard(acc, GracefulStop())
+guard.add(torch.tensor(1.0))
+assert not guard.stop_agreed(epoch=0, step=1)
+guard.add(torch.tensor(float("nan") if acc.process_index == acc.num_processes - 1 else 2.0))
+try:
+    guard.stop_agreed(epoch=2, step=7)
+except SystemExit as err:
+    print(f"rank {{acc.process_index}} stopped: {{err}}", flush=True)
+    raise
+"""
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    script = tmp_path / "guard.py"
+    script.write_text(STEP_GUARD_SNIPPET.format(repo=str(REPO)))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
+        env=script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: the training loss became NaN or infinite at epoch 3, optimizer step 7" in out.stdout
+
+
+AGREE_SNIPPET = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from accelerate import Accelerator
+from shared.runtime import seed_per_process
+from shared.training import smallest_over_processes
+acc = Accelerator(cpu=True)
+print(f"rank {{acc.process_index}} uses", smallest_over_processes([48, 32][acc.process_index]), flush=True)
+seed_per_process(acc, 0)
+print(f"rank {{acc.process_index}} draws", torch.rand(1).item(), flush=True)
+"""
+
+
+def test_processes_agree_on_the_batch_and_draw_their_own_augmentation(tmp_path):
+    """Cards with different free memory probe different batches: every process must train with the smallest.
+    Augmentation must differ between processes (or every rank would see the same crops and noise)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SNIPPET.format(repo=str(REPO)))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
+        env=script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 uses 32" in out.stdout and "rank 1 uses 32" in out.stdout
+    draws = {line.split()[1]: line.split()[-1] for line in out.stdout.splitlines() if " draws " in line}
+    assert len(draws) == 2 and draws["0"] != draws["1"], out.stdout
