@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from detection_model import build_model  # noqa: E402  (the same architecture launchkit trains)
+from detection_model import build_model  # the same architecture launchkit trains
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
@@ -177,7 +177,8 @@ def main(argv=None):
         val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate_fn
     )
 
-    model = build_model(args.model, len(names), args.img_size).to(device)
+    model = build_model({"model": args.model, "labels": names, "img_size": args.img_size}).to(device)
+    model.transform._skip_resize = False  # as torchvision's references train: the model's transform resizes each image
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 

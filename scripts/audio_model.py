@@ -224,6 +224,7 @@ class TinyMapConv2d(nn.Conv2d):
 
 
 def use_tiny_map_convs(model: nn.Module) -> nn.Module:
+    """A CPU speed-up only: parameters and results stay those of nn.Conv2d, so a saved model is plain torchvision."""
     for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = TinyMapConv2d
@@ -236,20 +237,41 @@ class AudioClassifier(nn.Module):
     def __init__(self, config: dict, pretrained: bool = False, freq_mask: int = 0, time_mask: int = 0):
         super().__init__()
         self.frontend = LogMelFrontend(config, freq_mask, time_mask)
-        self.backbone = use_tiny_map_convs(build_backbone(config["model"], len(config["labels"]), pretrained))
+        self.backbone = build_backbone(config["model"], len(config["labels"]), pretrained)
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.frontend(waves).contiguous(memory_format=torch.channels_last))
 
 
-def save_classifier(directory: Path, model: AudioClassifier, config: dict):
-    save_pretrained(directory, model, {"task": TASK, **config})
+# ============================================================================ the model: replace this to change it
+def build_model(config: dict, *, pretrained: bool = False, freq_mask: int = 0, time_mask: int = 0) -> AudioClassifier:
+    """Log-mel frontend (with SpecAugment) + the torchvision classifier config["model"], 1-channel stem."""
+    model = AudioClassifier(config, pretrained=pretrained, freq_mask=freq_mask, time_mask=time_mask)
+    return model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs with oneDNN
 
 
-def load_classifier(directory: Path, device="cpu") -> tuple[AudioClassifier, dict]:
+def model_config(model: str, labels: list[str], sample_rate: int, clip_seconds: float, n_mels: int) -> dict:
+    """Everything build_model and a predict script need, saved as model/config.json."""
+    return {"task": TASK, "model": model, "labels": labels, **frontend_config(sample_rate, clip_seconds, n_mels)}
+
+
+def head_parameters(model: AudioClassifier) -> list[str]:
+    """Names of the class layer's tensors (the last linear layer): new when starting from weights of other labels."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return [f"{name}.weight", f"{name}.bias"]
+
+
+def save_model(directory: Path, model: AudioClassifier, config: dict):
+    save_pretrained(directory, model, config)
+
+
+def load_model(directory: Path, device="cpu") -> tuple[AudioClassifier, dict]:
+    """A saved model/ ready for inference; on a CPU with the tiny-map convolutions (the same results, faster)."""
     state, config = load_pretrained(directory)
     if config.get("task") != TASK:
         raise SystemExit(f"{directory}: holds a {config.get('task')!r} model, not an audio classifier")
-    model = AudioClassifier(config)
+    model = build_model(config)
     model.load_state_dict(state)
-    return model.to(device, memory_format=torch.channels_last).eval(), config
+    if torch.device(device).type == "cpu":
+        use_tiny_map_convs(model)
+    return model.to(device).eval(), config

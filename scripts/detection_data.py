@@ -31,6 +31,7 @@ MAX_PIXELS = 40_000_000  # larger images are skipped unread: one decoded 95-mega
 # probe_image enforces the cap from the header, as a counted skip; PIL's own check would instead warn (or raise)
 # at Image.open, before the cap is looked at.
 Image.MAX_IMAGE_PIXELS = None
+PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
 PAD_VALUE = 114  # the grey YOLO letterboxes with
 EXIF_ORIENTATION = 0x0112
 
@@ -617,6 +618,41 @@ def to_coco(samples: list[Sample], names: list[str]) -> dict:
                 }
             )
     return {"images": images, "annotations": annotations, "categories": [{"id": i, "name": n} for i, n in enumerate(names)]}
+
+
+def coco_results(predictions: list[dict], file_names: dict | None = None) -> list[dict]:
+    """COCO results: one entry per box, bbox [x, y, w, h] in pixels, category_id = class index; predictions are
+    [{"image_id", "boxes" (xyxy), "scores", "labels"}]. file_names (image_id -> name) adds "file_name"."""
+    return [
+        {
+            "image_id": int(p["image_id"]),
+            **({"file_name": file_names[p["image_id"]]} if file_names else {}),
+            "category_id": int(label),
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": float(score),
+        }
+        for p in predictions
+        for (x0, y0, x1, y1), score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist(), strict=True)
+    ]
+
+
+def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str], truth=None) -> torch.Tensor:
+    """The image (uint8 CHW tensor) with predicted boxes, coloured by class and labelled with their scores, over
+    the ground-truth boxes in white when given."""
+    from torchvision.utils import draw_bounding_boxes
+
+    tensor = F.pil_to_tensor(image)
+    if truth is not None and len(truth):
+        tensor = draw_bounding_boxes(tensor, torch.as_tensor(truth), colors="white", width=1)
+    if len(boxes):
+        tensor = draw_bounding_boxes(
+            tensor,
+            torch.as_tensor(boxes),
+            labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist(), strict=True)],
+            colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()],
+            width=2,
+        )
+    return tensor
 
 
 def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:

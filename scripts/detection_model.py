@@ -10,31 +10,56 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-TINY_MODELS = ("fcos_tiny",)
+from shared.model_io import load_pretrained, save_pretrained
+
 # Detectors whose training targets need instance masks or keypoints, which boxes-only detection data cannot give.
 NEEDS_MASKS_OR_KEYPOINTS = ("maskrcnn_", "keypointrcnn_")
 
 
 def available_models() -> list[str]:
     detectors = torchvision.models.list_models(module=torchvision.models.detection)
-    return list(TINY_MODELS) + sorted(name for name in detectors if not name.startswith(NEEDS_MASKS_OR_KEYPOINTS))
+    return ["fcos_tiny"] + sorted(name for name in detectors if not name.startswith(NEEDS_MASKS_OR_KEYPOINTS))
 
 
-def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = False) -> nn.Module:
-    """The one place to change the architecture. num_classes counts object classes (background is added)."""
+TASK = "detection"
+PREDICT_CONF = 0.25  # the score a predict script keeps by default; mAP is computed from HYP["eval_conf"]
+# Where each detector family keeps its class layer: new when starting from weights of other labels.
+CLASS_LAYERS = ("head.classification_head.cls_logits", "head.classification_head.module_list", "roi_heads.box_predictor")
+
+
+# ==================================================================== the model: replace this to change it
+def build_model(config: dict, *, pretrained: bool = False) -> nn.Module:
+    """config["model"] for config["labels"] (background is added) at config["img_size"]."""
+    name, num_classes, img_size = config["model"], len(config["labels"]), config["img_size"]
     if name == "fcos_tiny":
         if pretrained:
             raise SystemExit(
                 "fcos_tiny has no pretrained weights: drop --pretrained, or pick a torchvision model "
                 "such as fcos_resnet50_fpn whose weights are cached."
             )
-        return fcos_tiny(num_classes + 1, img_size)
+        model = fcos_tiny(num_classes + 1, img_size)
+    else:
+        require_supported_model(name)
+        kwargs = {} if name.startswith("ssd") else {"min_size": img_size, "max_size": img_size}
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
+        if pretrained:
+            transfer_coco_weights(model, name)
+            # As torchvision builds COCO-initialised detectors: the backbone's BatchNorm keeps its statistics.
+            freeze_batchnorm(model.backbone)
+    # Batches arrive letterboxed to their size (multi-scale included), in training, evaluation and predict alike:
+    # torchvision's own switch (its detection references set it for multi-scale training) skips a second resize.
+    model.transform._skip_resize = True
+    return model
+
+
+def require_supported_model(name: str):
     if name.startswith(NEEDS_MASKS_OR_KEYPOINTS):
         raise SystemExit(
             f"--model {name!r} trains on instance masks or keypoints, which detection data (boxes only) does not "
@@ -42,11 +67,56 @@ def build_model(name: str, num_classes: int, img_size: int, pretrained: bool = F
         )
     if name not in available_models():
         raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
-    kwargs = {} if name.startswith("ssd") else {"min_size": img_size, "max_size": img_size}
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
-    if pretrained:
-        transfer_coco_weights(model, name)
-    return model
+
+
+def model_config(model: str, labels: list[str], img_size: int, hyp: dict) -> dict:
+    """Everything build_model and a predict script need, saved as model/config.json."""
+    return {
+        "task": TASK,
+        "model": model,
+        "labels": labels,
+        "img_size": img_size,
+        "conf": PREDICT_CONF,
+        "iou": hyp["eval_iou"],
+        "max_det": hyp["max_det"],
+    }
+
+
+def save_model(directory: Path, model: nn.Module, config: dict):
+    save_pretrained(directory, model, config)
+
+
+def load_model(directory: Path, device="cpu", conf: float | None = None, iou: float | None = None, max_det: int | None = None):
+    """A saved model/ ready for inference, with its saved thresholds unless others are given."""
+    state, config = load_pretrained(directory)
+    if config.get("task") != TASK:
+        raise SystemExit(f"{directory}: not a detection model (task {config.get('task')!r})")
+    model = build_model(config)
+    model.load_state_dict(state)
+    conf, iou, max_det = (config[k] if v is None else v for k, v in (("conf", conf), ("iou", iou), ("max_det", max_det)))
+    set_postprocess(model, conf, iou, max_det)
+    return model.to(device).eval(), config
+
+
+def head_parameters(model: nn.Module) -> list[str]:
+    return [name for name in model.state_dict() if name.startswith(CLASS_LAYERS)]
+
+
+def make_ema(model: nn.Module, decay: float = 0.9999, tau: float = 2000.0) -> AveragedModel:
+    """EMA of the weights (torch.optim.swa_utils), decay ramped as decay x (1 - exp(-updates / tau)) so early
+    weights fade fast. Pass the unwrapped model (not the DDP wrapper); buffers (BatchNorm statistics) are averaged too."""
+
+    @torch.no_grad()
+    def update(ema_tensors, tensors, num_averaged):
+        # num_averaged stays on the device: no host sync per step.
+        d = decay * (1 - torch.exp(-(num_averaged.float() + 1) / tau))
+        for e, t in zip(ema_tensors, tensors, strict=True):
+            if e.is_floating_point():
+                e.lerp_(t.to(e.dtype), (1 - d).to(e.dtype))
+            else:
+                e.copy_(t)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def fcos_tiny(num_classes: int, img_size: int, width: int = 32, fpn_channels: int = 64) -> FCOS:

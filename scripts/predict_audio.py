@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-import torch  # noqa: E402
-from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, read_audio, within_full_scale  # noqa: E402
-from audio_model import load_classifier  # noqa: E402
+import torch
+from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, read_audio, within_full_scale
+from audio_model import load_model
 
 
 def parse_args(argv=None):
@@ -39,7 +39,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model, config = load_classifier(args.model_dir, device)
+    model, config = load_model(args.model_dir, device)
     rate, labels = config["sample_rate"], config["labels"]
     window = round((args.window or config["clip_seconds"]) * rate)
     hop = round(args.hop * rate) if args.hop else max(1, window // 2)

@@ -19,26 +19,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detection_data import (  # noqa: E402
+import numpy as np
+import torch
+from detection_data import (
     IMAGE_EXTENSIONS,
     DetectionDataset,
     Sample,
+    coco_results,
+    draw_detections,
     eval_transform,
     make_collate,
     probe_all,
     to_original_coordinates,
     yolo_lines,
 )
-from detection_model import build_model, set_postprocess  # noqa: E402
-from torchvision.transforms.v2 import functional as TF  # noqa: E402
-from torchvision.utils import draw_bounding_boxes  # noqa: E402
+from detection_model import load_model
+from torchvision.transforms.v2 import functional as TF
 
-from shared.model_io import load_pretrained  # noqa: E402
-from shared.runtime import write_json  # noqa: E402
+from shared.runtime import write_json
 
-PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
 OUTPUTS = ("predictions.json", "images.json", "skipped.json", "labels", "drawn")
 
 
@@ -61,19 +60,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    state, config = load_pretrained(args.model_dir)
-    if config.get("task") != "detection":
-        raise SystemExit(f"{args.model_dir}: not a detection model (task {config.get('task')!r})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config = load_model(args.model_dir, device, conf=args.conf, iou=args.iou, max_det=args.max_det)
     out = args.output_dir or args.model_dir.parent / "predict"
     conf = config["conf"] if args.conf is None else args.conf
-    iou = config["iou"] if args.iou is None else args.iou
     img_size = args.img_size or config["img_size"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    model = build_model(config["model"], config["num_classes"], img_size)
-    model.load_state_dict(state)
-    set_postprocess(model, conf, iou, args.max_det or config["max_det"])
-    model.to(device).eval()
 
     files = find_images(args.inputs)
     stems = dict(zip(files, output_stems(list(files.values())), strict=True))
@@ -100,16 +91,8 @@ def main(argv=None):
                 sample = samples[t["image_id"]]
                 boxes = to_original_coordinates(o["boxes"].float().cpu(), t)
                 labels, scores = (o["labels"] - 1).cpu(), o["scores"].float().cpu()
-                results += [
-                    {
-                        "image_id": sample.image_id,
-                        "file_name": sample.file_name,
-                        "category_id": int(c),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": float(s),
-                    }
-                    for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=False)
-                ]
+                prediction = {"image_id": sample.image_id, "boxes": boxes, "scores": scores, "labels": labels}
+                results += coco_results([prediction], {sample.image_id: sample.file_name})
                 rows = [
                     f"{line} {s:.4f}"
                     for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist(), strict=False)
@@ -119,7 +102,10 @@ def main(argv=None):
                 label_file.parent.mkdir(parents=True, exist_ok=True)
                 label_file.write_text("".join(r + "\n" for r in rows))
                 if not args.no_draw:
-                    draw(dataset.load(sample.image_id), boxes, labels, scores, names, out / "drawn" / f"{stem}.jpg")
+                    drawn = out / "drawn" / f"{stem}.jpg"
+                    drawn.parent.mkdir(parents=True, exist_ok=True)
+                    image = draw_detections(dataset.load(sample.image_id), boxes, labels, scores, names)
+                    TF.to_pil_image(image).save(drawn, quality=92)
     write_json(out / "predictions.json", results)
     write_json(out / "images.json", {s.image_id: s.file_name for s in samples})
     if skipped:
@@ -169,20 +155,6 @@ def clear_earlier_outputs(out: Path, overwrite: bool):
             shutil.rmtree(path)
         else:
             path.unlink()
-
-
-def draw(image, boxes, labels, scores, names, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensor = TF.pil_to_tensor(image)
-    if len(boxes):
-        tensor = draw_bounding_boxes(
-            tensor,
-            boxes,
-            labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist(), strict=False)],
-            colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()],
-            width=2,
-        )
-    TF.to_pil_image(tensor).save(path, quality=92)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,25 @@
 
 Data layouts are detected (see --format). Clips are decoded once with soundfile into an on-disk cache;
 mel spectrograms, SpecAugment, mixup and background noise run batched on the device. The run directory
-gets args.json, results.csv, metrics.json, model/ (what predict_audio.py loads), checkpoints/, logs/
-(TensorBoard), curves.png and confusion_matrix.png."""
+gets run.json, args.json, data_report.json, results.csv, metrics.json, model/ (what predict_audio.py loads,
+with a model card), checkpoints/, logs/ (TensorBoard), curves.png and confusion_matrix.png.
+--eval-only --weights RUN/model scores a saved model on new labelled data; --weights alone fine-tunes from it.
+
+To reuse this script in another project, copy these files, keeping their folders:
+    scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py
+    shared/__init__.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
+    shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
+    shared/metrics/classification/classification.py
+"""
 
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from audio_data import (
@@ -30,13 +38,22 @@ from audio_data import (
     load_noise,
     require_usable_splits,
 )
-from audio_model import TASK, AudioClassifier, frontend_config, pcm_to_float, require_supported_model, save_classifier
+from audio_model import (
+    TASK,
+    build_model,
+    head_parameters,
+    model_config,
+    pcm_to_float,
+    require_supported_model,
+    save_model,
+    use_tiny_map_convs,
+)
 
-from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
+from shared.checkpoint import Checkpoints, RunFolder
 from shared.metrics import load_metric
-from shared.model_io import load_pretrained
-from shared.plots import plot_confusion_matrix, plot_curves
-from shared.results import ResultsLog, write_metrics
+from shared.model_io import label_index, load_pretrained, start_from, write_model_card
+from shared.plots import plot_curves
+from shared.results import ResultsLog
 from shared.runtime import (
     add_common_args,
     files_fingerprint,
@@ -49,14 +66,9 @@ from shared.runtime import (
     write_json,
 )
 from shared.schedule import build_scheduler
-from shared.training import (
-    StepGuard,
-    epoch_bar,
-    largest_batch_size,
-    optimizer_step,
-    throughput,
-    unwrap_for_saving,
-)
+from shared.training import RunState, TrainingLoop, optimizer_step, parameter_groups
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
 
 # The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
 ORDER_AND_SCHEDULE_ARGS = (
@@ -137,6 +149,11 @@ def parse_args(argv=None):
         help="start from ImageNet weights cached in the torch hub folder (stops if none are cached)",
     )
     m.add_argument("--n-mels", type=int, default=64, help="mel bands (default 64)")
+    m.add_argument(
+        "--no-tiny-map-convs",
+        action="store_true",
+        help="on a CPU, keep oneDNN's kernel for convolutions over tiny maps too (the GEMM path is faster for 1 s clips)",
+    )
 
     a = parser.add_argument_group("augmentation (all off with --no-augment)")
     a.add_argument(
@@ -187,18 +204,45 @@ def parse_args(argv=None):
         action="store_true",
         help="weight the loss by inverse class frequency (for unbalanced data such as UrbanSound8K)",
     )
-    o.add_argument(
-        "--log-every",
-        type=int,
-        default=10,
-        help="update the progress bar every N optimizer steps (default 10)",
-    )
     add_common_args(parser, epochs=30, batch_size=32, nominal_batch_size=64)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    data, config, weights = read_data_and_model_config(args)
+    accelerator, plan = setup_accelerator(args, probe_step(args, config))
+    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    accelerator.init_trackers(TASK, config=flat_config(args))
+    clips, noise = decode_clips(accelerator, args, data, config)
+    if args.eval_only:
+        return evaluate_saved_model(accelerator, args, plan, data, clips, config, weights)
+
+    model, optimizer, scheduler, criterion, loaders, start_note = build_training(accelerator, args, plan, clips, config, weights)
+    checkpoints = Checkpoints(
+        accelerator,
+        run,
+        keep=args.keep_checkpoints,
+        fingerprint=run_fingerprint(args, plan, data, config),
+        modules={"model": model},
+        states={"optimizer": optimizer, "scheduler": scheduler},
+    )
+    state = RunState(**(checkpoints.resume(args.resume) or {}))
+    results = ResultsLog(accelerator, args.output_dir)
+    results.keep_epochs_before(state.epoch)
+    write_args_json(args, accelerator, plan, format=data.format, labels=config["labels"], data_notes=data.notes)
+    print_start(accelerator, args, plan, data, clips, config, model, loaders["train"], start_note)
+
+    loop = TrainingLoop(accelerator, checkpoints, state, epochs=args.epochs, checkpoint_steps=args.checkpoint_steps)
+    train(accelerator, args, loop, model, optimizer, scheduler, criterion, loaders, noise, results, config)
+    if not loop.stopped:
+        finish(accelerator, args, loop.state, model, loaders, results, data, config)
+    accelerator.end_training()
+
+
+# ==================================================================== phases of main()
+def read_data_and_model_config(args):
+    """The data's splits and the config of the model to build: new, or read from --weights."""
     require_supported_model(args.model)  # before a large data set is decoded
     data = load_audio_data(
         args.data,
@@ -209,37 +253,45 @@ def main(argv=None):
         label_column=args.label_column,
         val_fraction=args.val_fraction,
     )
-    args.clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[data.format]
-    config = {"model": args.model, "labels": data.labels, **frontend_config(args.sample_rate, args.clip_seconds, args.n_mels)}
-    num_samples = round(args.clip_seconds * args.sample_rate)
-    frames = num_samples // config["hop_length"] + 1
+    weights = load_pretrained(args.weights) if args.weights else None
+    if args.eval_only:
+        if weights is None:
+            raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
+        config = weights[1]
+        relabel(data, config["labels"], args.data)
+    else:
+        args.clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[data.format]
+        model = weights[1]["model"] if weights else args.model
+        config = model_config(model, data.labels, args.sample_rate, args.clip_seconds, args.n_mels)
+    frames = round(config["clip_seconds"] * config["sample_rate"]) // config["hop_length"] + 1
     args.freq_mask = 0 if args.no_augment else args.n_mels // 8 if args.freq_mask is None else args.freq_mask
     args.time_mask = 0 if args.no_augment else frames // 10 if args.time_mask is None else args.time_mask
-    if args.batch_size == "auto":
-        args.batch_size = largest_batch_size(args, probe_step(args, config, num_samples))
-    accelerator = setup_accelerator(args)
-    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
-    accelerator.init_trackers("audio", config=flat_config(args))
+    return data, config, weights
 
-    # ---------------------------------------------------------------- data: decode once, cache, reuse
-    # Every process asks for the cache; the first to take its file lock decodes, the others wait on the lock
-    # (not on a collective, which would time out while a large data set is decoded).
-    clips = {
-        name: CachedClips(split, args.sample_rate, num_samples, args.cache_dir, args.workers, name)
-        for name, split in data.splits.items()
-    }
-    noise, noise_skipped = (
-        load_noise(data.noise_files, args.sample_rate) if data.noise_files and not args.no_augment else (torch.zeros(0), [])
-    )
+
+def decode_clips(accelerator, args, data, config):
+    """Decode once, cache, reuse. Every process asks for the cache; the first to take its file lock decodes,
+    the others wait on the lock (not on a collective, which would time out while a large data set decodes)."""
+    rate, num_samples = config["sample_rate"], round(config["clip_seconds"] * config["sample_rate"])
+    splits = {name: split for name, split in data.splits.items() if not (args.eval_only and name == "train")}
+    clips = {name: CachedClips(split, rate, num_samples, args.cache_dir, args.workers, name) for name, split in splits.items()}
+    use_noise = data.noise_files and not args.no_augment and not args.eval_only
+    noise, noise_skipped = load_noise(data.noise_files, rate) if use_noise else (torch.zeros(0), [])
     write_data_report(accelerator, args, data, clips, noise_skipped)
     require_usable_splits(clips, args.output_dir / "data_report.json")
-    require_every_class(args.data, data.labels, clips["train"])
-    train_dl, val_dl = (clip_loader(clips[name], args, shuffle=name == "train") for name in ("train", "val"))
-    test_dl = clip_loader(clips["test"], args, shuffle=False) if "test" in clips else None
+    if not args.eval_only:
+        require_every_class(args.data, data.labels, clips["train"])
+    return clips, noise.to(accelerator.device)
 
-    # ---------------------------------------------------------------- model and optimizer
-    model = build_model(args, config)
+
+def build_training(accelerator, args, plan, clips, config, weights):
+    """Model (from --weights when given), optimizer, schedule and loss, all prepared by Accelerate."""
+    model = build_model(config, pretrained=args.pretrained, freq_mask=args.freq_mask, time_mask=args.time_mask)
+    initial = "ImageNet init" if args.pretrained else "from scratch"
+    start_note = start_from(model, weights, config["labels"], head_parameters(model), initial)
     model.frontend.fit_normalisation(normalisation_sample(clips["train"]))
+    if accelerator.device.type == "cpu" and not args.no_tiny_map_convs:
+        use_tiny_map_convs(model)
     if args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
@@ -247,49 +299,38 @@ def main(argv=None):
     # fused: one kernel for all tensors instead of a Python loop per tensor (about 2x faster steps on CPU and GPU)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
     criterion = torch.nn.CrossEntropyLoss(
-        weight=class_weights(clips["train"], len(data.labels)) if args.class_weights else None,
+        weight=class_weights(clips["train"], len(config["labels"])) if args.class_weights else None,
         label_smoothing=args.label_smoothing,
     ).to(accelerator.device)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-    test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
-    noise = noise.to(accelerator.device)
+    loaders = {name: clip_loader(c, args, plan, shuffle=name == "train") for name, c in clips.items()}
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    loaders = dict(zip(loaders, prepared, strict=True))
     seed_per_process(accelerator, args.seed)
-    steps_per_epoch = math.ceil(len(train_dl) / args.accumulation_steps)
+    steps_per_epoch = math.ceil(len(loaders["train"]) / plan.accumulation_steps)
     scheduler = build_scheduler(
         optimizer,
         total_steps=steps_per_epoch * args.epochs,
         warmup_steps=round(args.warmup_epochs * steps_per_epoch),
         shape=args.schedule,
     )
+    return model, optimizer, scheduler, criterion, loaders, start_note
 
-    # Anything here that differs on --resume would skip the wrong samples or jump the schedule.
-    fingerprint = {
+
+def run_fingerprint(args, plan, data, config) -> dict:
+    """Anything here that differs on --resume would skip the wrong samples or jump the schedule."""
+    return {
         "task": TASK,
-        "labels": data.labels,
-        "processes": accelerator.num_processes,
+        "labels": config["labels"],
+        "processes": plan.processes,
         "files": files_fingerprint({name: split.names for name, split in data.splits.items()}),
         **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},
         **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
     }
-    checkpoints = Checkpoints(
-        accelerator,
-        run,
-        keep=args.keep_checkpoints,
-        fingerprint=fingerprint,
-        modules={"model": model},
-        states={"optimizer": optimizer, "scheduler": scheduler},
-    )
-    progress = checkpoints.resume(args.resume) or {
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "step": 0,
-        "loss_sum": 0.0,
-        "seen": 0,
-        "best": None,
-    }
-    results = ResultsLog(accelerator, args.output_dir)
-    results.keep_epochs_before(progress["epoch"])
-    write_args_json(args, accelerator, format=data.format, labels=data.labels, data_notes=data.notes)
+
+
+def print_start(accelerator, args, plan, data, clips, config, model, train_dl, start_note):
+    labels, steps = config["labels"], math.ceil(len(train_dl) / plan.accumulation_steps)
+    mels = f"{config['n_mels']} mels x {round(config['clip_seconds'] * config['sample_rate']) // config['hop_length'] + 1} frames"
     print_summary(
         accelerator,
         "audio classification",
@@ -297,172 +338,135 @@ def main(argv=None):
             "data": f"{args.data} ({data.format}); " + "; ".join(data.notes),
             "clips": ", ".join(f"{name} {len(c)}" for name, c in clips.items())
             + f" (skipped {sum(len(c.skipped) for c in clips.values())})",
-            "classes": f"{len(data.labels)}: {', '.join(data.labels[:12])}{' ...' if len(data.labels) > 12 else ''}",
-            "features": f"{args.sample_rate} Hz, {args.clip_seconds} s, {args.n_mels} mels x {frames} frames",
-            "model": f"{args.model}{' (ImageNet init)' if args.pretrained else ''}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
+            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
+            "features": f"{config['sample_rate']} Hz, {config['clip_seconds']} s, {mels}",
+            "model": f"{config['model']} ({start_note}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
             "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
-            "batch": f"{args.batch_size} per device x {accelerator.num_processes} processes x {args.accumulation_steps} "
-            f"accumulation steps = {args.effective_batch_size} per optimizer step",
-            "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total",
+            "batch": plan.describe(),
+            "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total",
         },
     )
 
-    # ---------------------------------------------------------------- training loop
-    guard = StepGuard(accelerator, GracefulStop())
+
+def train(accelerator, args, loop, model, optimizer, scheduler, criterion, loaders, noise, results, config):
     model_dir = args.output_dir / "model"
-    step, best = progress["step"], progress["best"]
-    for epoch in range(progress["epoch"], args.epochs):
-        resumed_here = epoch == progress["epoch"] and progress["batch_in_epoch"] > 0
-        skip = progress["batch_in_epoch"] if resumed_here else 0
+    for epoch in loop.epochs():
         model.train()
-        train_dl.set_epoch(epoch)  # seeded by (seed, epoch): the same order for any process count and after a resume
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        # Running sums stay on the device (no host sync per step); a resumed epoch starts from the saved totals.
-        carried = accelerator.is_main_process and resumed_here
-        loss_sum = torch.tensor(progress["loss_sum"] if carried else 0.0, dtype=torch.float64, device=accelerator.device)
-        seen = torch.tensor(progress["seen"] if carried else 0, dtype=torch.float64, device=accelerator.device)
-        start, batch_in_epoch = time.perf_counter(), skip
-        bar = epoch_bar(accelerator, epoch=epoch, epochs=args.epochs, total=len(train_dl), done=skip)
-        for waves, targets in loader:
+        for waves, targets in loop.batches(loaders["train"]):
             with accelerator.accumulate(model):
                 waves = augment_waveforms(pcm_to_float(waves), noise, args)
                 with accelerator.autocast():
                     loss = mixup_loss(model, criterion, waves, targets, args.mixup)
                 accelerator.backward(loss)
-                guard.add(loss)
-                stopping = accelerator.sync_gradients and guard.stop_agreed(epoch=epoch, step=step + 1)
-                stepped = optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=args.clip_grad)
-            loss_sum += loss.detach().double() * len(targets)
-            seen += len(targets)
-            batch_in_epoch += 1
-            bar.update(1)
-            if not stepped:
-                continue
-            step += 1
-            checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
-            if step % args.log_every == 0:
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}",
-                    clips_per_s=f"{seen.item() * accelerator.num_processes / (time.perf_counter() - start):.0f}",
-                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                )
-            if checkpoint_due or stopping:
-                save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best)
-            if stopping:
-                bar.close()
-                accelerator.print(
-                    f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
-                    "Continue with the same command plus --resume."
-                )
-                accelerator.end_training()
-                return
-        bar.close()
-        seconds = time.perf_counter() - start
-        train_loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(seen, "sum")).item()
-        train_clips = len(clips["train"]) * (len(train_dl) - skip) / len(train_dl)
+                loop.after_backward({"loss": loss}, len(targets))
+                optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=args.clip_grad)
+        if loop.stopped:
+            return
+        train_row = loop.epoch_summary()
 
-        # ------------------------------------------------------------ evaluation on the validation split
-        val = evaluate(model, val_dl, accelerator, data.labels)
+        val = evaluate(model, loaders["val"], accelerator, config["labels"])
+        # Accuracy saturates on small validation sets: a tie goes to the epoch with the lower validation loss.
+        fitness = [val["accuracy"], -val["loss"]]
+        if loop.end_epoch(fitness, {k: val[k] for k in CLASSIFICATION_METRICS}) and accelerator.is_main_process:
+            save_model(model_dir, accelerator.unwrap_model(model, keep_torch_compile=False), config)
+        accelerator.wait_for_everyone()
         results.add(
             {
                 "epoch": epoch,
-                "step": step,
+                "step": loop.state.step,
                 "lr": scheduler.get_last_lr()[0],
-                "train_loss": train_loss,
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "val_macro_f1": val["macro_f1"],
-                "seconds": seconds,
-                "train_samples_per_second": throughput(train_clips, seconds),
+                **train_row,
+                **{f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")},
             },
-            step=step,
+            step=loop.state.step,
         )
         accelerator.print(
-            f"epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
+            f"epoch {epoch + 1}: train loss {train_row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
             f"val accuracy {val['accuracy']:.4f}, val macro-F1 {val['macro_f1']:.4f}, "
-            f"{throughput(train_clips, seconds):.0f} clips/s"
+            f"{train_row['train_samples_per_second']:.0f} clips/s"
         )
-        if best is None or val["accuracy"] > best["val"]["accuracy"]:
-            best = {"epoch": epoch, "val": {k: val[k] for k in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}}
-            if accelerator.is_main_process:
-                save_classifier(model_dir, unwrap_for_saving(accelerator, model), config)
-        accelerator.wait_for_everyone()
-        save_checkpoint(accelerator, checkpoints, epoch + 1, 0, step, torch.zeros(()), torch.zeros(()), best)
-        if guard.stop_agreed(epoch=epoch, step=step):
-            accelerator.print(f"stopped after epoch {epoch + 1}; checkpoint saved. Continue with the same command plus --resume.")
-            accelerator.end_training()
-            return
+        loop.next_epoch()
 
-    # ---------------------------------------------------------------- test with the best model, artifacts
-    if best is None:
+
+def finish(accelerator, args, state, model, loaders, results, data, config):
+    """Test the best model, write metrics.json, the plots and the model card."""
+    if state.best_epoch is None:
         raise SystemExit("no epoch was trained (--epochs 0?), so there is no model to test")
-    state, _ = load_pretrained(model_dir)
-    accelerator.unwrap_model(model).load_state_dict(state)
+    model_dir = args.output_dir / "model"
+    accelerator.unwrap_model(model).load_state_dict(load_pretrained(model_dir)[0])
     summary = {
         "task": TASK,
-        "best_epoch": best["epoch"],
-        "labels": data.labels,
-        "train_samples_per_second": mean_throughput(results),
-        "val": best["val"],
+        "best_epoch": state.best_epoch,
+        "labels": config["labels"],
+        "train_samples_per_second": results.mean("train_samples_per_second"),
+        "val": state.best_val,
     }
-    if test_dl is not None:
-        test = evaluate(model, test_dl, accelerator, data.labels)
-        summary["test"] = {k: test[k] for k in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}
-    write_metrics(accelerator, args.output_dir, summary)
+    if "test" in loaders:
+        test = evaluate(model, loaders["test"], accelerator, config["labels"])
+        summary["test"] = {k: test[k] for k in CLASSIFICATION_METRICS}
     if accelerator.is_main_process:
+        write_json(args.output_dir / "metrics.json", summary)
         plot_curves(results.path, args.output_dir / "curves.png")
-        shown = "test" if "test" in summary else "val"
-        plot_confusion_matrix(
-            summary[shown]["confusion_matrix"],
-            data.labels,
-            args.output_dir / "confusion_matrix.png",
-            title=f"{shown} confusion matrix (best epoch {best['epoch']})",
-        )
+        write_card(args, model_dir, data, config, summary)
+    write_pictures(accelerator, args, summary, config["labels"], f"best epoch {state.best_epoch}")
+    test_part = f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}"
     accelerator.print(
-        f"best epoch {best['epoch'] + 1}: val accuracy {best['val']['accuracy']:.4f}"
-        + (
-            f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}"
-            if "test" in summary
-            else ""
-        )
+        f"best epoch {state.best_epoch + 1}: val accuracy {state.best_val['accuracy']:.4f}"
+        + (test_part if "test" in summary else "")
         + f"; model in {model_dir}"
     )
+
+
+def evaluate_saved_model(accelerator, args, plan, data, clips, config, weights):
+    """--eval-only: score the --weights model on every split but train (exactly once per clip under DDP)."""
+    model = build_model(config)
+    model.load_state_dict(weights[0])
+    if accelerator.device.type == "cpu" and not args.no_tiny_map_convs:
+        use_tiny_map_convs(model)
+    loaders = {name: clip_loader(c, args, plan, shuffle=False) for name, c in clips.items() if name != "train"}
+    model, *prepared = accelerator.prepare(model, *loaders.values())
+    summary = {"task": TASK, "weights": str(args.weights), "labels": config["labels"]}
+    for name, loader in zip(loaders, prepared, strict=True):
+        metrics = evaluate(model, loader, accelerator, config["labels"])
+        summary[name] = {k: metrics[k] for k in CLASSIFICATION_METRICS}
+        accelerator.print(
+            f"{name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {len(clips[name])} clips"
+        )
+    write_args_json(args, accelerator, plan, format=data.format, labels=config["labels"], data_notes=data.notes)
+    if accelerator.is_main_process:
+        write_json(args.output_dir / "metrics.json", summary)
+    write_pictures(accelerator, args, summary, config["labels"], f"model {args.weights}")
     accelerator.end_training()
 
 
-# ==================================================================== the model: replace this to change it
-def build_model(args, config: dict) -> AudioClassifier:
-    """Log-mel frontend (with SpecAugment) + a torchvision classifier named by --model, 1-channel stem."""
-    model = AudioClassifier(config, pretrained=args.pretrained, freq_mask=args.freq_mask, time_mask=args.time_mask)
-    return model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs with oneDNN
+# ==================================================================== training helpers
+def relabel(data, labels: list[str], root):
+    """Express every split's targets as indices into the model's labels."""
+    index = label_index(data.labels, labels, root)
+    for split in data.splits.values():
+        split.targets = index[split.targets]
+    data.labels = labels
 
 
-def parameter_groups(model, weight_decay: float):
-    """No weight decay on biases and normalisation weights (1-d tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def probe_step(args, config: dict, num_samples: int):
+def probe_step(args, config: dict):
     """One training step on random clips, for --batch-size auto."""
 
     def step(batch_size, device, dtype):
-        model = build_model(args, config).to(device)
+        model = build_model(config).to(device)
+        samples = round(config["clip_seconds"] * config["sample_rate"])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(torch.randn(batch_size, num_samples, device=device)).float().logsumexp(1).mean()
+            loss = model(torch.randn(batch_size, samples, device=device)).float().logsumexp(1).mean()
         loss.backward()
 
     return step
 
 
-def clip_loader(clips: CachedClips, args, shuffle: bool):
+def clip_loader(clips: CachedClips, args, plan, shuffle: bool):
     # Own generators: starting an epoch must not draw from the global RNG that augmentation uses, or a
     # run resumed mid-epoch would augment differently from an uninterrupted one.
     return make_loader(
         clips,
-        batch_size=args.batch_size,
+        batch_size=plan.batch_size,
         shuffle=shuffle,
         workers=args.workers,
         generator=torch.Generator().manual_seed(args.seed),
@@ -511,20 +515,6 @@ def mixup_loss(model, criterion, waves, targets, alpha: float) -> torch.Tensor:
     return lam * criterion(logits, targets) + (1 - lam) * criterion(logits, targets[perm])
 
 
-def save_checkpoint(accelerator, checkpoints, epoch, batch_in_epoch, step, loss_sum, seen, best):
-    """Everything the loop needs to continue exactly: position, the epoch's running loss, the best so far."""
-    checkpoints.save(
-        {
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "step": step,
-            "loss_sum": accelerator.reduce(loss_sum.to(accelerator.device), "sum").item(),
-            "seen": int(accelerator.reduce(seen.to(accelerator.device), "sum").item()),
-            "best": best,
-        }
-    )
-
-
 @torch.no_grad()
 def evaluate(model, loader, accelerator, labels: list[str]) -> dict:
     """Each process predicts its shard; gather_for_metrics drops the padding DDP adds, so each clip counts once.
@@ -571,6 +561,63 @@ def write_data_report(accelerator, args, data, clips, noise_skipped):
         )
 
 
+def write_pictures(accelerator, args, summary: dict, labels: list[str], what: str):
+    """confusion_matrix.png of the test split (or val, when there is no test split)."""
+    if not accelerator.is_main_process:
+        return
+    shown = "test" if "test" in summary else "val"
+    plot_confusion_matrix(
+        summary[shown]["confusion_matrix"], labels, args.output_dir / "confusion_matrix.png", f"{shown}, {what}"
+    )
+
+
+def plot_confusion_matrix(matrix, labels: list[str], path: Path, title: str):
+    """Rows are true classes, normalised to recall; the counts are written in the cells of small matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix: {title}")
+    if len(labels) <= 30:
+        for i, j in np.ndindex(matrix.shape):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_card(args, model_dir: Path, data, config: dict, summary: dict):
+    metrics = {split: {k: summary[split][k] for k in ("accuracy", "macro_f1")} for split in ("val", "test") if split in summary}
+    usage = f"""```bash
+python scripts/predict_audio.py --model-dir {model_dir} recording.wav          # JSON lines, sliding windows
+python scripts/train_audio.py --eval-only --weights {model_dir} --data OTHER --output-dir runs/eval
+python scripts/export_model.py --model-dir {model_dir} --format onnx           # waveform -> logits, with a parity report
+python scripts/serve.py --model-dir {model_dir} --port 8000                    # POST /v1/predict
+```
+Input: mono float waveforms at {config["sample_rate"]} Hz, {config["clip_seconds"]} s per window (the log-mel frontend is part
+of the model)."""
+    write_model_card(
+        model_dir,
+        pipeline_tag="audio-classification",
+        title=f"{config['model']} audio classifier ({len(config['labels'])} classes)",
+        labels=config["labels"],
+        data=f"`{args.data}` ({data.format}): "
+        + "; ".join(data.notes)
+        + f". Best epoch {summary['best_epoch']} of {args.epochs}.",
+        metrics=metrics,
+        arguments={k: v for k, v in vars(args).items() if k not in ("output_dir", "cache_dir")},
+        usage=usage,
+    )
+
+
 def require_every_class(root: str, labels: list[str], train: CachedClips):
     counts = torch.bincount(torch.from_numpy(train.targets), minlength=len(labels))
     empty = [labels[i] for i in range(len(labels)) if counts[i] == 0]
@@ -579,11 +626,6 @@ def require_every_class(root: str, labels: list[str], train: CachedClips):
             f"{root}: class(es) {empty} have no usable training clips; add clips or remove the class "
             "(data_report.json lists skipped files)"
         )
-
-
-def mean_throughput(results: ResultsLog) -> float:
-    rows = results.rows()
-    return sum(float(r["train_samples_per_second"]) for r in rows) / len(rows) if rows else 0.0
 
 
 if __name__ == "__main__":

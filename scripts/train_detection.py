@@ -6,19 +6,26 @@ on a CPU, one GPU or many, with Accelerate.
     accelerate launch --config_file accelerate_configs/gpu4_fp16.yaml scripts/train_detection.py \\
         --data my_data/data.yaml --model fcos_resnet50_fpn --pretrained --img-size 640 --output-dir runs/det
 
---data is a YOLO data.yaml, a COCO instances .json or a Hub dataset id (objects{bbox, category}).
+--data is a YOLO data.yaml, a COCO instances .json or (with --format hub) a Hub dataset id (objects{bbox, category}).
 The recipe: nominal batch 64 by gradient accumulation across processes, warmup of LR and momentum, cosine
 decay, EMA weights for evaluation and saving, box-aware augmentation, optional multi-scale, gradient
 clipping, COCO mAP every epoch, best model by fitness 0.1 mAP50 + 0.9 mAP50-95, early stop. The run
 directory gets args.json, data_report.json, results.csv, metrics.json, model/ (what predict_detection.py
 loads), checkpoints/, logs/ (TensorBoard), predictions_{split}.json + ground_truth_{split}.json (COCO, for
-re-checking with pycocotools), curves.png, labels.png and val_predictions.png."""
+re-checking with pycocotools), curves.png, labels.png and val_predictions.png.
+--eval-only --weights RUN/model scores a saved model on new labelled data; --weights alone fine-tunes from it.
+
+To reuse this script in another project, copy these files, keeping their folders:
+    scripts/train_detection.py scripts/detection_data.py scripts/detection_model.py
+    shared/__init__.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
+    shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
+    shared/metrics/coco_map/coco_map.py
+"""
 
 import argparse
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
@@ -31,6 +38,8 @@ from detection_data import (
     MAX_PIXELS,
     ColourJitter,
     DetectionDataset,
+    coco_results,
+    draw_detections,
     eval_transform,
     label_statistics,
     load_data,
@@ -41,14 +50,25 @@ from detection_data import (
     to_original_coordinates,
     train_transform,
 )
-from detection_model import available_models, build_model, freeze_backbone, input_size, set_postprocess
+from detection_model import (
+    TASK,
+    available_models,
+    build_model,
+    freeze_backbone,
+    head_parameters,
+    input_size,
+    make_ema,
+    model_config,
+    save_model,
+    set_postprocess,
+)
+from torchvision.transforms.v2 import functional as TF
 
-from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
-from shared.ema import make_ema
+from shared.checkpoint import Checkpoints, RunFolder
 from shared.metrics import load_metric
-from shared.model_io import load_pretrained, save_pretrained
+from shared.model_io import label_index, load_pretrained, start_from, write_model_card
 from shared.plots import plot_curves
-from shared.results import ResultsLog, write_metrics
+from shared.results import ResultsLog
 from shared.runtime import (
     add_common_args,
     files_fingerprint,
@@ -60,17 +80,10 @@ from shared.runtime import (
     write_args_json,
     write_json,
 )
-from shared.schedule import build_scheduler, warmup_momentum
-from shared.training import (
-    StepGuard,
-    epoch_bar,
-    largest_batch_size,
-    optimizer_step,
-    throughput,
-    unwrap_for_saving,
-)
+from shared.schedule import build_scheduler
+from shared.training import RunState, TrainingLoop, optimizer_step, parameter_groups
 
-TASK = "detection"
+MAP_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
 
 # The recipe in one place; --hyp FILE.yaml overrides any of these keys.
 HYP = {
@@ -79,7 +92,7 @@ HYP = {
     "lrf": 0.01,  # final LR as a fraction of lr0
     "schedule": "cosine",  # cosine or linear decay after warmup
     "momentum": 0.937,  # SGD momentum / Adam beta1
-    "weight_decay": 5e-4,  # on conv/linear weights only, scaled by effective batch / 64
+    "weight_decay": 5e-4,  # on conv/linear weights only, scaled by effective / nominal batch
     "warmup_epochs": 3.0,  # LR ramps from 0 and momentum from warmup_momentum over this many epochs
     "warmup_momentum": 0.8,
     "ema_decay": 0.9999,  # EMA decay, ramped as decay * (1 - exp(-updates / ema_tau))
@@ -94,7 +107,6 @@ HYP = {
     "eval_iou": 0.6,  # NMS IoU
     "max_det": 100,  # detections per image
 }
-
 
 # The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
 ORDER_AND_SCHEDULE_ARGS = ("model", "batch_size", "nominal_batch_size", "epochs", "seed", "multi_scale", "val_fraction")
@@ -155,12 +167,6 @@ def parse_args(argv=None):
         default="pycocotools",
         help="COCO mAP implementation (default pycocotools)",
     )
-    r.add_argument(
-        "--log-every",
-        type=int,
-        default=10,
-        help="update the progress bar every N optimizer steps (default 10)",
-    )
     add_common_args(parser, epochs=30, batch_size=16, nominal_batch_size=64)
     return parser.parse_args(argv)
 
@@ -179,32 +185,249 @@ def load_hyp(path: Path | None) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     hyp = load_hyp(args.hyp)
-    if args.batch_size == "auto":
-        args.batch_size = largest_batch_size(args, probe_step(args))
-    accelerator = setup_accelerator(args)
+    data = load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
+    config, weights = model_config_for(args, data, hyp)
+    accelerator, plan = setup_accelerator(args, probe_step(args, config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     accelerator.init_trackers(TASK, config=flat_config(args))
+    report_data(accelerator, args, data, config)
+    if args.eval_only:
+        return evaluate_saved_model(accelerator, args, plan, data, config, weights, hyp)
 
-    # ---------------------------------------------------------------- data
-    data = load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
-    names = data.names
+    model, ema, optimizer, scheduler, datasets, loaders, start_note = build_training(
+        accelerator, args, plan, data, config, weights, hyp
+    )
+    checkpoints = Checkpoints(
+        accelerator,
+        run,
+        keep=args.keep_checkpoints,
+        fingerprint=run_fingerprint(args, plan, data, config, hyp),
+        modules={"model": model, "ema": ema},
+        states={"optimizer": optimizer, "scheduler": scheduler},
+    )
+    state = RunState(**(checkpoints.resume(args.resume) or {}))
+    results = ResultsLog(accelerator, args.output_dir)
+    results.keep_epochs_before(state.epoch)
+    write_args_json(
+        args, accelerator, plan, hyp=hyp, labels=config["labels"], img_size=config["img_size"], data_description=data.description
+    )
+    print_start(accelerator, args, plan, data, config, model, loaders["train"], hyp, start_note)
+
+    loop = TrainingLoop(accelerator, checkpoints, state, epochs=args.epochs, checkpoint_steps=args.checkpoint_steps)
+    train(accelerator, args, loop, model, ema, optimizer, scheduler, datasets, loaders, results, config, hyp)
+    if not loop.stopped:
+        finish(accelerator, args, loop.state, ema.module, datasets, loaders, results, data, config)
+    accelerator.end_training()
+
+
+# ==================================================================== phases of main()
+def model_config_for(args, data, hyp):
+    """The config of the model to build: new, or read from --weights (whose labels --eval-only data is matched to)."""
+    weights = load_pretrained(args.weights) if args.weights else None
+    if args.eval_only:
+        if weights is None:
+            raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
+        relabel(data, weights[1]["labels"], args.data)
+        return weights[1], weights
+    name = weights[1]["model"] if weights else args.model
+    config = model_config(name, data.names, args.img_size, hyp)
+    config["img_size"] = input_size(build_model(config), args.img_size)  # SSD models have their own fixed size
+    return config, weights
+
+
+def report_data(accelerator, args, data, config):
+    """data_report.json, then stop before training if a split has no boxes to learn or score."""
     if accelerator.is_main_process:
-        write_json(args.output_dir / "data_report.json", {"data": args.data, "names": names, **data.report.to_dict(data)})
+        report = {"data": args.data, "names": data.names, **data.report.to_dict(data)}
+        write_json(args.output_dir / "data_report.json", report)
+        if not args.eval_only:
+            plot_label_statistics(label_statistics(data.splits["train"], data.names), data.names, args.output_dir / "labels.png")
     require_boxes(data, args.output_dir / "data_report.json")
 
-    # ---------------------------------------------------------------- model
-    model = build_model(args.model, len(names), args.img_size, args.pretrained)
-    img_size = input_size(model, args.img_size)
+
+def build_training(accelerator, args, plan, data, config, weights, hyp):
+    """Model (from --weights when given), its EMA, optimizer, schedule and data loaders, prepared by Accelerate."""
+    model = build_model(config, pretrained=args.pretrained)
+    initial = "COCO init" if args.pretrained else "from scratch"
+    start_note = start_from(model, weights, config["labels"], head_parameters(model), initial)
     frozen = freeze_backbone(model, args.freeze)
+    start_note += f", frozen: {', '.join(frozen)}" if frozen else ""
     set_postprocess(model, hyp["eval_conf"], hyp["eval_iou"], hyp["max_det"])
-    model.transform._skip_resize = True  # batches arrive at their training size (multi-scale included)
     if args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
         model.backbone.compile()  # in place, so parameter names (checkpoints, model/) stay the same
+    datasets = detection_datasets(args, data, config["img_size"], hyp)
+    loaders = {split: image_loader(ds, args, plan, config, shuffle=split == "train") for split, ds in datasets.items()}
+    # Weight decay as YOLO scales it: proportional to the effective batch relative to the nominal one.
+    decay = hyp["weight_decay"] * plan.effective_batch_size / args.nominal_batch_size
+    optimizer = make_optimizer(parameter_groups(model, decay), hyp)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    loaders = dict(zip(loaders, prepared, strict=True))
+    steps_per_epoch = math.ceil(len(loaders["train"]) / plan.accumulation_steps)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * args.epochs,
+        warmup_steps=round(hyp["warmup_epochs"] * steps_per_epoch),
+        shape=hyp["schedule"],
+        final_lr_ratio=hyp["lrf"],
+    )
+    ema = make_ema(accelerator.unwrap_model(model, keep_torch_compile=False), hyp["ema_decay"], hyp["ema_tau"])
+    seed_per_process(accelerator, args.seed)
+    return model, ema, optimizer, scheduler, datasets, loaders, start_note
 
-    augment = not args.no_augment
-    datasets = {
+
+def run_fingerprint(args, plan, data, config, hyp) -> dict:
+    """Anything here that differs on --resume would skip the wrong samples or jump the schedule."""
+    return {
+        "task": TASK,
+        "labels": config["labels"],
+        "processes": plan.processes,
+        "hyp": hyp,
+        "img_size": config["img_size"],
+        "files": files_fingerprint({split: [str(s.source) for s in samples] for split, samples in data.splits.items()}),
+        **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
+    }
+
+
+def print_start(accelerator, args, plan, data, config, model, train_dl, hyp, start_note):
+    labels, steps = config["labels"], math.ceil(len(train_dl) / plan.accumulation_steps)
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print_summary(
+        accelerator,
+        "object detection",
+        {
+            "data": data.description,
+            "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
+            "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
+            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
+            "model": f"{config['model']} at {config['img_size']} px, {parameters:.2f} M parameters ({start_note})",
+            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
+            "batch": plan.describe(),
+            "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(hyp['warmup_epochs'] * steps)} warmup",
+        },
+    )
+
+
+def train(accelerator, args, loop, model, ema, optimizer, scheduler, datasets, loaders, results, config, hyp):
+    model_dir, metric = args.output_dir / "model", load_metric("coco_map")
+    warmup_steps = round(hyp["warmup_epochs"] * math.ceil(len(loaders["train"]) / accelerator.gradient_accumulation_steps))
+    for epoch in loop.epochs():
+        model.train()
+        datasets["train"].set_epoch(epoch)  # augmentation seeded by (seed, epoch, image)
+        for images, targets in loop.batches(loaders["train"]):
+            images, targets = to_training_batch(accelerator, args, images, targets, config["img_size"], loop.state)
+            with accelerator.accumulate(model):
+                warmup_momentum(optimizer, loop.state.step, warmup_steps, hyp["warmup_momentum"], hyp["momentum"])
+                with accelerator.autocast():
+                    losses = model(images, targets)
+                loss = sum(losses.values())
+                accelerator.backward(loss)
+                loop.after_backward({"loss": loss, **losses}, len(targets))
+                if optimizer_step(accelerator, model, optimizer, scheduler, hyp["clip_grad"]):
+                    ema.update_parameters(accelerator.unwrap_model(model))
+        if loop.stopped:
+            return
+        train_row = loop.epoch_summary()
+
+        val, _ = evaluate(
+            ema.module, loaders["val"], accelerator, datasets["val"].samples, config["labels"], metric, args.map_backend
+        )
+        fitness = 0.1 * val["map50"] + 0.9 * val["map"]
+        improved = loop.end_epoch(fitness, {k: val[k] for k in MAP_KEYS})
+        if improved and accelerator.is_main_process:
+            save_model(model_dir, accelerator.unwrap_model(ema.module, keep_torch_compile=False), config)
+        accelerator.wait_for_everyone()
+        results.add(
+            {
+                "epoch": epoch,
+                "step": loop.state.step,
+                "lr": scheduler.get_last_lr()[0],
+                **train_row,
+                **{f"val_{k}": val[k] for k in MAP_KEYS},
+                "fitness": fitness,
+            },
+            step=loop.state.step,
+        )
+        accelerator.print(
+            f"epoch {epoch + 1}: loss {train_row['train_loss']:.4f}, val mAP50 {val['map50']:.4f}, mAP50-95 {val['map']:.4f}"
+            f"{' (best)' if improved else ''}, {train_row['train_samples_per_second']:.1f} images/s"
+        )
+        loop.next_epoch()
+        if args.patience and loop.state.stale_epochs >= args.patience:
+            accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {loop.state.best_epoch + 1})")
+            return
+
+
+def finish(accelerator, args, state, best_model, datasets, loaders, results, data, config):
+    """The best (EMA) model on val and test: metrics.json, COCO json files, pictures and the model card."""
+    if state.best_epoch is None:
+        raise SystemExit("no epoch was trained (--epochs 0?), so there is no model to evaluate")
+    model_dir = args.output_dir / "model"
+    best_model.load_state_dict(load_pretrained(model_dir)[0])
+    summary = {
+        "task": TASK,
+        "best_epoch": state.best_epoch,
+        "labels": config["labels"],
+        "train_samples_per_second": results.mean("train_samples_per_second"),
+        **score_splits(accelerator, args, best_model, datasets, loaders, config),
+    }
+    if accelerator.is_main_process:
+        write_json(args.output_dir / "metrics.json", summary)
+        plot_curves(results.path, args.output_dir / "curves.png")
+        write_card(args, model_dir, data, config, summary)
+    shown = "test" if "test" in summary else "val"
+    accelerator.print(
+        f"best epoch {state.best_epoch + 1}: {shown} mAP50 {summary[shown]['map50']:.4f}, "
+        f"mAP50-95 {summary[shown]['map']:.4f}; model in {model_dir}"
+    )
+
+
+def evaluate_saved_model(accelerator, args, plan, data, config, weights, hyp):
+    """--eval-only: score the --weights model on val and test (exactly once per image under DDP)."""
+    model = build_model(config)
+    model.load_state_dict(weights[0])
+    set_postprocess(model, hyp["eval_conf"], hyp["eval_iou"], hyp["max_det"])
+    datasets = {s: ds for s, ds in detection_datasets(args, data, config["img_size"], hyp).items() if s != "train"}
+    loaders = {split: image_loader(ds, args, plan, config, shuffle=False) for split, ds in datasets.items()}
+    model, *prepared = accelerator.prepare(model, *loaders.values())
+    loaders = dict(zip(loaders, prepared, strict=True))
+    summary = {"task": TASK, "weights": str(args.weights), "labels": config["labels"]}
+    summary.update(score_splits(accelerator, args, accelerator.unwrap_model(model), datasets, loaders, config))
+    write_args_json(
+        args, accelerator, plan, hyp=hyp, labels=config["labels"], img_size=config["img_size"], data_description=data.description
+    )
+    if accelerator.is_main_process:
+        write_json(args.output_dir / "metrics.json", summary)
+    for split in loaders:
+        accelerator.print(
+            f"{split}: mAP50 {summary[split]['map50']:.4f}, mAP50-95 {summary[split]['map']:.4f} on {len(datasets[split])} images"
+        )
+    accelerator.end_training()
+
+
+def score_splits(accelerator, args, model, datasets, loaders, config) -> dict:
+    """mAP on val and test; the predictions as COCO results beside a COCO ground truth, so anyone can re-check."""
+    metric, scores = load_metric("coco_map"), {}
+    for split in ("val", "test"):
+        if split not in loaders:
+            continue
+        samples = datasets[split].samples
+        scores[split], predictions = evaluate(
+            model, loaders[split], accelerator, samples, config["labels"], metric, args.map_backend
+        )
+        if accelerator.is_main_process:
+            write_json(args.output_dir / f"predictions_{split}.json", coco_results(predictions))
+            write_json(args.output_dir / f"ground_truth_{split}.json", to_coco(samples, config["labels"]))
+            if split == "val":
+                draw_grid(datasets["val"], predictions, config["labels"], args.output_dir / "val_predictions.png")
+    return scores
+
+
+# ==================================================================== training helpers
+def detection_datasets(args, data, img_size: int, hyp: dict) -> dict:
+    augment = not args.no_augment and not args.eval_only
+    return {
         split: DetectionDataset(
             samples,
             train_transform(img_size, hyp) if split == "train" and augment else eval_transform(img_size),
@@ -214,246 +437,35 @@ def main(argv=None):
         )
         for split, samples in data.splits.items()
     }
-    collate = make_collate(img_size)
-    train_dl = make_loader(datasets["train"], batch_size=args.batch_size, shuffle=True, workers=args.workers, collate_fn=collate)
-    val_dl = make_loader(datasets["val"], batch_size=args.batch_size, shuffle=False, workers=args.workers, collate_fn=collate)
-
-    # ---------------------------------------------------------------- optimizer, schedule, EMA
-    optimizer = make_optimizer(model, hyp, args.effective_batch_size)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-    steps_per_epoch = math.ceil(len(train_dl) / args.accumulation_steps)
-    warmup_steps = round(hyp["warmup_epochs"] * steps_per_epoch)
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=steps_per_epoch * args.epochs,
-        warmup_steps=warmup_steps,
-        shape=hyp["schedule"],
-        final_lr_ratio=hyp["lrf"],
-    )
-    ema = make_ema(unwrap_for_saving(accelerator, model), hyp["ema_decay"], hyp["ema_tau"])
-    seed_per_process(accelerator, args.seed)
-
-    # Anything here that differs on --resume would skip the wrong samples or jump the schedule.
-    fingerprint = {
-        "task": TASK,
-        "labels": names,
-        "processes": accelerator.num_processes,
-        "hyp": hyp,
-        "img_size": img_size,
-        "files": files_fingerprint({split: [str(s.source) for s in samples] for split, samples in data.splits.items()}),
-        **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
-    }
-    checkpoints = Checkpoints(
-        accelerator,
-        run,
-        keep=args.keep_checkpoints,
-        fingerprint=fingerprint,
-        modules={"model": model, "ema": ema},
-        states={"optimizer": optimizer, "scheduler": scheduler},
-    )
-    progress = checkpoints.resume(args.resume) or {
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "step": 0,
-        "loss_sums": {},
-        "loss_batches": 0,
-        "best_fitness": None,
-        "best_epoch": None,
-        "stale_epochs": 0,
-    }
-    results = ResultsLog(accelerator, args.output_dir)
-    results.keep_epochs_before(progress["epoch"])
-    config = {
-        "task": TASK,
-        "model": args.model,
-        "labels": names,
-        "num_classes": len(names),
-        "img_size": img_size,
-        "conf": 0.25,
-        "iou": hyp["eval_iou"],
-        "max_det": hyp["max_det"],
-    }
-    write_args_json(args, accelerator, hyp=hyp, labels=names, img_size=img_size, data_description=data.description)
-    print_summary(
-        accelerator,
-        "object detection",
-        {
-            "data": data.description,
-            "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
-            "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
-            "classes": f"{len(names)}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
-            "model": f"{args.model} at {img_size} px, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
-            + (f", frozen: {', '.join(frozen)}" if frozen else "")
-            + (", COCO init" if args.pretrained else ""),
-            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
-            "batch": f"{args.batch_size} per device x {accelerator.num_processes} processes x {args.accumulation_steps} "
-            f"accumulation steps = {args.effective_batch_size} per optimizer step",
-            "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total, {warmup_steps} warmup",
-        },
-    )
-    if accelerator.is_main_process:
-        plot_label_statistics(label_statistics(data.splits["train"], names), names, args.output_dir / "labels.png")
-
-    # ---------------------------------------------------------------- training loop
-    guard = StepGuard(accelerator, GracefulStop())
-    model_dir = args.output_dir / "model"
-    metric = load_metric("coco_map")
-    step = progress["step"]
-    for epoch in range(progress["epoch"], args.epochs):
-        resumed_here = epoch == progress["epoch"] and progress["batch_in_epoch"] > 0
-        skip = progress["batch_in_epoch"] if resumed_here else 0
-        carried = progress["loss_sums"] if resumed_here else {}
-        carried_batches = progress["loss_batches"] if resumed_here else 0
-        model.train()
-        train_dl.set_epoch(epoch)  # seeded by (seed, epoch): the same order for any process count and after a resume
-        datasets["train"].set_epoch(epoch)  # augmentation seeded by (seed, epoch, image)
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        loss_names, running, local_batches = None, None, 0  # running loss sums stay on the device: no host sync per step
-        start, batch_in_epoch = time.perf_counter(), skip
-        bar = epoch_bar(accelerator, epoch=epoch, epochs=args.epochs, total=len(train_dl), done=skip)
-        for images, targets in loader:
-            if augment:
-                images = ColourJitter.apply(images, torch.stack([t["colour"] for t in targets]).to(images.device))
-            else:
-                images = images.float().div_(255)
-            targets = targets_to_model(targets, accelerator.device)
-            if args.multi_scale:
-                images, targets = rescale_batch(images, targets, random_size(args, img_size, epoch, batch_in_epoch, accelerator))
-            with accelerator.accumulate(model):
-                warmup_momentum(optimizer, step, warmup_steps, hyp["warmup_momentum"], hyp["momentum"])
-                with accelerator.autocast():
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                accelerator.backward(loss)
-                guard.add(loss)
-                stopping = accelerator.sync_gradients and guard.stop_agreed(epoch=epoch, step=step + 1)
-                stepped = optimizer_step(accelerator, model, optimizer, scheduler, ema, hyp["clip_grad"])
-            values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).double()
-            loss_names = loss_names or ["loss", *losses]
-            running = values if running is None else running + values
-            local_batches += 1
-            batch_in_epoch += 1
-            bar.update(1)
-            if not stepped:
-                continue
-            step += 1
-            checkpoint_due = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
-            if step % args.log_every == 0:
-                mean_loss = running[0].item() / local_batches
-                seen = local_batches * args.batch_size * accelerator.num_processes
-                bar.set_postfix(
-                    loss=f"{mean_loss:.3f}",
-                    img_per_s=f"{seen / (time.perf_counter() - start):.1f}",
-                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                )
-            if checkpoint_due or stopping:
-                losses_so_far = epoch_losses(
-                    accelerator, loss_names, running, local_batches, carried, carried_batches, reduce_only=True
-                )
-                save_checkpoint(
-                    accelerator, checkpoints, progress, epoch=epoch, batch_in_epoch=batch_in_epoch, step=step, **losses_so_far
-                )
-            if stopping:
-                bar.close()
-                accelerator.print(
-                    f"stopped at epoch {epoch + 1}, optimizer step {step}; checkpoint saved. "
-                    "Continue with the same command plus --resume."
-                )
-                accelerator.end_training()
-                return
-        bar.close()
-        seconds = time.perf_counter() - start
-        train = epoch_losses(accelerator, loss_names, running, local_batches, carried, carried_batches)
-        train_images = local_batches * args.batch_size * accelerator.num_processes
-
-        # ------------------------------------------------------------ evaluation of the EMA weights
-        val, _ = evaluate(ema.module, val_dl, accelerator, data.splits["val"], names, metric, args.map_backend)
-        fitness = 0.1 * val["map50"] + 0.9 * val["map"]
-        improved = progress["best_fitness"] is None or fitness > progress["best_fitness"]
-        if improved:
-            progress.update(best_fitness=fitness, best_epoch=epoch, stale_epochs=0)
-            if accelerator.is_main_process:
-                save_pretrained(model_dir, unwrap_for_saving(accelerator, ema.module), config)
-        else:
-            progress["stale_epochs"] += 1
-        accelerator.wait_for_everyone()
-        results.add(
-            {
-                "epoch": epoch,
-                "step": step,
-                "lr": scheduler.get_last_lr()[0],
-                **{f"train_{k}": v for k, v in train.items()},
-                **{f"val_{k}": val[k] for k in ("map", "map50", "map75", "map_small", "map_medium", "map_large")},
-                "fitness": fitness,
-                "seconds": seconds,
-                "train_samples_per_second": throughput(train_images, seconds),
-            },
-            step=step,
-        )
-        accelerator.print(
-            f"epoch {epoch + 1}: loss {train['loss']:.4f}, val mAP50 {val['map50']:.4f}, mAP50-95 {val['map']:.4f}"
-            f"{' (best)' if improved else ''}, {throughput(train_images, seconds):.1f} images/s"
-        )
-        save_checkpoint(
-            accelerator, checkpoints, progress, epoch=epoch + 1, batch_in_epoch=0, step=step, loss_sums={}, loss_batches=0
-        )
-        if args.patience and progress["stale_epochs"] >= args.patience:
-            accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {progress['best_epoch'] + 1})")
-            break
-        if guard.stop_agreed(epoch=epoch, step=step):
-            accelerator.print(f"stopped after epoch {epoch + 1}; checkpoint saved. Continue with the same command plus --resume.")
-            accelerator.end_training()
-            return
-
-    # ---------------------------------------------------------------- best model on val (and test), artifacts
-    if progress["best_epoch"] is None:
-        raise SystemExit("no epoch was trained (--epochs 0?), so there is no model to evaluate")
-    state, _ = load_pretrained(model_dir)
-    best_model = ema.module
-    best_model.load_state_dict(state)
-    summary = {
-        "task": TASK,
-        "best_epoch": progress["best_epoch"],
-        "labels": names,
-        "train_samples_per_second": mean_throughput(results),
-    }
-    for split in ("val", "test"):
-        if split not in data.splits:
-            continue
-        dl = (
-            val_dl
-            if split == "val"
-            else accelerator.prepare_data_loader(
-                make_loader(datasets[split], batch_size=args.batch_size, shuffle=False, workers=args.workers, collate_fn=collate)
-            )
-        )
-        metrics, predictions = evaluate(best_model, dl, accelerator, data.splits[split], names, metric, args.map_backend)
-        summary[split] = metrics
-        if accelerator.is_main_process:
-            write_json(args.output_dir / f"predictions_{split}.json", coco_results(predictions))
-            write_json(args.output_dir / f"ground_truth_{split}.json", to_coco(data.splits[split], names))
-            if split == "val":
-                draw_predictions(datasets["val"], predictions, names, args.output_dir / "val_predictions.png")
-    write_metrics(accelerator, args.output_dir, summary)
-    if accelerator.is_main_process:
-        plot_curves(results.path, args.output_dir / "curves.png")
-    shown = "test" if "test" in summary else "val"
-    accelerator.print(
-        f"best epoch {progress['best_epoch'] + 1}: {shown} mAP50 {summary[shown]['map50']:.4f}, "
-        f"mAP50-95 {summary[shown]['map']:.4f}; model in {model_dir}"
-    )
-    accelerator.end_training()
 
 
-# ==================================================================== training helpers
-def make_optimizer(model, hyp: dict, effective_batch: int) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only (not biases or norms), scaled to the batch as YOLO does."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": hyp["weight_decay"] * effective_batch / 64},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def image_loader(dataset, args, plan, config, shuffle: bool):
+    collate = make_collate(config["img_size"])
+    return make_loader(dataset, batch_size=plan.batch_size, shuffle=shuffle, workers=args.workers, collate_fn=collate)
+
+
+def to_training_batch(accelerator, args, images, targets, img_size: int, state):
+    """uint8 batch -> float images with their colour jitter, targets on the device, multi-scale size."""
+    if args.no_augment:
+        images = images.float().div_(255)
+    else:
+        images = ColourJitter.apply(images, torch.stack([t["colour"] for t in targets]).to(images.device))
+    targets = targets_to_model(targets, accelerator.device)
+    if args.multi_scale:
+        size = random_size(args, img_size, state.epoch, state.batch_in_epoch, accelerator)
+        images, targets = rescale_batch(images, targets, size)
+    return images, targets
+
+
+def relabel(data, labels: list[str], root):
+    """Express every box's class as an index into the model's labels."""
+    index = label_index(data.names, labels, root)
+    for sample in (s for samples in data.splits.values() for s in samples):
+        sample.labels = index[sample.labels]
+    data.names = labels
+
+
+def make_optimizer(groups: list[dict], hyp: dict) -> torch.optim.Optimizer:
     if hyp["optimizer"] == "SGD":
         return torch.optim.SGD(groups, lr=hyp["lr0"], momentum=hyp["momentum"], nesterov=True)
     if hyp["optimizer"] == "AdamW":
@@ -461,13 +473,22 @@ def make_optimizer(model, hyp: dict, effective_batch: int) -> torch.optim.Optimi
     raise SystemExit(f"hyp optimizer {hyp['optimizer']!r}: use SGD or AdamW")
 
 
-def probe_step(args):
+def warmup_momentum(optimizer, step: int, warmup_steps: int, start: float, end: float):
+    """Ramp SGD momentum (or Adam's beta1) from start to end over the warmup, as the YOLO recipe does."""
+    value = end if step >= warmup_steps else start + (end - start) * step / warmup_steps
+    for group in optimizer.param_groups:
+        if "momentum" in group:
+            group["momentum"] = value
+        elif "betas" in group:
+            group["betas"] = (value, group["betas"][1])
+
+
+def probe_step(args, config: dict):
     """One training step on random images at the largest training size, for --batch-size auto."""
-    size = int(args.img_size * (1.5 if args.multi_scale else 1))
+    size = int(config["img_size"] * (1.5 if args.multi_scale else 1))
 
     def step(batch_size, device, dtype):
-        model = build_model(args.model, 1, args.img_size).to(device).train()
-        model.transform._skip_resize = True
+        model = build_model(config).to(device).train()
         box = {
             "boxes": torch.tensor([[4.0, 4.0, size / 2, size / 2]], device=device),
             "labels": torch.ones(1, dtype=torch.int64, device=device),
@@ -490,29 +511,6 @@ def rescale_batch(images: torch.Tensor, targets: list[dict], size: int):
     factor = size / images.shape[-1]
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images, [{**t, "boxes": t["boxes"] * factor} for t in targets]
-
-
-def epoch_losses(accelerator, names, running, local_batches, carried: dict, carried_batches: int, reduce_only=False) -> dict:
-    """Mean of each loss over the epoch's batches on all processes, including those before a resume.
-    reduce_only returns the sums instead (what a checkpoint stores)."""
-    sums = accelerator.reduce(running, "sum").tolist() if running is not None else [0.0] * len(carried)
-    names = names or list(carried)
-    sums = {n: s + carried.get(n, 0.0) for n, s in zip(names, sums, strict=False)}
-    batches = local_batches * accelerator.num_processes + carried_batches
-    if reduce_only:
-        return {"loss_sums": sums, "loss_batches": batches}
-    return {n: s / max(batches, 1) for n, s in sums.items()}
-
-
-def save_checkpoint(accelerator, checkpoints, progress: dict, **position):
-    """Everything the loop needs to continue exactly: position, the epoch's running losses, best fitness, patience."""
-    progress.update(position)
-    checkpoints.save(dict(progress))
-
-
-def mean_throughput(results: ResultsLog) -> float:
-    rows = results.rows()
-    return sum(float(r["train_samples_per_second"]) for r in rows) / len(rows) if rows else 0.0
 
 
 # ==================================================================== evaluation
@@ -554,43 +552,46 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
     return result, ordered
 
 
-def coco_results(predictions: list[dict]) -> list[dict]:
-    """COCO results format: one entry per box, bbox [x, y, w, h] in pixels, category_id = class index."""
-    return [
-        {"image_id": int(p["image_id"]), "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
-        for p in predictions
-        for (x0, y0, x1, y1), score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist(), strict=False)
-    ]
-
-
 # ==================================================================== pictures
-def draw_predictions(dataset: DetectionDataset, predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
-    """Validation images with predictions (score >= conf, coloured by class) and ground truth (white)."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-    from torchvision.utils import draw_bounding_boxes, make_grid
+def draw_grid(dataset: DetectionDataset, predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
+    """Validation images with predictions (score >= conf) over the ground truth, as a 4-column grid."""
+    from torchvision.utils import make_grid
 
-    palette = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
     tiles, tile = [], 256
     for index, pred in list(enumerate(predictions))[:count]:
-        image = TF.pil_to_tensor(dataset.load(index))
-        sample = dataset.samples[index]
         keep = pred["scores"] >= conf
-        if len(sample.boxes):
-            image = draw_bounding_boxes(image, torch.as_tensor(sample.boxes), colors="white", width=1)
-        if keep.any():
-            labels = [f"{names[c]} {s:.2f}" for c, s in zip(pred["labels"][keep], pred["scores"][keep], strict=False)]
-            image = draw_bounding_boxes(
-                image,
-                torch.as_tensor(pred["boxes"][keep]),
-                labels=labels,
-                width=2,
-                colors=[palette[c % len(palette)] for c in pred["labels"][keep]],
-            )
+        image = draw_detections(
+            dataset.load(index),
+            pred["boxes"][keep],
+            pred["labels"][keep],
+            pred["scores"][keep],
+            names,
+            dataset.samples[index].boxes,
+        )
         image = TF.resize(image, None, max_size=tile)
         tiles.append(F.pad(image, (0, tile - image.shape[2], 0, tile - image.shape[1])))
-    grid = make_grid(tiles, nrow=4, padding=4)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    TF.to_pil_image(make_grid(tiles, nrow=4, padding=4)).save(path)
+
+
+def write_card(args, model_dir: Path, data, config: dict, summary: dict):
+    metrics = {split: {k: summary[split][k] for k in ("map", "map50", "map75")} for split in ("val", "test") if split in summary}
+    usage = f"""```bash
+python scripts/predict_detection.py --model-dir {model_dir} photos/ --conf 0.25   # COCO json, YOLO txt, drawn images
+python scripts/train_detection.py --eval-only --weights {model_dir} --data OTHER.yaml --output-dir runs/eval
+python scripts/export_model.py --model-dir {model_dir} --format onnx              # image -> boxes, scores, labels
+python scripts/serve.py --model-dir {model_dir} --port 8000                       # POST /v1/predict
+```
+Input: RGB images letterboxed to {config["img_size"]} x {config["img_size"]} px (the predict script and the server do it)."""
+    write_model_card(
+        model_dir,
+        pipeline_tag="object-detection",
+        title=f"{config['model']} object detector ({len(config['labels'])} classes)",
+        labels=config["labels"],
+        data=f"{data.description}. Best epoch {summary['best_epoch']} of {args.epochs}, picked by 0.1 mAP50 + 0.9 mAP50-95.",
+        metrics=metrics,
+        arguments={k: v for k, v in vars(args).items() if k != "output_dir"},
+        usage=usage,
+    )
 
 
 def plot_label_statistics(stats: dict, names: list[str], path: Path):

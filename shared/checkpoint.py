@@ -88,7 +88,7 @@ class RunFolder:
 
 def _hold_lock(directory: Path):
     """An exclusive lock on OUTPUT_DIR/.lock for the life of this process (the kernel drops it if we die)."""
-    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 -- held open until the process exits
+    handle = open(directory / LOCK_FILE, "a+")  # held open (not closed by a with-block) until the process exits
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -5,6 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -37,3 +38,78 @@ def load_pretrained(directory: Path):
                 "(it holds model.safetensors and config.json)."
             )
     return load_file(weights), json.loads(config.read_text())
+
+
+def start_from(
+    model: torch.nn.Module, weights: tuple[dict, dict] | None, labels: list[str], head: list[str], otherwise: str
+) -> str:
+    """--weights: the whole model when its labels are these; otherwise every tensor but the class layer (`head`),
+    which starts fresh. Returns what was done, for the start-up summary (`otherwise` without weights)."""
+    if weights is None:
+        return otherwise
+    state, source = weights
+    if source["labels"] == labels:
+        model.load_state_dict(state)
+        return f"from {source['model']} weights, same labels"
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k not in set(head) and k in own and own[k].shape == v.shape}
+    model.load_state_dict(kept, strict=False)
+    return f"from weights of other labels: {len(kept)}/{len(own)} tensors reused, new class layer"
+
+
+def label_index(data_labels: list[str], model_labels: list[str], data: str) -> np.ndarray:
+    """For each class of the data, its index among the model's classes (matched by name); unknown ones stop."""
+    unknown = sorted(set(data_labels) - set(model_labels))
+    if unknown:
+        raise SystemExit(f"{data}: label(s) {unknown} are not among the model's labels {model_labels}; use data of its classes")
+    return np.array([model_labels.index(name) for name in data_labels], dtype=np.int64)
+
+
+def write_model_card(
+    directory: Path, *, pipeline_tag: str, title: str, labels: list[str], data: str, metrics: dict, arguments: dict, usage: str
+):
+    """model/README.md in the Hugging Face model-card layout (YAML front matter, then sections), so a model/
+    folder explains itself when it is shared. metrics: {split: {name: value}} of plain numbers."""
+    names = sorted({k for split in metrics.values() for k in split})
+    table = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    table += [
+        f"| {split} | " + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in names) + " |"
+        for split, values in metrics.items()
+    ]
+    args = "\n".join(f"| `{k}` | `{v}` |" for k, v in arguments.items())
+    card = f"""---
+pipeline_tag: {pipeline_tag}
+library_name: pytorch
+tags:
+- {pipeline_tag}
+- torchvision
+- safetensors
+metrics:
+{chr(10).join(f"- {n}" for n in names)}
+---
+
+# {title}
+
+## Labels
+
+{len(labels)} classes, in the order of the model's outputs: {", ".join(f"`{label}`" for label in labels)}
+
+## Data
+
+{data}
+
+## Results
+
+{chr(10).join(table)}
+
+## How to use
+
+{usage}
+
+## Training arguments
+
+| argument | value |
+|---|---|
+{args}
+"""
+    (Path(directory) / "README.md").write_text(card)

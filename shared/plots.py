@@ -1,4 +1,4 @@
-"""Curves from results.csv and a confusion matrix, as PNG files (matplotlib, no display needed)."""
+"""Training curves from results.csv as a PNG file (matplotlib, no display needed)."""
 
 import csv
 from pathlib import Path
@@ -6,8 +6,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
 
 NOT_CURVES = {"epoch", "step", "seconds"}
 
@@ -29,29 +28,6 @@ def plot_curves(results_csv: Path, out_png: Path):
         ax.set_xlabel("epoch")
     for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion_matrix(matrix, labels: list[str], out_png: Path, title: str = "confusion matrix"):
-    """Row-normalised colours (recall per true class), raw counts in the cells."""
-    matrix = np.asarray(matrix)
-    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = max(5, 0.5 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if len(labels) <= 30:
-        for i in range(len(labels)):
-            for j in range(len(labels)):
-                ax.text(
-                    j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8
-                )
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

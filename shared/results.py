@@ -1,11 +1,9 @@
-"""results.csv (a row per epoch), metrics.json and TensorBoard scalars, written by the main process."""
+"""results.csv (a row per epoch) and TensorBoard scalars, written by the main process."""
 
 import csv
 from pathlib import Path
 
 from accelerate import Accelerator
-
-from shared.runtime import write_json
 
 
 class ResultsLog:
@@ -27,6 +25,11 @@ class ResultsLog:
         if self.accelerator.is_main_process:
             self._append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
+    def mean(self, column: str) -> float:
+        """Mean of a column over the epochs logged (e.g. training throughput for metrics.json)."""
+        values = [float(r[column]) for r in self.rows()]
+        return sum(values) / len(values) if values else 0.0
+
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []
@@ -40,8 +43,3 @@ class ResultsLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-
-
-def write_metrics(accelerator: Accelerator, output_dir: Path, metrics: dict):
-    if accelerator.is_main_process:
-        write_json(Path(output_dir) / "metrics.json", metrics)

@@ -6,11 +6,12 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find_executable_batch_size, set_seed
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, nominal_batch_size: int):
@@ -62,6 +63,19 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
         help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints, or from PATH",
     )
     g.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="MODEL_DIR",
+        help="start from the model/ folder of an earlier run: the whole model when the labels are the same, "
+        "otherwise everything but the class layer",
+    )
+    g.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="score the --weights model on the data's val and test splits (labels matched by name) and stop",
+    )
+    g.add_argument(
         "--overwrite",
         action="store_true",
         help="delete the run already in OUTPUT_DIR and start from scratch (without it, a folder that holds a run "
@@ -81,44 +95,82 @@ def _batch_size(value: str):
     return int(value)
 
 
-def setup_accelerator(args, kwargs_handlers=None) -> Accelerator:
-    """Build the Accelerator, derive gradient accumulation from the process count, and seed everything.
+@dataclass(frozen=True)
+class BatchPlan:
+    """What setup_accelerator decided: samples per device per forward pass, processes, accumulation steps."""
 
-    Sets args.num_processes, args.accumulation_steps and args.effective_batch_size."""
-    if args.mixed_precision:
-        os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
+    batch_size: int
+    processes: int
+    accumulation_steps: int
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.processes * self.accumulation_steps
+
+    def describe(self) -> str:
+        return (
+            f"{self.batch_size} per device x {self.processes} processes x {self.accumulation_steps} "
+            f"accumulation steps = {self.effective_batch_size} per optimizer step"
+        )
+
+
+def setup_accelerator(args, probe_step=None) -> tuple[Accelerator, BatchPlan]:
+    """The Accelerator (device, precision, processes) and the batch plan: gradient accumulation follows from the
+    process count so the effective batch stays --nominal-batch-size. probe_step(batch_size, device, dtype) runs
+    one training step, for --batch-size auto; it is probed on the real device and precision."""
     # accelerate's multi-GPU launcher does not pass a config's use_cpu on, and PartialState does not
     # read ACCELERATE_USE_CPU: settle "CPU or not" once, from the flag or the environment.
-    args.cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if args.cpu:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    _refuse_impossible_launch(args)
-    state = PartialState(cpu=args.cpu)
-    args.num_processes = state.num_processes
-    per_step = args.batch_size * state.num_processes
-    args.accumulation_steps = max(1, round(args.nominal_batch_size / per_step))
-    args.effective_batch_size = per_step * args.accumulation_steps
+    cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    _refuse_impossible_launch(cpu)
     accelerator = Accelerator(
-        cpu=args.cpu,
-        gradient_accumulation_steps=args.accumulation_steps,
+        cpu=cpu,
+        mixed_precision=args.mixed_precision,  # None: the accelerate config or launcher decides
         # Shuffling seeded by (seed, epoch) gives every process count the same sample order,
         # so 1 device x 2 accumulation steps sees the same batches as 2 devices x 1 step.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
-        kwargs_handlers=kwargs_handlers,
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise SystemExit(
             "fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16 (or the preset accelerate_configs/cpu.yaml)."
         )
-    if args.effective_batch_size != args.nominal_batch_size:
+    batch = largest_batch_size(accelerator, args.nominal_batch_size, probe_step) if args.batch_size == "auto" else args.batch_size
+    per_step = batch * accelerator.num_processes
+    plan = BatchPlan(batch, accelerator.num_processes, max(1, round(args.nominal_batch_size / per_step)))
+    accelerator.gradient_accumulation_steps = plan.accumulation_steps
+    if plan.effective_batch_size != args.nominal_batch_size:
         accelerator.print(
-            f"note: nominal batch {args.nominal_batch_size} is not a multiple of "
-            f"{args.batch_size} x {args.num_processes} processes; the effective batch is {args.effective_batch_size}"
+            f"note: nominal batch {args.nominal_batch_size} is not a multiple of {batch} x {plan.processes} processes; "
+            f"the effective batch is {plan.effective_batch_size}"
         )
     set_seed(args.seed)
-    return accelerator
+    return accelerator, plan
+
+
+def largest_batch_size(accelerator: Accelerator, start: int, probe_step) -> int:
+    """--batch-size auto: the largest batch, halving from start, for which one training step fits in GPU memory
+    (accelerate's find_executable_batch_size), agreed by all processes. A CPU has no memory limit to probe."""
+    if accelerator.device.type == "cpu":
+        return start
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+    @find_executable_batch_size(starting_batch_size=start)
+    def probe(batch_size):
+        probe_step(batch_size, accelerator.device, dtype)
+        return batch_size
+
+    return smallest_over_processes(probe())
+
+
+def smallest_over_processes(value: int) -> int:
+    """Cards differ in free memory: every process must use the batch the tightest one found."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return value
+    found = torch.tensor([value], device=state.device)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+    return int(found.item())
 
 
 def seed_per_process(accelerator: Accelerator, seed: int):
@@ -127,11 +179,11 @@ def seed_per_process(accelerator: Accelerator, seed: int):
     set_seed(seed, device_specific=True)
 
 
-def _refuse_impossible_launch(args):
+def _refuse_impossible_launch(cpu: bool):
     """Stop, with the fix, when the launch asks for hardware this machine does not have."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.cpu:
+    if cpu:
         return
     gpus = torch.cuda.device_count()
     if world_size > 1 and gpus == 0:
@@ -199,11 +251,17 @@ def environment_facts(accelerator: Accelerator) -> dict:
     return facts
 
 
-def write_args_json(args, accelerator: Accelerator, **extra):
+def write_args_json(args, accelerator: Accelerator, plan: BatchPlan, **extra):
     """Every argument as resolved, plus processes, accumulation and library versions."""
     if not accelerator.is_main_process:
         return
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    record.update(
+        batch_size=plan.batch_size,
+        num_processes=plan.processes,
+        accumulation_steps=plan.accumulation_steps,
+        effective_batch_size=plan.effective_batch_size,
+    )
     record.update(environment_facts(accelerator), **extra)
     write_json(args.output_dir / "args.json", record)
 

@@ -1,29 +1,127 @@
-"""The optimizer step every training script takes the same way, and the checks made at each one."""
+"""The training loop's bookkeeping, the same for every script: where the run stands, the epoch's running losses,
+the checks made at each optimizer step, checkpoints when due, and stopping on request. The script keeps the
+forward pass, the loss and the evaluation; this module never sees a model's inputs."""
+
+import dataclasses
+import time
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import find_executable_batch_size
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from shared.checkpoint import GracefulStop
+from shared.checkpoint import Checkpoints, GracefulStop
 
 
-class StepGuard:
-    """Non-finite losses and stop requests, agreed by all processes with one small all-reduce per optimizer
-    step. Checked before the step is taken, so a NaN never reaches the weights or a checkpoint."""
+@dataclasses.dataclass
+class RunState:
+    """Where the run stands. Saved in every checkpoint, so a resumed run continues exactly."""
 
-    def __init__(self, accelerator: Accelerator, stop: GracefulStop):
-        self.accelerator, self.stop = accelerator, stop
-        self.non_finite = torch.zeros((), device=accelerator.device)  # on the device: no host sync per micro-batch
+    epoch: int = 0  # the epoch being trained (or the next one, at an epoch end)
+    batch_in_epoch: int = 0  # batches of it already trained, over all processes' shards
+    step: int = 0  # optimizer steps taken
+    best_epoch: int | None = None
+    best_fitness: float | list[float] | None = None
+    best_val: dict | None = None  # the validation metrics of the best epoch
+    stale_epochs: int = 0  # epochs since the best one
+    loss_sums: dict = dataclasses.field(default_factory=dict)  # the epoch's loss sums (by sample) before a resume
+    loss_samples: int = 0
 
-    def add(self, loss: torch.Tensor):
-        self.non_finite += (~torch.isfinite(loss.detach())).float()
 
-    def stop_agreed(self, *, epoch: int, step: int) -> bool:
-        """Raise if any process saw a non-finite loss since the last call; True when any process was asked to stop."""
-        flags = torch.stack([self.non_finite, torch.tensor(float(self.stop.requested), device=self.non_finite.device)])
+class TrainingLoop:
+    """Used as:
+
+        for epoch in loop.epochs():
+            for batch in loop.batches(train_dl):
+                with accelerator.accumulate(model):
+                    ...forward, loss...
+                    accelerator.backward(loss)
+                    loop.after_backward({"loss": loss, ...}, samples)
+                    optimizer_step(...)
+            if loop.stopped:
+                break
+            ...evaluate; loop.end_epoch(fitness, val); loop.next_epoch()...
+
+    loop.batches skips what a resumed run already trained on, counts optimizer steps, saves a checkpoint every
+    --checkpoint-steps, and ends the epoch early once a stop was requested and saved: the script then leaves its
+    epoch loop when loop.stopped is set."""
+
+    def __init__(
+        self, accelerator: Accelerator, checkpoints: Checkpoints, state: RunState, *, epochs: int, checkpoint_steps: int
+    ):
+        self.accelerator, self.checkpoints, self.state = accelerator, checkpoints, state
+        self.num_epochs, self.checkpoint_steps = epochs, checkpoint_steps
+        self.stop = GracefulStop()
+        self.stopped = False
+        self._stop_agreed = False
+        self._non_finite = torch.zeros((), device=accelerator.device)  # on the device: no host sync per micro-batch
+        self._reset_sums()
+
+    def _reset_sums(self):
+        """The loss sums of the micro-batches trained since the epoch started (or was resumed), on the device."""
+        self._sums, self._samples, self._started = None, torch.zeros((), device=self.accelerator.device), time.perf_counter()
+        self._names = list(self.state.loss_sums)
+
+    def epochs(self):
+        """The epochs left to train; a stop requested during an epoch's evaluation ends the run after it."""
+        for epoch in range(self.state.epoch, self.num_epochs):
+            yield epoch
+            if self._agree(epoch=epoch, step=self.state.step):
+                self._report_stop(f"after epoch {epoch + 1}")
+                return
+
+    def _report_stop(self, where: str):
+        self.stopped = True
+        self.accelerator.print(
+            f"stopped {where}, optimizer step {self.state.step}; checkpoint saved. Continue with the same command plus --resume."
+        )
+
+    def batches(self, loader):
+        """The epoch's batches after those a resumed run already trained on (the sampler is seeded by (seed, epoch):
+        the same order for any process count and after a resume)."""
+        epoch, skip = self.state.epoch, self.state.batch_in_epoch
+        loader.set_epoch(epoch)
+        self._reset_sums()
+        bar = tqdm(
+            total=len(loader),
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{self.num_epochs}",
+            unit="batch",
+            disable=not self.accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        for batch in self.accelerator.skip_first_batches(loader, skip) if skip else loader:
+            yield batch
+            self.state.batch_in_epoch += 1
+            bar.update(1)
+            if not self.accelerator.sync_gradients:
+                continue
+            self.state.step += 1
+            if self.state.step % 10 == 0:
+                bar.set_postfix(loss=f"{self._sums[0].item() / max(self._samples.item(), 1):.3f}")
+            due = bool(self.checkpoint_steps) and self.state.step % self.checkpoint_steps == 0
+            if due or self._stop_agreed:
+                self.save_checkpoint()
+            if self._stop_agreed:
+                self._report_stop(f"at epoch {epoch + 1}")
+                break
+        bar.close()
+
+    def after_backward(self, losses: dict, samples: int):
+        """Add the micro-batch's losses to the epoch's sums; on the last micro-batch before an optimizer step,
+        agree with every process on non-finite losses (raising before the step is taken) and stop requests."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        self._names = list(losses)
+        self._sums = values * samples if self._sums is None else self._sums + values * samples
+        self._samples += samples
+        self._non_finite += (~torch.isfinite(values[0])).float()
+        if self.accelerator.sync_gradients:
+            self._stop_agreed = self._agree(epoch=self.state.epoch, step=self.state.step + 1)
+
+    def _agree(self, *, epoch: int, step: int) -> bool:
+        """One small all-reduce: did any process see a non-finite loss, or get asked to stop?"""
+        flags = torch.stack([self._non_finite, torch.tensor(float(self.stop.requested), device=self._non_finite.device)])
         bad, stop = self.accelerator.reduce(flags, "sum").tolist()
-        self.non_finite.zero_()
+        self._non_finite.zero_()
         if bad:
             raise SystemExit(
                 f"the training loss became NaN or infinite at epoch {epoch + 1}, optimizer step {step} "
@@ -33,12 +131,48 @@ class StepGuard:
             )
         return bool(stop)
 
+    def epoch_totals(self) -> tuple[dict, int]:
+        """Loss sums and sample count of the epoch over all processes, including those before a resume."""
+        acc, state = self.accelerator, self.state
+        sums = acc.reduce(self._sums, "sum").tolist() if self._sums is not None else [0.0] * len(self._names)
+        totals = {n: s + state.loss_sums.get(n, 0.0) for n, s in zip(self._names, sums, strict=True)}
+        return totals, int(acc.reduce(self._samples, "sum").item()) + state.loss_samples
 
-def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, ema=None, max_grad_norm: float | None = None) -> bool:
+    def epoch_summary(self) -> dict:
+        """Mean of each loss over the epoch, with its wall time and the samples per second trained in it."""
+        totals, samples = self.epoch_totals()
+        trained_now = int(self.accelerator.reduce(self._samples, "sum").item())
+        seconds = time.perf_counter() - self._started
+        means = {f"train_{n}": s / max(samples, 1) for n, s in totals.items()}
+        return {**means, "seconds": seconds, "train_samples_per_second": trained_now / seconds if seconds > 0 else 0.0}
+
+    def end_epoch(self, fitness: float | list[float], val: dict) -> bool:
+        """Track the best epoch by fitness (a number, or a list compared in order); True when this one is the best."""
+        state = self.state
+        improved = state.best_fitness is None or fitness > state.best_fitness
+        if improved:
+            state.best_epoch, state.best_fitness, state.best_val, state.stale_epochs = state.epoch, fitness, val, 0
+        else:
+            state.stale_epochs += 1
+        return improved
+
+    def next_epoch(self):
+        """Checkpoint at the epoch end: position at the start of the next epoch, no running losses."""
+        self.state.epoch += 1
+        self.state.batch_in_epoch, self.state.loss_sums, self.state.loss_samples = 0, {}, 0
+        self.checkpoints.save(dataclasses.asdict(self.state))
+
+    def save_checkpoint(self):
+        """Mid-epoch: the running losses so far go into the checkpoint with the position."""
+        totals, samples = self.epoch_totals()
+        self.checkpoints.save({**dataclasses.asdict(self.state), "loss_sums": totals, "loss_samples": samples})
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float | None = None) -> bool:
     """Call after accelerator.backward inside accelerator.accumulate(model).
 
-    On the last micro-batch of an accumulation window: clip (after unscaling fp16 gradients), step,
-    advance the schedule, update the EMA and zero the gradients. Returns True when a step was taken."""
+    On the last micro-batch of an accumulation window: clip (after unscaling fp16 gradients), step, advance the
+    schedule and zero the gradients. Returns True when a step was taken."""
     if not accelerator.sync_gradients:
         return False
     if max_grad_norm:
@@ -47,54 +181,11 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, ema=No
     optimizer.zero_grad(set_to_none=True)
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
         scheduler.step()
-    if ema is not None:
-        ema.update_parameters(accelerator.unwrap_model(model))
     return True
 
 
-def throughput(samples: int, seconds: float) -> float:
-    return samples / seconds if seconds > 0 else 0.0
-
-
-def unwrap_for_saving(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind DDP and torch.compile wrappers."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
-def largest_batch_size(args, training_step) -> int:
-    """--batch-size auto: the largest batch, halving from --nominal-batch-size, for which
-    training_step(batch_size, device, autocast_dtype) -- one forward and backward pass -- fits in GPU memory
-    (accelerate's find_executable_batch_size). A CPU has no memory limit to probe: there the start value is used."""
-    device = PartialState(cpu=args.cpu).device
-    if device.type == "cpu":
-        return args.nominal_batch_size
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
-
-    @find_executable_batch_size(starting_batch_size=args.nominal_batch_size)
-    def probe(batch_size):
-        training_step(batch_size, device, dtype)
-        return batch_size
-
-    return smallest_over_processes(probe())
-
-
-def smallest_over_processes(value: int) -> int:
-    """Cards differ in free memory: every process must use the batch the tightest one found."""
-    state = PartialState()
-    if state.num_processes == 1:
-        return value
-    found = torch.tensor([value], device=state.device)
-    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
-    return int(found.item())
-
-
-def epoch_bar(accelerator: Accelerator, *, epoch: int, epochs: int, total: int, done: int = 0):
-    """The per-epoch progress bar, on the first process of each machine only; `done` batches were resumed past."""
-    return tqdm(
-        total=total,
-        initial=done,
-        desc=f"epoch {epoch + 1}/{epochs}",
-        unit="batch",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only, not on biases and normalisation weights (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -10,8 +10,8 @@ from audio_model import (
     TinyMapConv2d,
     build_backbone,
     frontend_config,
-    load_classifier,
-    save_classifier,
+    load_model,
+    save_model,
     supported_models,
 )
 from torch import nn
@@ -103,21 +103,22 @@ def test_saved_model_takes_raw_waveforms(tmp_path):
     model = AudioClassifier(CONFIG)
     model.frontend.fit_normalisation(torch.randn(8, 4000))
     model.eval()
-    save_classifier(tmp_path / "model", model, CONFIG)
-    loaded, config = load_classifier(tmp_path / "model")
+    save_model(tmp_path / "model", model, {"task": "audio-classification", **CONFIG})
+    loaded, config = load_model(tmp_path / "model")
     waves = torch.randn(3, 4000)
     assert config["labels"] == ["a", "b", "c"] and config["task"] == "audio-classification"
     assert torch.allclose(loaded(waves), model(waves), atol=1e-5)
 
 
-def test_batch_size_auto_is_accepted_and_starts_from_the_nominal_batch_on_cpu():
+def test_batch_size_auto_is_accepted_and_starts_from_the_nominal_batch_on_cpu(tmp_path):
     import train_audio
+    from accelerate import Accelerator
 
-    args = train_audio.parse_args(
-        ["--data", "x", "--output-dir", "y", "--batch-size", "auto", "--nominal-batch-size", "48", "--cpu"]
-    )
+    from shared.runtime import largest_batch_size
+
+    args = train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "auto", "--nominal-batch-size", "48"])
     assert args.batch_size == "auto"
-    assert train_audio.largest_batch_size(args, train_audio.probe_step(args, CONFIG, 4000)) == 48
+    assert largest_batch_size(Accelerator(cpu=True), 48, train_audio.probe_step(args, CONFIG)) == 48
     with pytest.raises(SystemExit):
         train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "0"])
 

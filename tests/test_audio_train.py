@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from audio_data import CachedClips, load_audio_data
-from audio_model import load_classifier
+from audio_model import load_model
 from conftest import REPO, run_script, script_env
 from safetensors.torch import load_file
 
@@ -39,50 +39,20 @@ def us8k_run(tmp_path_factory, cache):
     root = tmp_path_factory.mktemp("us8k") / "UrbanSound8K"
     make_demo_audio.main(
         [
-            "--layout",
-            "urbansound8k",
-            "--output",
-            str(root),
-            "--classes",
-            "4",
-            "--clips-per-class",
-            "40",
-            "--seconds",
-            "1",
-            "--seed",
-            "3",
+            "--layout", "urbansound8k", "--output", str(root), "--classes", "4", "--clips-per-class", "40", "--seconds",
+            "1", "--seed", "3",
         ]
-    )
+    )  # fmt: skip
     (root / "audio" / "fold5" / "999-0-0-0.wav").write_bytes(b"RIFF....WAVEfmt garbage")
     with (root / "metadata" / "UrbanSound8K.csv").open("a", newline="") as f:
         csv.writer(f).writerow(["999-0-0-0.wav", 999, 0, 1, 1, 5, 0, "low_hum"])
     out = tmp_path_factory.mktemp("runs") / "us8k"
     started = time.perf_counter()
     proc = run_script(
-        "train_audio.py",
-        "--data",
-        root,
-        "--output-dir",
-        out,
-        "--fold",
-        1,
-        "--clip-seconds",
-        1,
-        "--epochs",
-        6,
-        "--batch-size",
-        16,
-        "--nominal-batch-size",
-        16,
-        "--mixed-precision",
-        "bf16",
-        "--mixup",
-        0.2,
-        "--cache-dir",
-        cache,
-        *FAST,
-        env=ONE_THREAD,
-    )
+        "train_audio.py", "--data", root, "--output-dir", out, "--fold", 1, "--clip-seconds", 1, "--epochs", 6,
+        "--batch-size", 16, "--nominal-batch-size", 16, "--mixed-precision", "bf16", "--mixup", 0.2, "--cache-dir", cache,
+        *FAST, env=ONE_THREAD,
+    )  # fmt: skip
     return root, out, proc, time.perf_counter() - started
 
 
@@ -106,15 +76,9 @@ def test_learns_well_above_chance_on_the_official_fold(us8k_run):
 def test_run_directory_contract(us8k_run):
     _, out, _, _ = us8k_run
     for name in (
-        "args.json",
-        "results.csv",
-        "metrics.json",
-        "data_report.json",
-        "curves.png",
-        "confusion_matrix.png",
-        "model/model.safetensors",
-        "model/config.json",
-    ):
+        "args.json", "results.csv", "metrics.json", "data_report.json", "curves.png", "confusion_matrix.png",
+        "model/model.safetensors", "model/config.json",
+    ):  # fmt: skip
         assert (out / name).is_file(), name
     assert list((out / "checkpoints").glob("step_*")) and list((out / "logs").rglob("events.out.tfevents*"))
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -132,6 +96,10 @@ def test_run_directory_contract(us8k_run):
     } == set(rows[0])
     args = json.loads((out / "args.json").read_text())
     assert args["accumulation_steps"] == 1 and args["num_processes"] == 1 and args["format"] == "urbansound8k"
+    card = (out / "model" / "README.md").read_text()
+    test_accuracy = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+    assert card.startswith("---\npipeline_tag: audio-classification\n") and f"| test | {test_accuracy:.4f} |" in card
+    assert "scripts/predict_audio.py --model-dir" in card and "`sweep`" in card
 
 
 def test_corrupt_clip_is_skipped_and_reported(us8k_run):
@@ -147,17 +115,9 @@ def test_predict_labels_a_long_recording(us8k_run, tmp_path):
     kinds = ["sweep", "low_hum", "hiss", "high_tone", "low_hum", "sweep"]
     sf.write(tmp_path / "long.wav", make_demo_audio.long_recording(kinds, 1.0, 22050, seed=7), 22050, subtype="PCM_24")
     proc = run_script(
-        "predict_audio.py",
-        "--model-dir",
-        out / "model",
-        tmp_path,
-        "--hop",
-        1.0,
-        "--top-k",
-        2,
-        "--output",
+        "predict_audio.py", "--model-dir", out / "model", tmp_path, "--hop", 1.0, "--top-k", 2, "--output",
         tmp_path / "pred.jsonl",
-    )
+    )  # fmt: skip
     lines = (tmp_path / "pred.jsonl").read_text().splitlines()
     assert proc.stdout == "" and len(lines) == 1
     record = json.loads(lines[0])
@@ -189,25 +149,9 @@ def commands(tmp_path_factory):
 
 def equivalence_args(data, out, cache):
     return [
-        "--data",
-        data,
-        "--output-dir",
-        out,
-        "--epochs",
-        2,
-        "--batch-size",
-        8,
-        "--nominal-batch-size",
-        16,
-        "--no-augment",
-        "--seed",
-        1,
-        "--clip-seconds",
-        0.5,
-        "--cache-dir",
-        cache,
-        *FAST,
-    ]
+        "--data", data, "--output-dir", out, "--epochs", 2, "--batch-size", 8, "--nominal-batch-size", 16, "--no-augment",
+        "--seed", 1, "--clip-seconds", 0.5, "--cache-dir", cache, *FAST,
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +190,7 @@ def test_evaluation_counts_every_clip_once(one_and_two_processes, commands, cach
     metric = load_metric("classification")
     data = load_audio_data(str(commands))
     for run_dir in one_and_two_processes[:2]:
-        model, config = load_classifier(run_dir / "model")
+        model, config = load_model(run_dir / "model")
         reported = json.loads((run_dir / "metrics.json").read_text())
         for split, size in (("val", 7), ("test", 1)):
             clips = CachedClips(data.splits[split], 8000, 4000, cache)
@@ -314,3 +258,46 @@ def test_a_non_finite_loss_stops_within_the_step_and_keeps_the_last_good_checkpo
     kept = sorted((out / "checkpoints").glob("step_*"))
     assert json.loads((kept[-1] / "progress.json").read_text())["step"] == int(found.group(1)) - 1
     assert all(torch.isfinite(v).all() for v in load_file(kept[-1] / "model.safetensors").values())
+
+
+# ----------------------------------------------------------------------------- after training: evaluate, fine-tune
+
+
+def test_eval_only_scores_a_saved_model_on_other_data_with_labels_matched_by_name(us8k_run, commands, tmp_path, cache):
+    """The US8K-layout model on Speech Commands-layout data: the same classes in another order and clip length."""
+    _, out, _, _ = us8k_run
+    run = tmp_path / "eval"
+    run_script("train_audio.py", "--eval-only", "--weights", out / "model", "--data", commands, "--output-dir", run,
+               "--cache-dir", cache, "--workers", 0, env=ONE_THREAD)  # fmt: skip
+    reported = json.loads((run / "metrics.json").read_text())
+    model, config = load_model(out / "model")
+    data = load_audio_data(str(commands))
+    assert data.labels != config["labels"] and sorted(data.labels) == sorted(config["labels"])
+    for split in ("val", "test"):
+        clips = CachedClips(data.splits[split], config["sample_rate"], config["sample_rate"], cache)
+        truth = [config["labels"].index(data.labels[t]) for t in clips.targets]
+        with torch.no_grad():
+            preds = model(torch.stack([clips[i][0] for i in range(len(clips))])).argmax(dim=1)
+        expected = load_metric("classification").compute(predictions=preds.tolist(), references=truth, labels=config["labels"])
+        assert reported[split]["confusion_matrix"] == expected["confusion_matrix"], split
+    assert (run / "confusion_matrix.png").is_file() and not (run / "model").exists() and not (run / "checkpoints").exists()
+
+    other = tmp_path / "five_classes"
+    make_demo_audio.main(["--output", str(other), "--classes", "5", "--clips-per-class", "6", "--seconds", "0.5"])
+    refused = run_script("train_audio.py", "--eval-only", "--weights", out / "model", "--data", other, "--output-dir",
+                         tmp_path / "refused", check=False, env=ONE_THREAD)  # fmt: skip
+    assert refused.returncode != 0 and "label(s) ['pulses'] are not among the model's labels" in refused.stderr
+
+
+def test_weights_of_other_labels_start_a_run_with_the_features_and_a_new_class_layer(us8k_run, tmp_path, cache):
+    """--lr 0 keeps every weight where it started: the convolutions are the earlier run's, the class layer is new."""
+    _, out, _, _ = us8k_run
+    data = tmp_path / "three"
+    make_demo_audio.main(["--output", str(data), "--classes", "3", "--clips-per-class", "12", "--seconds", "1"])
+    run = tmp_path / "finetune"
+    proc = run_script("train_audio.py", "--weights", out / "model", "--data", data, "--output-dir", run, "--epochs", 1,
+                      "--lr", 0, "--cache-dir", cache, *FAST, env=ONE_THREAD)  # fmt: skip
+    assert "from weights of other labels" in proc.stdout and "new class layer" in proc.stdout
+    before, after = load_file(out / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert torch.equal(before["backbone.layer3.0.conv1.weight"], after["backbone.layer3.0.conv1.weight"])
+    assert before["backbone.fc.weight"].shape == (4, 512) and after["backbone.fc.weight"].shape == (3, 512)

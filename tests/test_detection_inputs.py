@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import yaml
 from detection_data import MAX_PIXELS, from_hub_dataset, load_data, require_boxes
-from detection_model import build_model
+from detection_model import build_model, model_config, save_model
 from PIL import Image, ImageFile
-
-from shared.model_io import save_pretrained
 
 
 def write_image(path, size=(64, 48)):
@@ -263,8 +261,8 @@ def test_save_to_disk_folder_loads_as_hub_data_and_format_forces_the_parser(tmp_
 @pytest.fixture
 def model_dir(tmp_path):
     """A randomly initialised fcos_tiny saved the way train_detection.py saves model/."""
-    config = {"task": "detection", "model": "fcos_tiny", "labels": ["cat", "dog"], "num_classes": 2, "img_size": 64}
-    save_pretrained(tmp_path / "model", build_model("fcos_tiny", 2, 64), {**config, "conf": 0.25, "iou": 0.6, "max_det": 10})
+    config = model_config("fcos_tiny", ["cat", "dog"], 64, {"eval_iou": 0.6, "max_det": 10})
+    save_model(tmp_path / "model", build_model(config), config)
     return tmp_path / "model"
 
 

@@ -11,8 +11,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from train_detection import HYP, load_hyp
 
 
+def config(name: str, classes: int, img_size: int) -> dict:
+    return {"model": name, "labels": [f"c{i}" for i in range(classes)], "img_size": img_size}
+
+
 def test_freeze_stops_gradients_and_batchnorm_statistics():
-    model = build_model("fcos_tiny", 3, 96)
+    model = build_model(config("fcos_tiny", 3, 96))
     assert freeze_backbone(model, 2) == ["stage1", "stage2"]
     body = model.backbone.body
     assert not any(p.requires_grad for p in body.stage1.parameters())
@@ -24,7 +28,7 @@ def test_freeze_stops_gradients_and_batchnorm_statistics():
     model(torch.rand(2, 3, 96, 96), [{"boxes": torch.tensor([[10.0, 10, 50, 50]]), "labels": torch.tensor([1])}] * 2)
     assert torch.equal(before, body.stage1[1].running_mean)
     with pytest.raises(SystemExit, match="only 5 blocks"):
-        freeze_backbone(build_model("fcos_tiny", 3, 96), 9)
+        freeze_backbone(build_model(config("fcos_tiny", 3, 96)), 9)
 
 
 def test_pretrained_needs_the_cached_file_and_transfers_matching_tensors(tmp_path, monkeypatch):
@@ -33,20 +37,22 @@ def test_pretrained_needs_the_cached_file_and_transfers_matching_tensors(tmp_pat
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     expected = tmp_path / "hub" / "checkpoints" / Path(url).name
     with pytest.raises(SystemExit, match=f"not cached at {expected}"):
-        build_model(name, 3, 320, pretrained=True)
+        build_model(config(name, 3, 320), pretrained=True)
 
     coco = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=91)
     expected.parent.mkdir(parents=True)
     torch.save(coco.state_dict(), expected)
-    model = build_model(name, 3, 320, pretrained=True)
+    model = build_model(config(name, 3, 320), pretrained=True)
     ours, theirs = model.state_dict(), coco.state_dict()
     shared = [k for k in ours if ours[k].shape == theirs[k].shape]
     assert all(torch.equal(ours[k], theirs[k]) for k in shared)
     assert any(ours[k].shape != theirs[k].shape for k in ours)  # the class layers are new
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d | FrozenBatchNorm2d)]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)  # as torchvision builds COCO-initialised models
     with pytest.raises(SystemExit, match="fcos_tiny has no pretrained weights"):
-        build_model("fcos_tiny", 3, 96, pretrained=True)
+        build_model(config("fcos_tiny", 3, 96), pretrained=True)
     with pytest.raises(SystemExit, match="unknown --model"):
-        build_model("yolo_v99", 3, 96)
+        build_model(config("yolo_v99", 3, 96))
 
 
 def test_models_that_need_masks_or_keypoints_are_refused_and_not_listed():
@@ -55,7 +61,7 @@ def test_models_that_need_masks_or_keypoints_are_refused_and_not_listed():
     assert not [name for name in models if "mask" in name or "keypoint" in name]
     for name in ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn"):
         with pytest.raises(SystemExit, match=f"--model '{name}' trains on instance masks or keypoints.*: fcos_tiny, "):
-            build_model(name, 3, 96)
+            build_model(config(name, 3, 96))
 
 
 def test_hyp_file_overrides_and_rejects_typos(tmp_path):

@@ -14,38 +14,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
 from conftest import REPO, run_script, script_env
-from detection_data import DetectionDataset, eval_transform, load_data, make_collate
-from detection_model import build_model, set_postprocess
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file
 from torchvision.ops import box_iou
-from train_detection import HYP, evaluate
-
-from shared.metrics import load_metric
-from shared.model_io import load_pretrained
 
 MAP_KEYS = ["map", "map50", "map75", "map_small", "map_medium", "map_large"]
 
 
 def make_data(root, train, val, test, size=128, seed=0):
     run_script(
-        "make_demo_detection.py",
-        "--output-dir",
-        root,
-        "--train",
-        train,
-        "--val",
-        val,
-        "--test",
-        test,
-        "--size",
-        size,
-        "--seed",
-        seed,
-    )
+        "make_demo_detection.py", "--output-dir", root, "--train", train, "--val", val, "--test", test, "--size", size,
+        "--seed", seed,
+    )  # fmt: skip
     return root / "data.yaml"
 
 
@@ -59,25 +41,9 @@ def learned(tmp_path_factory):
         f.write("9 0.5 0.5 0.1 0.1\n")
     out = root / "run"
     run_script(
-        "train_detection.py",
-        "--data",
-        data,
-        "--output-dir",
-        out,
-        "--epochs",
-        4,
-        "--img-size",
-        128,
-        "--batch-size",
-        8,
-        "--nominal-batch-size",
-        16,
-        "--mixed-precision",
-        "bf16",
-        "--workers",
-        1,
-        nproc=2,
-    )
+        "train_detection.py", "--data", data, "--output-dir", out, "--epochs", 4, "--img-size", 128, "--batch-size", 8,
+        "--nominal-batch-size", 16, "--mixed-precision", "bf16", "--workers", 1, nproc=2,
+    )  # fmt: skip
     return root, data, out
 
 
@@ -89,19 +55,10 @@ def test_two_process_run_learns_and_writes_every_artifact(learned):
         assert set(MAP_KEYS + ["per_class_ap"]) <= set(metrics[split])
     assert metrics["val"]["map50"] > 0.3, metrics["val"]  # chance is about 0
     for name in (
-        "args.json",
-        "results.csv",
-        "data_report.json",
-        "curves.png",
-        "labels.png",
-        "val_predictions.png",
-        "model/model.safetensors",
-        "model/config.json",
-        "predictions_val.json",
-        "ground_truth_val.json",
-        "predictions_test.json",
-        "ground_truth_test.json",
-    ):
+        "args.json", "results.csv", "data_report.json", "curves.png", "labels.png", "val_predictions.png",
+        "model/model.safetensors", "model/config.json", "predictions_val.json", "ground_truth_val.json",
+        "predictions_test.json", "ground_truth_test.json",
+    ):  # fmt: skip
         assert (out / name).is_file(), name
     assert any((out / "logs").rglob("events.out.tfevents*"))
     args = json.loads((out / "args.json").read_text())
@@ -111,6 +68,8 @@ def test_two_process_run_learns_and_writes_every_artifact(learned):
     report = json.loads((out / "data_report.json").read_text())
     files = {k.split("/")[-1]: v for k, v in report["files"].items()}
     assert files["broken.jpg"] == {"corrupt_image": 1} and files["train_00000.txt"] == {"class_out_of_range": 1}
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\npipeline_tag: object-detection\n") and f"| test | {metrics['test']['map']:.4f} |" in card
 
 
 def test_saved_json_files_give_the_reported_map_with_pycocotools(learned):
@@ -126,26 +85,20 @@ def test_saved_json_files_give_the_reported_map_with_pycocotools(learned):
             assert metrics[split][key] == pytest.approx(value, abs=1e-9), (split, key)
 
 
-def test_one_process_evaluates_the_same_model_to_the_same_metrics(learned):
-    """The saved model evaluated in this one process gives the metrics the 2-process run reported: each image
-    counts once in both, including the 1-image test split that DDP pads to 2."""
+def test_one_process_evaluates_the_same_model_to_the_same_metrics(learned, tmp_path):
+    """--eval-only in one process scores the saved model as the 2-process run did: each image counts once in both,
+    including the 1-image test split that DDP pads to 2."""
     _, data, out = learned
-    state, config = load_pretrained(out / "model")
-    model = build_model(config["model"], config["num_classes"], config["img_size"])
-    model.load_state_dict(state)
-    set_postprocess(model, HYP["eval_conf"], HYP["eval_iou"], HYP["max_det"])
-    model.transform._skip_resize = True  # as in training: batches arrive letterboxed to their size
-    splits = load_data(str(data)).splits
-    accelerator, metric, one = Accelerator(cpu=True, mixed_precision="bf16"), load_metric("coco_map"), {}
-    for split in ("val", "test"):
-        dataset = DetectionDataset(splits[split], eval_transform(config["img_size"]))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=make_collate(config["img_size"]))
-        one[split], _ = evaluate(model, loader, accelerator, splits[split], config["labels"], metric, "pycocotools")
+    run = tmp_path / "eval"
+    run_script("train_detection.py", "--eval-only", "--weights", out / "model", "--data", data, "--output-dir", run,
+               "--mixed-precision", "bf16", "--workers", 1)  # fmt: skip
+    one = json.loads((run / "metrics.json").read_text())
     two = json.loads((out / "metrics.json").read_text())
     for split in ("val", "test"):
         for key in MAP_KEYS:
             assert one[split][key] == pytest.approx(two[split][key], abs=1e-3), (split, key)
-    assert len(json.loads((out / "ground_truth_val.json").read_text())["images"]) == 21
+    assert len(json.loads((run / "ground_truth_val.json").read_text())["images"]) == 21
+    assert (run / "predictions_test.json").is_file() and not (run / "model").exists()
 
 
 def test_checkpoint_of_other_labels_is_refused(learned, tmp_path):
@@ -200,22 +153,9 @@ def test_predict_finds_the_objects(learned, tmp_path):
 
 def training_args(data, out, *extra):
     return [
-        "--data",
-        data,
-        "--output-dir",
-        out,
-        "--img-size",
-        64,
-        "--batch-size",
-        8,
-        "--nominal-batch-size",
-        16,
-        "--workers",
-        1,
-        "--log-every",
-        1,
-        *extra,
-    ]
+        "--data", data, "--output-dir", out, "--img-size", 64, "--batch-size", 8, "--nominal-batch-size", 16, "--workers",
+        1, *extra,
+    ]  # fmt: skip
 
 
 def parameters(checkpoint_dir):

@@ -17,17 +17,9 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 @pytest.fixture(scope="module")
 def audio_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch") / "speech"
+    script = str(REPO / "scripts/make_demo_audio.py")
     subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts/make_demo_audio.py"),
-            "--output",
-            str(root),
-            "--classes",
-            "3",
-            "--clips-per-class",
-            "16",
-        ],
+        [sys.executable, script, "--output", str(root), *"--classes 3 --clips-per-class 16".split()],
         check=True,
         capture_output=True,
     )
@@ -37,21 +29,9 @@ def audio_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def detection_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch") / "shapes"
+    script = str(REPO / "scripts/make_demo_detection.py")
     subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts/make_demo_detection.py"),
-            "--output-dir",
-            str(root),
-            "--train",
-            "16",
-            "--val",
-            "5",
-            "--test",
-            "0",
-            "--size",
-            "128",
-        ],
+        [sys.executable, script, "--output-dir", str(root), *"--train 16 --val 5 --test 0 --size 128".split()],
         check=True,
         capture_output=True,
     )
@@ -60,21 +40,9 @@ def detection_data(tmp_path_factory):
 
 def audio_args(data, out):
     return [
-        "--data",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--nominal-batch-size",
-        "16",
-        "--workers",
-        "0",
-        "--cache-dir",
-        str(out.parent / "cache"),
-    ]
+        "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--batch-size", "8", "--nominal-batch-size", "16",
+        "--workers", "0", "--cache-dir", str(out.parent / "cache"),
+    ]  # fmt: skip
 
 
 def launch(*args, env=None, timeout=300):

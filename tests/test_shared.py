@@ -11,8 +11,7 @@ from accelerate import Accelerator
 from conftest import REPO, free_port, script_env
 
 from shared.checkpoint import Checkpoints, RunFolder
-from shared.ema import make_ema
-from shared.schedule import build_scheduler, warmup_momentum
+from shared.schedule import build_scheduler
 
 SETUP_SNIPPET = """
 import argparse, sys
@@ -20,8 +19,8 @@ sys.path.insert(0, {repo!r})
 from shared.runtime import add_common_args, setup_accelerator
 p = argparse.ArgumentParser(); add_common_args(p, epochs=1, batch_size=16, nominal_batch_size=64)
 args = p.parse_args(sys.argv[1:])
-acc = setup_accelerator(args)
-print("ACCUM", args.accumulation_steps, args.effective_batch_size, args.num_processes, acc.device.type)
+acc, plan = setup_accelerator(args)
+print("ACCUM", plan.accumulation_steps, plan.effective_batch_size, plan.processes, acc.device.type)
 """
 
 
@@ -65,12 +64,16 @@ def test_warmup_then_cosine_counts_optimizer_steps():
     assert lrs[10] == pytest.approx(0.1)
     assert lrs[55] == pytest.approx(0.001 + 0.099 * 0.5, rel=1e-2)  # half-way through the cosine
     assert lrs[-1] == pytest.approx(0.001, rel=0.05)
+    from train_detection import warmup_momentum
+
     warmup_momentum(opt, 5, 10, 0.8, 0.9)
     assert opt.param_groups[0]["momentum"] == pytest.approx(0.85)
 
 
 def test_ema_ramps_its_decay_and_averages_buffers():
     model = torch.nn.BatchNorm1d(2)
+    from detection_model import make_ema
+
     ema = make_ema(model, decay=0.9, tau=1.0)
     ema.update_parameters(model)  # first update copies
     with torch.no_grad():
@@ -230,15 +233,13 @@ STEP_GUARD_SNIPPET = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
-from shared.checkpoint import GracefulStop
-from shared.training import StepGuard
+from shared.training import RunState, TrainingLoop
 acc = Accelerator(cpu=True)
-guard = StepGuard(acc, GracefulStop())
-guard.add(torch.tensor(1.0))
-assert not guard.stop_agreed(epoch=0, step=1)
-guard.add(torch.tensor(float("nan") if acc.process_index == acc.num_processes - 1 else 2.0))
+loop = TrainingLoop(acc, None, RunState(epoch=2, step=6), epochs=5, checkpoint_steps=0)
+loop.after_backward({{"loss": torch.tensor(1.0)}}, 4)
+nan_here = acc.process_index == acc.num_processes - 1
 try:
-    guard.stop_agreed(epoch=2, step=7)
+    loop.after_backward({{"loss": torch.tensor(float("nan") if nan_here else 2.0)}}, 4)
 except SystemExit as err:
     print(f"rank {{acc.process_index}} stopped: {{err}}", flush=True)
     raise
