@@ -175,7 +175,7 @@ def test_a_float_file_beyond_full_scale_reaches_the_model_alike_in_training_and_
 
     config = {"sample_rate": 16000, "labels": ["a", "b"], "clip_seconds": 1.0}
     model_inputs = []
-    monkeypatch.setattr(predict_audio, "load_classifier", lambda *a: (None, config))
+    monkeypatch.setattr(predict_audio, "load_model", lambda *a: (None, config))
     monkeypatch.setattr(predict_audio, "predict", lambda m, x, b: model_inputs.append(x) or torch.full((len(x), 2), 0.5))
     predict_audio.main([str(path), "--model-dir", str(tmp_path), "--output", str(tmp_path / "p.jsonl"), "--cpu"])
     predicted_on = model_inputs[0][0]
@@ -275,7 +275,7 @@ def test_data_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path):
 def fake_model(monkeypatch):
     """predict_audio.py without a trained network: every window gets the same probabilities."""
     config = {"sample_rate": RATE, "labels": ["a", "b"], "clip_seconds": 0.25}
-    monkeypatch.setattr(predict_audio, "load_classifier", lambda *a: (None, config))
+    monkeypatch.setattr(predict_audio, "load_model", lambda *a: (None, config))
     monkeypatch.setattr(predict_audio, "predict", lambda m, x, b: torch.tensor([[0.25, 0.75]]).repeat(len(x), 1))
 
 

@@ -13,6 +13,7 @@ from audio_model import (
     load_model,
     save_model,
     supported_models,
+    use_tiny_map_convs,
 )
 from torch import nn
 
@@ -165,6 +166,8 @@ def test_larger_maps_keep_the_stock_convolution_and_the_classifier_keeps_resnet_
     TinyMapConv2d(4, 4, 3, padding=1)(torch.randn(1, 4, 3, 3))  # 9 positions
     assert calls == [1]
     model = AudioClassifier(CONFIG)
+    assert type(model.backbone.layer4[0].conv1) is torch.nn.Conv2d  # built plain: the CPU speed-up is opt-in
+    use_tiny_map_convs(model)
     assert type(model.backbone.layer4[0].conv1) is TinyMapConv2d
     model.backbone.load_state_dict(build_backbone("resnet18", 3).state_dict())
 
