@@ -197,6 +197,50 @@ def coco_section(results: dict) -> list[str]:
     return [*lines, "", f"faster-coco-eval is {speedup} faster on COCOeval; " + module_overhead(coco), ""]
 
 
+def serving_section(results: dict) -> list[str]:
+    cfg = results["cfg"]
+    lines = [
+        "## Serving under load (scripts/serve.py, loopback)",
+        "",
+        f"{cfg['serve_clients']} concurrent clients, {cfg['serve_requests']} requests per server, `--threads 1`; the models "
+        "of the first launchkit bf16 runs above; batching on is `--max-batch 32`, off is `--max-batch 1`.",
+        "",
+        "| model | batching | requests/s | p50 ms | p99 ms | errors | resident MB before -> after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["serving"]:
+        lines.append(
+            f"| {r['task']} | {r['batching']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
+            f"| {r['rss_mb_before']} -> {r['rss_mb_after']} |"
+        )
+    by = {(r["task"], r["batching"]): r["requests_per_second"] for r in results["serving"]}
+    gains = ", ".join(f"{task} {ratio(by[(task, 'on')], by[(task, 'off')])}" for task in ("audio", "detection"))
+    return [*lines, "", f"Batching on / off: {gains}.", ""]
+
+
+def export_section(results: dict) -> list[str]:
+    lines = [
+        "## Export (scripts/export_model.py --format all), parity on the validation split and CPU latency",
+        "",
+        "| model | runtime | parity | ms at batch 1 | ms at batch 32 |",
+        "|---|---|---|---|---|",
+    ]
+    for task, e in results["export"].items():
+        latency = e["latency_ms"]
+        lines.append(f"| {task} | PyTorch eager | reference | {latency['batch_1']['pytorch_eager']:.1f} "
+                     f"| {latency['batch_32']['pytorch_eager']:.1f} |")  # fmt: skip
+        for runtime, name in (("onnx", "onnxruntime"), ("exported_program", "exported_program")):
+            p = e["parity"][runtime]
+            proof = (
+                f"max abs logit difference {p['max_abs_logit_diff']:.1e}, top-1 identical {p['top1_identical']}"
+                if task == "audio"
+                else f"{p['matched']} of {p['reference_detections']} boxes matched, mAP {p['map_exported']:.4f} "
+                f"vs {p['map_reference']:.4f}"
+            )
+            lines.append(f"| {task} | {name} | {proof} | {latency['batch_1'][name]:.1f} | {latency['batch_32'][name]:.1f} |")
+    return [*lines, ""]
+
+
 def compile_row(results: dict) -> list[str]:
     """The torch.compile probe's row of the step table; none in a --quick run, which does not probe."""
     probe = results.get("compile")
@@ -263,6 +307,8 @@ SECTIONS = (
     coco_section,
     step_settings_table,
     profiles_section,
+    serving_section,
+    export_section,
     commands_section,
 )
 

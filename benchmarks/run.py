@@ -14,7 +14,8 @@ in this process. The raw results go to WORK_DIR/{full,quick}/results.json; RESUL
 exact commands and the machine) is rendered from that file by benchmarks/report.py.
 
 Modules: training_runs.py (the subprocess runs and the decode cache), resnet_steps.py (in-process step
-tables, the 4 s ceiling, profiles, torch.compile), coco_timing.py, compute.py, datagen.py, report.py."""
+tables, the 4 s ceiling, profiles, torch.compile), coco_timing.py, serving.py (serve.py under load, export_model.py
+parity and latency), compute.py, datagen.py, report.py."""
 
 import argparse
 import contextlib
@@ -40,6 +41,7 @@ import compute
 import datagen
 import report
 import resnet_steps
+import serving
 import training_runs
 
 BUDGET_SECONDS = 570  # the full run must end within 10 minutes; the optional --compile probe gets what is left
@@ -58,6 +60,8 @@ FULL = {
     "coco_reps": 3,
     "knob_steps": 5,
     "compile": True,
+    "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
+    "serve_requests": 512,
 }
 QUICK = {
     "reps": 1,
@@ -70,6 +74,8 @@ QUICK = {
     "coco_reps": 1,
     "knob_steps": 2,
     "compile": False,
+    "serve_clients": 16,
+    "serve_requests": 64,
     "only_s1_complete": True,
 }
 
@@ -205,6 +211,10 @@ def main(argv=None):
         left = BUDGET_SECONDS - (time.perf_counter() - started)
         print(f"torch.compile probe ({left:.0f} s left) ...", flush=True)
         results["compile"] = resnet_steps.compile_probe(cfg["knob_steps"], left, work) if left > 30 else {"timeout": max(left, 0)}
+    # After the training budget: the saved models served under load, and exported with a parity check.
+    print("serving under load, export with parity ...", flush=True)
+    results["serving"] = serving.serving_table(work, data, cfg["serve_clients"], cfg["serve_requests"])
+    results["export"] = serving.export_table(work)
     results["commands"] = runner.commands
     results["load"].append(os.getloadavg()[0])
     results["wall"] = time.perf_counter() - started

@@ -26,7 +26,7 @@ def test_the_listed_files_alone_train_one_epoch(script, tmp_path):
         make_demo_audio.main(["--output", str(tmp_path / "data"), "--classes", "2", "--clips-per-class", "8", "--seconds", "0.5"])
         args = [
             "--data", tmp_path / "data", "--sample-rate", 8000, "--n-mels", 32, "--clip-seconds", 0.5, "--cache-dir",
-            tmp_path / "cache",
+            tmp_path / "cache", "--mixed-precision", "bf16",  # the suite's one bf16 training run: small, as bf16 is slow
         ]  # fmt: skip
     else:
         make_demo_detection.main(

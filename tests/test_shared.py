@@ -267,7 +267,7 @@ sys.path.insert(0, {repo!r})
 import torch
 from accelerate import Accelerator
 from shared.runtime import seed_per_process
-from shared.training import smallest_over_processes
+from shared.runtime import smallest_over_processes
 acc = Accelerator(cpu=True)
 print(f"rank {{acc.process_index}} uses", smallest_over_processes([48, 32][acc.process_index]), flush=True)
 seed_per_process(acc, 0)

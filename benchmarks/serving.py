@@ -1,0 +1,96 @@
+"""After training, measured: scripts/serve.py under a bounded load on loopback with batching on and off, and
+scripts/export_model.py's parity and latency, both on the models the benchmark's launchkit runs saved."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import serve_load
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+BATCHING = {"on": 32, "off": 1}  # --max-batch of the two server runs
+
+
+def model_dirs(work: Path) -> dict[str, Path]:
+    """The first bf16 launchkit run of the 1 s audio clips and of detection."""
+    return {
+        "audio": work / "runs" / "s1_launchkit_bf16_0" / "model",
+        "detection": work / "runs" / "det_launchkit_bf16_0" / "model",
+    }
+
+
+def request_files(data: dict) -> dict[str, list[Path]]:
+    """Validation files of the benchmark data as request bodies: 8 clips, 8 images."""
+    clips = sorted((Path(data["s1"]) / "val").rglob("*.wav"))[:8]
+    images = sorted((Path(data["det"]).parent / "images" / "val").glob("*.jpg"))[:8]
+    return {"audio": clips, "detection": images}
+
+
+def serving_table(work: Path, data: dict, clients: int, requests: int) -> list[dict]:
+    """One server per (task, batching), one bounded load test each, the server's resident memory before and after."""
+    rows, files = [], request_files(data)
+    for task, model_dir in model_dirs(work).items():
+        for batching, max_batch in BATCHING.items():
+            server, url = start_server(model_dir, max_batch)
+            try:
+                before = resident_mb(server.pid)
+                result = serve_load.load_test(url, files[task], clients=clients, requests=requests)
+                rows.append({"task": task, "batching": batching, "max_batch": max_batch, **result,
+                             "rss_mb_before": before, "rss_mb_after": resident_mb(server.pid)})  # fmt: skip
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=60)
+            print(f"  serve {task}, batching {batching}: {result['requests_per_second']} requests/s", flush=True)
+    return rows
+
+
+def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [PY, str(REPO / "scripts" / "serve.py"), "--model-dir", str(model_dir), "--port", str(port),
+           "--max-batch", str(max_batch), "--threads", "1"]  # fmt: skip
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit(f"{' '.join(cmd)} did not answer /health within 120 s")
+
+
+def export_table(work: Path) -> dict:
+    """export_model.py --format all for each model; its report's parity figures and latency table."""
+    out = {}
+    for task, model_dir in model_dirs(work).items():
+        target = work / "export" / task
+        cmd = [PY, str(REPO / "scripts" / "export_model.py"), "--model-dir", str(model_dir), "--format", "all",
+               "--output-dir", str(target)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        report = json.loads((target / "export_report.json").read_text())
+        out[task] = {"parity": report["parity"], "latency_ms": report["latency"]["milliseconds"], "inputs": report["inputs"]}
+        print(f"  export {task}: passed {report['passed']}", flush=True)
+    return out
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
