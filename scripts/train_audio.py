@@ -51,7 +51,7 @@ from audio_model import (
 
 from shared.checkpoint import Checkpoints, RunFolder
 from shared.metrics import load_metric
-from shared.model_io import label_index, load_pretrained, start_from, write_model_card
+from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
 from shared.results import ResultsLog
 from shared.runtime import (
@@ -253,7 +253,7 @@ def read_data_and_model_config(args):
         label_column=args.label_column,
         val_fraction=args.val_fraction,
     )
-    weights = load_pretrained(args.weights) if args.weights else None
+    weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
     if args.eval_only:
         if weights is None:
             raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
@@ -261,7 +261,7 @@ def read_data_and_model_config(args):
         relabel(data, config["labels"], args.data)
     else:
         args.clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[data.format]
-        model = weights[1]["model"] if weights else args.model
+        model = weights[1].get("model", args.model) if weights else args.model
         config = model_config(model, data.labels, args.sample_rate, args.clip_seconds, args.n_mels)
     frames = round(config["clip_seconds"] * config["sample_rate"]) // config["hop_length"] + 1
     args.freq_mask = 0 if args.no_augment else args.n_mels // 8 if args.freq_mask is None else args.freq_mask

@@ -66,7 +66,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from shared.checkpoint import Checkpoints, RunFolder
 from shared.metrics import load_metric
-from shared.model_io import label_index, load_pretrained, start_from, write_model_card
+from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
 from shared.results import ResultsLog
 from shared.runtime import (
@@ -223,13 +223,13 @@ def main(argv=None):
 # ==================================================================== phases of main()
 def model_config_for(args, data, hyp):
     """The config of the model to build: new, or read from --weights (whose labels --eval-only data is matched to)."""
-    weights = load_pretrained(args.weights) if args.weights else None
+    weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
     if args.eval_only:
         if weights is None:
             raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
         relabel(data, weights[1]["labels"], args.data)
         return weights[1], weights
-    name = weights[1]["model"] if weights else args.model
+    name = weights[1].get("model", args.model) if weights else args.model
     config = model_config(name, data.names, args.img_size, hyp)
     config["img_size"] = input_size(build_model(config), args.img_size)  # SSD models have their own fixed size
     return config, weights

@@ -40,6 +40,20 @@ def load_pretrained(directory: Path):
     return load_file(weights), json.loads(config.read_text())
 
 
+def load_weights(path: Path, *, need_config: bool = False) -> tuple[dict, dict]:
+    """--weights: a model/ folder, or a .safetensors file (its config.json, when beside it, tells the labels;
+    without one the labels are unknown and only the features are reused)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_pretrained(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise SystemExit(f"--weights {path}: not a model/ folder or a .safetensors file")
+    beside = path.with_name("config.json")
+    if need_config and not beside.is_file():
+        raise SystemExit(f"--weights {path}: no config.json beside it, so the model and its labels are unknown")
+    return load_file(path), json.loads(beside.read_text()) if beside.is_file() else {}
+
+
 def start_from(
     model: torch.nn.Module, weights: tuple[dict, dict] | None, labels: list[str], head: list[str], otherwise: str
 ) -> str:
@@ -48,7 +62,7 @@ def start_from(
     if weights is None:
         return otherwise
     state, source = weights
-    if source["labels"] == labels:
+    if source.get("labels") == labels:
         model.load_state_dict(state)
         return f"from {source['model']} weights, same labels"
     own = model.state_dict()

@@ -67,8 +67,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
         type=Path,
         default=None,
         metavar="MODEL_DIR",
-        help="start from the model/ folder of an earlier run: the whole model when the labels are the same, "
-        "otherwise everything but the class layer",
+        help="start from the model/ folder of an earlier run (or a .safetensors file): the whole model when the labels "
+        "are the same, otherwise everything but the class layer",
     )
     g.add_argument(
         "--eval-only",

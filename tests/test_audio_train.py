@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,13 +290,18 @@ def test_eval_only_scores_a_saved_model_on_other_data_with_labels_matched_by_nam
     assert refused.returncode != 0 and "label(s) ['pulses'] are not among the model's labels" in refused.stderr
 
 
-def test_weights_of_other_labels_start_a_run_with_the_features_and_a_new_class_layer(us8k_run, tmp_path, cache):
+@pytest.mark.parametrize("source", ["model folder", "bare safetensors file"])
+def test_weights_of_other_labels_start_a_run_with_the_features_and_a_new_class_layer(us8k_run, tmp_path, cache, source):
     """--lr 0 keeps every weight where it started: the convolutions are the earlier run's, the class layer is new."""
     _, out, _, _ = us8k_run
     data = tmp_path / "three"
     make_demo_audio.main(["--output", str(data), "--classes", "3", "--clips-per-class", "12", "--seconds", "1"])
+    weights = out / "model"
+    if source == "bare safetensors file":  # no config.json beside it: the labels are unknown, the features are reused
+        weights = tmp_path / "weights.safetensors"
+        shutil.copy(out / "model" / "model.safetensors", weights)
     run = tmp_path / "finetune"
-    proc = run_script("train_audio.py", "--weights", out / "model", "--data", data, "--output-dir", run, "--epochs", 1,
+    proc = run_script("train_audio.py", "--weights", weights, "--data", data, "--output-dir", run, "--epochs", 1,
                       "--lr", 0, "--cache-dir", cache, *FAST, env=ONE_THREAD)  # fmt: skip
     assert "from weights of other labels" in proc.stdout and "new class layer" in proc.stdout
     before, after = load_file(out / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
