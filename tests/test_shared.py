@@ -269,7 +269,7 @@ from accelerate import Accelerator
 from shared.runtime import seed_per_process
 from shared.runtime import smallest_over_processes
 acc = Accelerator(cpu=True)
-print(f"rank {{acc.process_index}} uses", smallest_over_processes([48, 32][acc.process_index]), flush=True)
+print(f"rank {{acc.process_index}} uses {{smallest_over_processes([48, 32][acc.process_index])}}", flush=True)
 seed_per_process(acc, 0)
 print(f"rank {{acc.process_index}} draws", torch.rand(1).item(), flush=True)
 """
