@@ -131,17 +131,22 @@ class TrainingLoop:
             )
         return bool(stop)
 
-    def epoch_totals(self) -> tuple[dict, int]:
-        """Loss sums and sample count of the epoch over all processes, including those before a resume."""
-        acc, state = self.accelerator, self.state
-        sums = acc.reduce(self._sums, "sum").tolist() if self._sums is not None else [0.0] * len(self._names)
-        totals = {n: s + state.loss_sums.get(n, 0.0) for n, s in zip(self._names, sums, strict=True)}
-        return totals, int(acc.reduce(self._samples, "sum").item()) + state.loss_samples
+    def _trained_since_start(self) -> tuple[list[float], int]:
+        """Loss sums and samples since the epoch started or resumed, over all processes: one all-reduce."""
+        sums = self._sums if self._sums is not None else torch.zeros(len(self._names), device=self._samples.device)
+        *reduced, samples = self.accelerator.reduce(torch.cat([sums, self._samples.view(1)]), "sum").tolist()
+        return reduced, int(samples)
+
+    def epoch_totals(self) -> tuple[dict, int, int]:
+        """Loss sums and sample count of the epoch over all processes, including those before a resume, and the
+        samples trained since then."""
+        sums, trained_now = self._trained_since_start()
+        totals = {n: s + self.state.loss_sums.get(n, 0.0) for n, s in zip(self._names, sums, strict=True)}
+        return totals, trained_now + self.state.loss_samples, trained_now
 
     def epoch_summary(self) -> dict:
         """Mean of each loss over the epoch, with its wall time and the samples per second trained in it."""
-        totals, samples = self.epoch_totals()
-        trained_now = int(self.accelerator.reduce(self._samples, "sum").item())
+        totals, samples, trained_now = self.epoch_totals()
         seconds = time.perf_counter() - self._started
         means = {f"train_{n}": s / max(samples, 1) for n, s in totals.items()}
         return {**means, "seconds": seconds, "train_samples_per_second": trained_now / seconds if seconds > 0 else 0.0}
@@ -164,7 +169,7 @@ class TrainingLoop:
 
     def save_checkpoint(self):
         """Mid-epoch: the running losses so far go into the checkpoint with the position."""
-        totals, samples = self.epoch_totals()
+        totals, samples, _ = self.epoch_totals()
         self.checkpoints.save({**dataclasses.asdict(self.state), "loss_sums": totals, "loss_samples": samples})
 
 

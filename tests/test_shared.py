@@ -229,6 +229,17 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(trained_bits,
     assert not marker.exists()
 
 
+def run_in_two_processes(script) -> subprocess.CompletedProcess:
+    """Real 2-process DDP on CPU (gloo), as torchrun starts it."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
+        env=script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 STEP_GUARD_SNIPPET = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
@@ -249,13 +260,7 @@ except SystemExit as err:
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     script = tmp_path / "guard.py"
     script.write_text(STEP_GUARD_SNIPPET.format(repo=str(REPO)))
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
-        env=script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_in_two_processes(script)
     assert out.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} stopped: the training loss became NaN or infinite at epoch 3, optimizer step 7" in out.stdout
@@ -280,13 +285,7 @@ def test_processes_agree_on_the_batch_and_draw_their_own_augmentation(tmp_path):
     Augmentation must differ between processes (or every rank would see the same crops and noise)."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SNIPPET.format(repo=str(REPO)))
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
-        env=script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_in_two_processes(script)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "rank 0 uses 32" in out.stdout and "rank 1 uses 32" in out.stdout
     draws = {line.split()[1]: line.split()[-1] for line in out.stdout.splitlines() if " draws " in line}
