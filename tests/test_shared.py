@@ -252,7 +252,7 @@ nan_here = acc.process_index == acc.num_processes - 1
 try:
     loop.after_backward({{"loss": torch.tensor(float("nan") if nan_here else 2.0)}}, 4)
 except SystemExit as err:
-    print(f"rank {{acc.process_index}} stopped: {{err}}", flush=True)
+    os.write(1, f"rank {{acc.process_index}} stopped: {{err}}\\n".encode())  # one write: the two ranks share the pipe
     raise
 """
 
@@ -267,16 +267,16 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
 
 
 AGREE_SNIPPET = """
-import sys
+import os, sys
 sys.path.insert(0, {repo!r})
 import torch
 from accelerate import Accelerator
-from shared.runtime import seed_per_process
-from shared.runtime import smallest_over_processes
+from shared.runtime import seed_per_process, smallest_over_processes
 acc = Accelerator(cpu=True)
-print(f"rank {{acc.process_index}} uses {{smallest_over_processes([48, 32][acc.process_index])}}", flush=True)
+batch = smallest_over_processes([48, 32][acc.process_index])
 seed_per_process(acc, 0)
-print(f"rank {{acc.process_index}} draws", torch.rand(1).item(), flush=True)
+# One write per rank: a single write of a short line to a pipe is never interleaved with the other rank's.
+os.write(1, f"rank {{acc.process_index}} uses {{batch}}\\nrank {{acc.process_index}} draws {{torch.rand(1).item()}}\\n".encode())
 """
 
 
