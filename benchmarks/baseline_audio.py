@@ -15,7 +15,8 @@ Nothing here is made slow on purpose: resamplers are built once per source rate 
 DataLoader uses the same number of workers as the launchkit run, and the model, optimizer, batch
 size, clip length and mel settings match launchkit's defaults.
 
-Data: class folders with train/ and val/ subfolders (DIR/train/<label>/*.wav, DIR/val/<label>/*.wav).
+Data: class folders with train/ and val/ subfolders (DIR/train/<label>/*.wav, DIR/val/<label>/*.wav), and
+optionally test/, on which the model of the last epoch is scored at the end, as the walk-through does.
 Writes OUTPUT_DIR/results.csv (a row per epoch) and OUTPUT_DIR/metrics.json.
 """
 
@@ -189,6 +190,12 @@ def main(argv=None):
         "train_samples_per_second": rows[-1]["train_samples_per_second"],
         "val": {"accuracy": rows[-1]["val_accuracy"]},
     }
+    if (args.data / "test").is_dir():
+        test_items, _ = list_clips(args.data / "test")
+        test_dl = torch.utils.data.DataLoader(
+            ClipDataset(test_items, args, train=False), batch_size=args.batch_size, shuffle=False, num_workers=args.workers
+        )
+        metrics["test"] = {"accuracy": evaluate(model, test_dl, device)}
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 

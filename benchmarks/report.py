@@ -241,6 +241,66 @@ def export_section(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def peer_section(results: dict) -> list[str]:
+    """launchkit against ultralytics on the held-out detection set; none in a run made without --peer."""
+    peer = results.get("peer")
+    if peer is None:
+        return []
+    cfg = results["cfg"]["peer"]
+    lines = [
+        "## Detection against the peer (ultralytics `yolov8n.yaml` from scratch) on held-out data",
+        "",
+        f"benchmarks/heldout_detection.py: {cfg['train']} train / {cfg['val']} val / {cfg['test']} test images at "
+        f"{peer['img_size']} px, ten digit classes among clutter and occluders; the test images' fonts and backgrounds "
+        "never appear in training. Each tool's default recipe, fp32, 2 workers; both tools' test predictions scored by "
+        "pycocotools against the same ground truth.",
+        "",
+        "| tool | epochs | wall s | test mAP50-95 | test mAP50 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in peer["runs"] + peer["budget_runs"]:
+        note = f" (the peer's {r['budget_of']}-epoch wall time)" if "budget_of" in r else ""
+        lines.append(
+            f"| {r['tool']} | {r['epochs']}{note} | {r['wall']:.0f} | {r['test']['map']:.3f} | {r['test']['map50']:.3f} |"
+        )
+    lines += ["", f"Validation curves per epoch and per second of training: `{peer['plot']}`.", ""]
+    loader = results["loader"]
+    lines += [
+        f"### Input pipeline per worker, {loader['img_size']} px, training augmentation (mosaic included)",
+        "",
+        f"One DataLoader worker, batches of 16, {loader['images']} images after the first batch, median of "
+        f"{len(loader['rates']['launchkit'])} interleaved runs; launchkit's colour jitter is not in its loader (it runs "
+        "batched on the device), the peer's HSV jitter is in its own.",
+        "",
+        "| pipeline | images/s per worker |",
+        "|---|---|",
+        *(f"| {tool} | {loader['median'][tool]:.1f} |" for tool in ("launchkit", "ultralytics")),
+        "",
+        f"launchkit / peer: {loader['ratio']:.2f}x (target 1.5x: **{'met' if loader['ratio'] >= 1.5 else 'NOT met'}**).",
+        "",
+    ]
+    return lines
+
+
+def speech_section(results: dict) -> list[str]:
+    speech = results.get("speech")
+    if speech is None:
+        return []
+    runs = speech["runs"]
+    gain = runs["launchkit"]["test_accuracy"] - runs["baseline"]["test_accuracy"]
+    return [
+        f"## Audio on unseen speakers (benchmarks/heldout_speech.py), {speech['epochs']} epochs",
+        "",
+        "| pipeline | wall s | val accuracy (seen speakers) | test accuracy (unseen speakers) |",
+        "|---|---|---|---|",
+        *(f"| {name} | {r['wall']:.0f} | {r['val_accuracy']:.3f} | {r['test_accuracy']:.3f} |" for name, r in runs.items()),
+        "",
+        f"Baseline wall time / launchkit wall time: {ratio(runs['baseline']['wall'], runs['launchkit']['wall'])}; "
+        f"launchkit's test accuracy minus the baseline's: {gain:+.3f}.",
+        "",
+    ]
+
+
 def compile_row(results: dict) -> list[str]:
     """The torch.compile probe's row of the step table; none in a --quick run, which does not probe."""
     probe = results.get("compile")
@@ -291,6 +351,8 @@ def commands_section(results: dict) -> list[str]:
         "",
         "```",
         *results["commands"],
+        *results.get("peer", {}).get("commands", []),
+        *results.get("speech", {}).get("commands", []),
         "```",
         "",
     ]
@@ -309,12 +371,18 @@ SECTIONS = (
     profiles_section,
     serving_section,
     export_section,
+    peer_section,
+    speech_section,
     commands_section,
 )
 
 
+PEER_ONLY_SECTIONS = (header, peer_section, speech_section, commands_section)  # run.py --only peer
+
+
 def render(results: dict) -> str:
-    return "\n".join(line for section in SECTIONS for line in section(results))
+    sections = SECTIONS if "peaks" in results else PEER_ONLY_SECTIONS
+    return "\n".join(line for section in sections for line in section(results))
 
 
 def write_report(path: Path, results: dict):

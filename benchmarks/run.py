@@ -39,9 +39,13 @@ sys.path.insert(0, str(REPO))
 import coco_timing
 import compute
 import datagen
+import heldout_detection
+import heldout_speech
+import peer
 import report
 import resnet_steps
 import serving
+import speech_comparison
 import training_runs
 
 BUDGET_SECONDS = 570  # the full run must end within 10 minutes; the optional --compile probe gets what is left
@@ -62,6 +66,9 @@ FULL = {
     "compile": True,
     "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
     "serve_requests": 512,
+    "peer": {"train": 800, "val": 150, "test": 250, "size": 320, "epochs": [20, 50]},
+    "loader": {"train": 128, "size": 640, "images": 256, "reps": 3},
+    "speech": {"train_speakers": 30, "test_speakers": 20, "takes": 3, "epochs": 15},
 }
 QUICK = {
     "reps": 1,
@@ -77,6 +84,9 @@ QUICK = {
     "serve_clients": 16,
     "serve_requests": 64,
     "only_s1_complete": True,
+    "peer": {"train": 32, "val": 8, "test": 16, "size": 320, "epochs": [1]},
+    "loader": {"train": 32, "size": 640, "images": 32, "reps": 1},
+    "speech": {"train_speakers": 4, "test_speakers": 3, "takes": 2, "epochs": 1},
 }
 
 
@@ -86,6 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny data, one repetition, no --compile probe: a smoke run")
     p.add_argument("--work-dir", type=Path, default=HERE / ".work", help="benchmark data, caches and run folders")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every run (launchkit's default here)")
+    p.add_argument("--only", choices=["all", "peer"], default="all", help="peer: only the comparisons with the peer tools")
     return p.parse_args(argv)
 
 
@@ -160,20 +171,8 @@ def training_flops() -> dict:
     }
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = QUICK if args.quick else FULL
-    started = time.perf_counter()
-    work = args.work_dir / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    results = {
-        "quick": args.quick,
-        "cfg": cfg,
-        "output": training_runs.repo_relative(str(args.output)),
-        "machine": machine(),
-        "load": [os.getloadavg()[0]],
-    }
-    print(f"machine: {results['machine']}", flush=True)
+def measure_launchkit(args, cfg: dict, work: Path, started: float, results: dict):
+    """launchkit's scripts against the plain baselines: throughput, caches, COCO backends, step tables, serving."""
     peaks_at_start = matmul_peaks()
 
     print("data ...", flush=True)
@@ -216,6 +215,50 @@ def main(argv=None):
     results["serving"] = serving.serving_table(work, data, cfg["serve_clients"], cfg["serve_requests"])
     results["export"] = serving.export_table(work)
     results["commands"] = runner.commands
+
+
+def compare_with_peers(args, cfg: dict, work: Path, results: dict):
+    """The tools users would pick instead, on held-out data: ultralytics for detection (its own venv), the
+    walk-through pipeline for audio. Run after everything else: these runs are the long ones."""
+    c = cfg["peer"]
+    print("detection against ultralytics on held-out data ...", flush=True)
+    data_yaml = heldout_detection.write_heldout_set(
+        work / "data" / "heldout", train=c["train"], val=c["val"], test=c["test"], size=c["size"]
+    )
+    results["peer"] = peer.comparison(work, data_yaml, c["epochs"], c["size"])
+    c = cfg["loader"]
+    print("input pipelines per worker ...", flush=True)
+    loader_yaml = heldout_detection.write_heldout_set(
+        work / "data" / f"heldout_{c['size']}", train=c["train"], val=8, test=8, size=c["size"]
+    )
+    results["loader"] = peer.loader_table(work, loader_yaml, c["size"], c["images"], c["reps"])
+    c = cfg["speech"]
+    print("audio on unseen speakers ...", flush=True)
+    speech = heldout_speech.write_speech_set(
+        work / "data" / "speech", train_speakers=c["train_speakers"], test_speakers=c["test_speakers"], takes=c["takes"]
+    )
+    env = training_runs.Runner(work).env
+    results["speech"] = speech_comparison.comparison(work, speech, c["epochs"], args.workers, env)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    work = args.work_dir / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    results = {
+        "quick": args.quick,
+        "cfg": cfg,
+        "output": training_runs.repo_relative(str(args.output)),
+        "machine": machine(),
+        "load": [os.getloadavg()[0]],
+    }
+    print(f"machine: {results['machine']}", flush=True)
+    results["commands"] = []
+    if args.only == "all":
+        measure_launchkit(args, cfg, work, started, results)
+    compare_with_peers(args, cfg, work, results)
     results["load"].append(os.getloadavg()[0])
     results["wall"] = time.perf_counter() - started
 
