@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", type=Path, default=HERE / ".work", help="benchmark data, caches and run folders")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every run (launchkit's default here)")
     p.add_argument("--only", choices=["all", "peer"], default="all", help="peer: only the comparisons with the peer tools")
+    p.add_argument("--peer-epochs", type=int, nargs="+", help="the detection comparison's epoch counts (default 20 50)")
+    p.add_argument("--peer-scale", type=float, default=1.0, help="scale the held-out detection set's image counts")
     return p.parse_args(argv)
 
 
@@ -220,7 +222,9 @@ def measure_launchkit(args, cfg: dict, work: Path, started: float, results: dict
 def compare_with_peers(args, cfg: dict, work: Path, results: dict):
     """The tools users would pick instead, on held-out data: ultralytics for detection (its own venv), the
     walk-through pipeline for audio. Run after everything else: these runs are the long ones."""
-    c = cfg["peer"]
+    c = dict(cfg["peer"], epochs=args.peer_epochs or cfg["peer"]["epochs"])
+    c.update({split: round(c[split] * args.peer_scale) for split in ("train", "val", "test")})
+    results["cfg"] = {**cfg, "peer": c}
     print("detection against ultralytics on held-out data ...", flush=True)
     data_yaml = heldout_detection.write_heldout_set(
         work / "data" / "heldout", train=c["train"], val=c["val"], test=c["test"], size=c["size"]

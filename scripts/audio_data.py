@@ -1,13 +1,18 @@
 """Audio datasets for train_audio.py: find the splits of each supported layout, decode every clip once
-with soundfile, and keep fixed-length mono waveforms in an on-disk cache shared by runs and processes.
+with soundfile, and keep mono waveforms in an on-disk cache shared by runs and processes.
 
 Layouts (detected in this order, or forced with --format):
   urbansound8k     metadata/UrbanSound8K.csv + audio/fold1..10/     test = --fold K, val = --val-fold
+                   (official_folds() lists the folds, for --fold all)
   esc50            meta/esc50.csv + audio/                          test = --fold K, val = --val-fold
-  speech_commands  <label>/*.wav + validation_list.txt + testing_list.txt (+ _background_noise_/)
+  speech_commands  <label>/*.wav + validation_list.txt + testing_list.txt (+ _background_noise_/); every word
+                   a class, or with a KeywordTask (--wanted-words) the wanted words + _unknown_ + _silence_
   folders          <label>/*.wav, or train/ val/ test/ each holding <label>/*.wav
   hub              a Hugging Face dataset id (or a dataset saved with save_to_disk) with
                    --audio-column and --label-column
+
+A clip is a file path, a Clip (a slice of a longer file: the _silence_ windows of the background noise), or a
+Hub dataset row; read_audio() reads all three, so the cache, the report and export treat them alike.
 """
 
 import csv
@@ -20,7 +25,7 @@ import os
 import posixpath
 import socket
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +39,9 @@ FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
 DEFAULT_CLIP_SECONDS = {"urbansound8k": 4.0, "esc50": 5.0, "speech_commands": 1.0, "folders": 1.0, "hub": 1.0}
 VAL_NAMES = ("val", "valid", "validation")
 NOISE_FOLDER = "_background_noise_"
-CACHE_VERSION = 1  # bump when the cached representation changes
+UNKNOWN, SILENCE = "_unknown_", "_silence_"
+CACHE_VERSION = 2  # bump when the cached representation changes
+PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever machine wrote it
 
 
 class DataError(SystemExit):
@@ -45,9 +52,34 @@ class BadClip(Exception):
     """A clip that cannot be decoded; it is skipped, counted and listed in data_report.json."""
 
 
+@dataclass(frozen=True)
+class Clip:
+    """`frames` frames of the file at `path` from frame `start`, counted at the file's own rate: a slice is then
+    exact whatever --sample-rate is."""
+
+    path: str
+    start: int
+    frames: int
+
+    def __str__(self):
+        return f"{self.path}[{self.start}:{self.start + self.frames}]"
+
+
+@dataclass(frozen=True)
+class KeywordTask:
+    """The Speech Commands keyword-spotting task of the data set's paper (Warden 2018) and TensorFlow's
+    speech_commands/input_data.py: the wanted words are classes, every other word is _unknown_ and windows of
+    _background_noise_ are _silence_; each split gets unknown and silence clips numbering these percentages of
+    its wanted-word clips."""
+
+    words: tuple[str, ...]
+    unknown_percentage: float = 10.0
+    silence_percentage: float = 10.0
+
+
 @dataclass
 class Split:
-    sources: list  # file paths, or HubAudio for a Hub dataset
+    sources: list  # file paths or Clips, or HubAudio for a Hub dataset
     targets: np.ndarray  # class index per clip
     names: list[str]  # what a report shows for each clip (its path)
 
@@ -59,6 +91,7 @@ class AudioData:
     splits: dict[str, Split]  # "train", "val" and, when the data has one, "test"
     noise_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how val and test were chosen, for the start-up summary
+    protocol: dict | None = None  # a task that changes the classes (--wanted-words), for reports and resume
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -97,18 +130,23 @@ def load_audio_data(
     audio_column: str = "audio",
     label_column: str = "label",
     val_fraction: float = 0.1,
+    keywords: KeywordTask | None = None,
+    clip_seconds: float | None = None,
 ) -> AudioData:
-    """Parse the splits of a dataset; stop with a DataError naming the file to fix when the layout is broken."""
+    """Parse the splits of a dataset; stop with a DataError naming the file to fix when the layout is broken.
+    clip_seconds is the length of the _silence_ windows of a KeywordTask (default: the layout's clip length)."""
     if fmt is None:
         fmt = detect_format(root)
     elif fmt != "hub":
         _require_folder(root)
+    if keywords and fmt != "speech_commands":
+        raise DataError(f"--wanted-words applies to the Speech Commands layout; {root} is in the {fmt} layout")
     if fmt in ("urbansound8k", "esc50"):
         return _fold_dataset(Path(root), fmt, fold, val_fold)
     if fold is not None and fmt != "hub":
         raise DataError(f"--fold applies to UrbanSound8K and ESC-50; {root} is in the {fmt} layout")
     if fmt == "speech_commands":
-        return _speech_commands(Path(root))
+        return _speech_commands(Path(root), keywords, clip_seconds or DEFAULT_CLIP_SECONDS[fmt])
     if fmt == "folders":
         return _class_folders(Path(root), val_fraction)
     if fmt == "hub":
@@ -116,15 +154,31 @@ def load_audio_data(
     raise DataError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
 
 
+def official_folds(root: str, fmt: str | None = None) -> list[int]:
+    """The official folds of an UrbanSound8K or ESC-50 folder, for --fold all."""
+    fmt = fmt or detect_format(root)
+    if fmt not in ("urbansound8k", "esc50"):
+        raise DataError(
+            f"--fold all trains on every official fold, which only UrbanSound8K and ESC-50 have; {root} is in the {fmt} "
+            "layout. Drop --fold (its splits are fixed by the layout) or point --data at a fold dataset."
+        )
+    meta, file_col, class_col, _, _ = _fold_layout(Path(root), fmt)
+    rows = _read_metadata(meta, {file_col, class_col, "fold"})
+    return sorted({_integer(meta, line, row, "fold") for line, row in rows})
+
+
+def _fold_layout(root: Path, fmt: str):
+    """The metadata file of a fold dataset, its file, class and class-id columns, and where a row's audio is."""
+    if fmt == "urbansound8k":
+        meta, file_col = root / "metadata" / "UrbanSound8K.csv", "slice_file_name"
+        return meta, file_col, "class", "classID", lambda row, k: root / "audio" / f"fold{k}" / row[file_col]
+    return root / "meta" / "esc50.csv", "filename", "category", "target", lambda row, k: root / "audio" / row["filename"]
+
+
 def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) -> AudioData:
     """UrbanSound8K and ESC-50: the official folds keep slices of one recording together, so the test
     fold is --fold K and validation is another whole fold (--val-fold, default the fold before K)."""
-    if fmt == "urbansound8k":
-        meta, file_col, class_col, id_col = root / "metadata" / "UrbanSound8K.csv", "slice_file_name", "class", "classID"
-        audio_path = lambda row, k: root / "audio" / f"fold{k}" / row[file_col]  # noqa: E731
-    else:
-        meta, file_col, class_col, id_col = root / "meta" / "esc50.csv", "filename", "category", "target"
-        audio_path = lambda row, k: root / "audio" / row[file_col]  # noqa: E731
+    meta, file_col, class_col, id_col, audio_path = _fold_layout(root, fmt)
     rows = _read_metadata(meta, {file_col, class_col, "fold"})
     row_folds = [_integer(meta, line, row, "fold") for line, row in rows]
     folds = sorted(set(row_folds))
@@ -214,22 +268,26 @@ def _official_label_order(meta: Path, rows: list[tuple[int, dict]], class_col: s
     return [name for _, name in sorted(pairs)]
 
 
-def _speech_commands(root: Path) -> AudioData:
-    """Speech Commands: the official list files split speakers; everything else is training data."""
-    labels = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NOISE_FOLDER and not p.name.startswith("."))
-    clips = {
-        path.relative_to(root).as_posix(): (str(path), i)
-        for i, label in enumerate(labels)
-        for path in _audio_files(root / label, root)
-    }
+def _speech_commands(root: Path, keywords: KeywordTask | None, clip_seconds: float) -> AudioData:
+    """Speech Commands: the official list files split speakers; everything else is training data. Every word is a
+    class, or with a KeywordTask the wanted words, _unknown_ and _silence_ (see _keyword_splits)."""
+    words = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NOISE_FOLDER and not p.name.startswith("."))
+    clips = {path.relative_to(root).as_posix(): (str(path), word) for word in words for path in _audio_files(root / word, root)}
     listed = {
         part: _list_entries(root / name, root, clips) if (root / name).is_file() else set()
         for part, name in (("val", "validation_list.txt"), ("test", "testing_list.txt"))
     }
-    parts = {"train": [], "val": [], "test": []}
+    by_split = {"train": [], "val": [], "test": []}
     for rel, item in clips.items():
-        parts["val" if rel in listed["val"] else "test" if rel in listed["test"] else "train"].append(item)
+        by_split["val" if rel in listed["val"] else "test" if rel in listed["test"] else "train"].append(item)
     noise = _audio_files(root / NOISE_FOLDER, root, required=False) if (root / NOISE_FOLDER).is_dir() else []
+    notes = ["validation and test from validation_list.txt and testing_list.txt"]
+    if keywords:
+        labels, parts, task_notes = _keyword_splits(root, words, by_split, [str(p) for p in noise], keywords, clip_seconds)
+        notes += task_notes
+    else:
+        labels, index = words, {word: i for i, word in enumerate(words)}
+        parts = {name: [(path, index[word]) for path, word in items] for name, items in by_split.items()}
     splits = {name: _split(items) for name, items in parts.items() if items or name != "test"}
     _require_nonempty(splits, root)
     return AudioData(
@@ -237,9 +295,77 @@ def _speech_commands(root: Path) -> AudioData:
         labels,
         splits,
         [str(p) for p in noise],
-        notes=["validation and test from validation_list.txt and testing_list.txt"]
-        + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []),
+        notes=notes + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []),
+        protocol={**asdict(keywords), "words": list(keywords.words)} if keywords else None,  # a list, as JSON reads it back
     )
+
+
+def _keyword_splits(root: Path, words: list[str], by_split: dict, noise: list[str], task: KeywordTask, clip_seconds: float):
+    """The labels and splits of the keyword task. Split membership stays the official lists'; per split, unknown
+    clips are drawn from the other words and silence windows from the noise files, with fixed seeds (independent
+    of --seed, like every split here), so every run of the task sees the same clips."""
+    missing = [w for w in task.words if w not in words]
+    if missing or len(set(task.words)) != len(task.words):
+        problem = f"no word folder for {missing}" if missing else "a word is named twice"
+        raise DataError(f"--wanted-words: {problem} in {root}; the word folders are {words}. Name each folder once.")
+    others = [w for w in words if w not in task.words]
+    if task.unknown_percentage and not others:
+        raise DataError(f"{root}: every word folder is wanted, so none is left for {UNKNOWN}; add --unknown-percentage 0")
+    windows = _noise_lengths(root, noise) if task.silence_percentage else []
+    labels = list(task.words) + [UNKNOWN] * bool(task.unknown_percentage) + [SILENCE] * bool(task.silence_percentage)
+    index = {label: i for i, label in enumerate(labels)}
+    parts, counts = {}, {}
+    for k, (name, items) in enumerate(by_split.items()):
+        wanted = [(path, index[word]) for path, word in items if word in task.words]
+        candidates = [path for path, word in items if word not in task.words]
+        # ceil, as input_data.py: a small split still gets a clip of each
+        unknown = _sample_unknown(candidates, math.ceil(len(wanted) * task.unknown_percentage / 100), k)
+        silence = _silence_windows(windows, math.ceil(len(wanted) * task.silence_percentage / 100), clip_seconds, k)
+        parts[name] = wanted + [(p, index[UNKNOWN]) for p in unknown] + [(c, index[SILENCE]) for c in silence]
+        counts[name] = f"{len(wanted)}/{len(unknown)}/{len(silence)}"
+    note = (
+        f"keyword task: {len(task.words)} wanted words + {UNKNOWN} ({task.unknown_percentage:g}% of the wanted clips, "
+        f"drawn from {len(others)} other words) + {SILENCE} ({task.silence_percentage:g}%, {clip_seconds:g} s windows of "
+        f"{NOISE_FOLDER}/); wanted/unknown/silence clips " + ", ".join(f"{n} {c}" for n, c in counts.items())
+    )
+    return labels, parts, [note]
+
+
+def _sample_unknown(candidates: list[str], count: int, split_index: int) -> list[str]:
+    """`count` clips of the other words (all of them when there are fewer), in their listing order. Seeded by the
+    split alone, apart from the silence windows' seed, so changing one percentage leaves the other's clips."""
+    picks = np.random.default_rng([0, split_index]).permutation(len(candidates))[:count]
+    return [candidates[i] for i in sorted(picks)]
+
+
+def _noise_lengths(root: Path, noise: list[str]) -> list[tuple[str, int, int]]:
+    """(path, frames, rate) of each readable noise file, from its header; the silence windows are cut from these."""
+    found = []
+    for path in noise:
+        try:
+            info = sf.info(_soundfile_source(path))
+        except (sf.SoundFileError, RuntimeError, OSError):
+            continue  # unreadable noise is listed in data_report.json by load_noise
+        if info.frames:
+            found.append((path, info.frames, info.samplerate))
+    if not found:
+        raise DataError(
+            f"{root / NOISE_FOLDER}: no readable noise recording to cut {SILENCE} windows from; "
+            "add the data set's _background_noise_/*.wav or pass --silence-percentage 0"
+        )
+    return found
+
+
+def _silence_windows(noise: list[tuple[str, int, int]], count: int, clip_seconds: float, split_index: int) -> list[Clip]:
+    """`count` clip-long windows at random places of random noise files (a file shorter than a clip is taken whole
+    and padded with zeros when decoded). Seeded by the split alone, so the windows stay put across runs."""
+    rng = np.random.default_rng([1, split_index])
+    windows = []
+    for _ in range(count):
+        path, frames, rate = noise[int(rng.integers(len(noise)))]
+        length = min(frames, round(clip_seconds * rate))
+        windows.append(Clip(path, int(rng.integers(frames - length + 1)), length))
+    return windows
 
 
 def _list_entries(list_file: Path, root: Path, clips: dict) -> set[str]:
@@ -424,8 +550,8 @@ def _stratified_split(items: list[tuple[str, int]], fraction: float):
     return [items[i] for i in keep], [items[i] for i in held]
 
 
-def _split(items: list[tuple[str, int]]) -> Split:
-    return Split([p for p, _ in items], np.array([t for _, t in items], dtype=np.int64), [p for p, _ in items])
+def _split(items: list[tuple]) -> Split:
+    return Split([p for p, _ in items], np.array([t for _, t in items], dtype=np.int64), [str(p) for p, _ in items])
 
 
 def _require_nonempty(splits: dict[str, Split], root: Path):
@@ -438,15 +564,21 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 
 
 def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torch.Tensor:
-    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; any rate; any channels) as mono
-    float32 at sample_rate: the whole file, or only its first num_samples. Training and predict_audio.py both
-    read through here. Raises BadClip for empty, corrupt or unreadable input."""
+    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; any rate; any channels), or a Clip slice
+    of one, as mono float32 at sample_rate: all of it, or only its first num_samples. Training and
+    predict_audio.py both read through here. Raises BadClip for empty, corrupt or unreadable input."""
+    path, start, limit = (source.path, source.start, source.frames) if isinstance(source, Clip) else (source, 0, None)
     try:
-        with sf.SoundFile(_soundfile_source(source)) as f:
+        with sf.SoundFile(_soundfile_source(path)) as f:
             rate = f.samplerate
             # Only the frames the clip needs, so a 1 s clip of a long recording does not decode all of it; 10 ms
-            # more lets the resampler see the same neighbours at the cut as in the whole file.
+            # more lets the resampler see the same neighbours at the cut as in the whole file. A Clip ends where
+            # its slice ends.
             frames = -1 if num_samples is None else math.ceil(num_samples * rate / sample_rate) + rate // 100
+            if limit is not None:
+                frames = limit if frames < 0 else min(frames, limit)
+            if start:
+                f.seek(start)
             data = f.read(frames, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
         # libsndfile's own words, without the file name: reports show the path beside the reason
@@ -472,6 +604,11 @@ def fix_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
     return torch.nn.functional.pad(wave[:num_samples], (0, max(0, num_samples - wave.shape[-1])))
 
 
+def fix_span(wave: torch.Tensor, num_samples: int, span: int) -> torch.Tensor:
+    """At most the first span samples, and at least num_samples (short clips padded with silence)."""
+    return fix_length(wave, min(max(wave.shape[-1], num_samples), span))
+
+
 def within_full_scale(waves: torch.Tensor) -> torch.Tensor:
     """Scale each clip (along the last dim) whose peak exceeds full scale down to a peak of 1.0. Float files
     may hold samples beyond +-1 that int16 would clip; training clips and predict_audio.py windows both pass
@@ -484,36 +621,52 @@ def to_pcm16(wave: torch.Tensor) -> np.ndarray:
 
 
 class _DecodeJob(torch.utils.data.Dataset):
-    def __init__(self, sources, sample_rate, num_samples):
-        self.sources, self.sample_rate, self.num_samples = sources, sample_rate, num_samples
+    def __init__(self, sources, sample_rate, num_samples, span):
+        self.sources, self.sample_rate, self.num_samples, self.span = sources, sample_rate, num_samples, span
 
     def __len__(self):
         return len(self.sources)
 
     def __getitem__(self, i):
         try:
-            wave = read_audio(self.sources[i], self.sample_rate, self.num_samples)
-            return i, to_pcm16(fix_length(wave, self.num_samples)), None
+            wave = read_audio(self.sources[i], self.sample_rate, self.span)
+            return i, to_pcm16(fix_span(wave, self.num_samples, self.span)), None
         except BadClip as err:
             return i, None, str(err)
 
 
 class CachedClips(torch.utils.data.Dataset):
-    """Fixed-length int16 waveforms of one split, decoded once into CACHE/<key>.npy (a memory map) and
-    reused by later runs and by the other processes of this run. Every process of every machine may construct
-    it at the same time: one decodes, the others wait for it (see _build_cache_once). Items: (int16 waveform,
-    class index)."""
+    """int16 waveforms of one split, decoded once into CACHE/<key>.pcm (clips one after another, a memory map)
+    and reused by later runs and by the other processes of this run. Every process of every machine may construct
+    it at the same time: one decodes, the others wait for it (see _build_cache_once).
 
-    def __init__(self, split: Split, sample_rate: int, num_samples: int, cache_dir: Path, workers: int = 0, label: str = ""):
-        cache_dir = Path(cache_dir)
-        key = _cache_key(split, sample_rate, num_samples)
-        self.array_path, manifest = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    Each clip keeps its first num_samples, or with span > num_samples (the training split, for random crops) up
+    to its first span samples. Items: (int16 waveform, class index, samples of audio in it); the waveforms are
+    as long as the split's longest kept clip, zero-padded, so a batch stacks."""
+
+    def __init__(
+        self,
+        split: Split,
+        sample_rate: int,
+        num_samples: int,
+        cache_dir: Path,
+        workers: int = 0,
+        label: str = "",
+        span: int | None = None,
+    ):
+        cache_dir, span = Path(cache_dir), max(span or num_samples, num_samples)
+        key = _cache_key(split, sample_rate, num_samples, span)
+        self.array_path, manifest = cache_dir / f"{key}.pcm", cache_dir / f"{key}.json"
         if not manifest.is_file():  # present means complete: no lock needed
-            _build_cache_once(split, sample_rate, num_samples, self.array_path, manifest, workers, label)
-        bad = {int(i): reason for i, reason in json.loads(manifest.read_text())["bad"].items()}
+            _build_cache_once(split, sample_rate, num_samples, span, self.array_path, manifest, workers, label)
+        record = json.loads(manifest.read_text())
+        bad = {int(i): reason for i, reason in record["bad"].items()}
+        lengths = np.array(record["lengths"], dtype=np.int64)
         self.skipped = [{"path": split.names[i], "reason": reason} for i, reason in sorted(bad.items())]
         self.rows = np.array([i for i in range(len(split.targets)) if i not in bad], dtype=np.int64)
         self.targets = split.targets[self.rows]
+        self.starts, self.lengths = (np.cumsum(lengths) - lengths)[self.rows], lengths[self.rows]
+        self.num_samples, self.width = num_samples, int(self.lengths.max(initial=num_samples))
         self._array = None  # opened lazily, so DataLoader workers each map the file instead of pickling it
 
     def __len__(self):
@@ -521,26 +674,30 @@ class CachedClips(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self._array is None:
-            self._array = np.load(self.array_path, mmap_mode="r")
-        return torch.from_numpy(np.array(self._array[self.rows[i]])), int(self.targets[i])
+            self._array = np.memmap(self.array_path, dtype=PCM_DTYPE, mode="r")
+        start, length = self.starts[i], self.lengths[i]
+        wave = np.zeros(self.width, dtype=np.int16)
+        wave[:length] = self._array[start : start + length]
+        return torch.from_numpy(wave), int(self.targets[i]), int(length)
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
 
 
-def _cache_key(split: Split, sample_rate: int, num_samples: int) -> str:
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{sample_rate}|{num_samples}|".encode())
+def _cache_key(split: Split, sample_rate: int, num_samples: int, span: int | None = None) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{sample_rate}|{num_samples}|{span or num_samples}|".encode())
     if isinstance(split.sources, HubAudio):
         h.update(split.sources.fingerprint().encode())
     else:
-        for path in split.sources:
+        for source in split.sources:
+            path, where = (source.path, f"[{source.start}:{source.frames}]") if isinstance(source, Clip) else (source, "")
             st = os.stat(path)
             # The file system's bytes: any file name hashes, also one that is not valid UTF-8.
-            h.update(os.fsencode(os.path.abspath(path)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(os.path.abspath(path)) + f"{where}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
-def _build_cache_once(split, sample_rate, num_samples, array_path: Path, manifest: Path, workers: int, label: str):
+def _build_cache_once(split, sample_rate, num_samples, span, array_path: Path, manifest: Path, workers: int, label: str):
     """Build the cache unless another process already has. An exclusive lock on CACHE/<key>.lock lets one process
     decode while every other one (on this machine, or on another sharing the folder: Linux maps flock to NFS
     locks) waits for as long as decoding takes; no collective barrier, which would time out on a large data set."""
@@ -548,34 +705,44 @@ def _build_cache_once(split, sample_rate, num_samples, array_path: Path, manifes
     with open(array_path.with_suffix(".lock"), "a") as lock:  # "a": create it, never truncate it
         fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, also when the process dies
         if not manifest.is_file():
-            _build_cache(split, sample_rate, num_samples, array_path, manifest, workers, label)
+            _build_cache(split, sample_rate, num_samples, span, array_path, manifest, workers, label)
 
 
-def _build_cache(split, sample_rate, num_samples, array_path: Path, manifest: Path, workers: int, label: str):
+def _build_cache(split, sample_rate, num_samples, span, array_path: Path, manifest: Path, workers: int, label: str):
     # Temporary names unique per machine and process, then renames: a reader never sees a half-written cache,
     # and the manifest appears last.
-    tmp = array_path.with_name(f".{array_path.stem}.{_writer_id()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(len(split.sources), num_samples))
+    tmp = array_path.with_name(f".{array_path.stem}.{_writer_id()}.pcm")
     loader = torch.utils.data.DataLoader(
-        _DecodeJob(split.sources, sample_rate, num_samples),
+        _DecodeJob(split.sources, sample_rate, num_samples, span),
         batch_size=16,
         num_workers=workers,
         collate_fn=list,
         generator=torch.Generator(),
     )  # leave the global RNG (weight init) untouched
-    bad = {}
-    for batch in tqdm(loader, desc=f"decoding {label} clips (once; cached)", unit="batch", leave=False):
-        for i, pcm, reason in batch:
-            if pcm is None:
-                bad[i] = reason
-            else:
-                out[i] = pcm
-    out.flush()
-    del out
+    bad, lengths = {}, [0] * len(split.sources)
+    with open(tmp, "wb") as out:
+        # Clips arrive in index order (no shuffling, and the DataLoader keeps its workers' order), so each one's
+        # place in the file is the sum of the lengths before it.
+        for batch in tqdm(loader, desc=f"decoding {label} clips (once; cached)", unit="batch", leave=False):
+            for i, pcm, reason in batch:
+                if pcm is None:
+                    bad[i] = reason
+                else:
+                    out.write(pcm.astype(PCM_DTYPE).tobytes())
+                    lengths[i] = len(pcm)
     os.replace(tmp, array_path)
     tmp_manifest = manifest.with_name(f".{manifest.name}.{_writer_id()}")
     tmp_manifest.write_text(
-        json.dumps({"clips": len(split.sources), "sample_rate": sample_rate, "num_samples": num_samples, "bad": bad})
+        json.dumps(
+            {
+                "clips": len(split.sources),
+                "sample_rate": sample_rate,
+                "num_samples": num_samples,
+                "span": span,
+                "bad": bad,
+                "lengths": lengths,
+            }
+        )
     )
     os.replace(tmp_manifest, manifest)
 

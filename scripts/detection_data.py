@@ -674,15 +674,17 @@ def write_yolo_labels(samples: list[Sample], labels_dir: Path):
 
 # ----------------------------------------------------------------------------------------------- training data
 class DetectionDataset(torch.utils.data.Dataset):
-    """Decodes an image, applies the transform, returns (uint8 CHW image, target with xyxy boxes in its pixels).
+    """Decodes an image, applies the transform (or, while it is on, the mosaic), returns (uint8 CHW image, target
+    with xyxy boxes in its pixels).
 
     Augmentation randomness is seeded by (seed, epoch, index), so a sample gets the same augmentation
     whatever the process count, worker count, or a resume in the middle of the epoch."""
 
-    def __init__(self, samples: list[Sample], transform, hub_dataset=None, seed: int = 0, colour_jitter=None):
+    def __init__(self, samples: list[Sample], transform, hub_dataset=None, seed: int = 0, colour_jitter=None, mosaic=None):
         self.samples, self.transform, self.hub_dataset, self.seed = samples, transform, hub_dataset, seed
-        self.colour_jitter = colour_jitter
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
+        self.colour_jitter, self.mosaic = colour_jitter, mosaic
+        # Shared so that persistent workers see the epoch, and with it the seed and whether mosaic is closed.
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int):
         self.epoch.fill_(epoch)
@@ -695,18 +697,26 @@ class DetectionDataset(torch.utils.data.Dataset):
         source = self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source
         return open_rgb(source)[0]
 
-    def __getitem__(self, index: int):
+    def decoded(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """The image and its target before augmentation."""
         s = self.samples[index]
         image = tv_tensors.Image(F.pil_to_tensor(self.load(index)))
         target = {
             "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(s.boxes), format="XYXY", canvas_size=(s.height, s.width)),
             "labels": torch.from_numpy(s.labels),
         }
+        return image, target
+
+    def __getitem__(self, index: int):
+        s = self.samples[index]
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed also queues a seed for CUDA with a captured stack
             # trace, which made seeding a third of the per-image cost.
             torch.default_generator.manual_seed(hash((self.seed, int(self.epoch), index)) & 0x7FFF_FFFF)
-            image, target = self.transform(image, target)
+            if self.mosaic is not None and self.mosaic.applies(int(self.epoch)):
+                image, target = self.mosaic(self, index)
+            else:
+                image, target = self.transform(*self.decoded(index))
             colour = self.colour_jitter.sample() if self.colour_jitter else torch.ones(3)
         h, w = image.shape[-2:]
         return image.as_subclass(torch.Tensor), {
@@ -731,6 +741,104 @@ def train_transform(img_size: int, hyp: dict):
             v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"]),
         ]
     )
+
+
+# ----------------------------------------------------------------------------------------------- mosaic
+MIN_VISIBLE = 0.1  # a mosaic keeps a box only if this much of its area is in view (YOLO's box_candidates area_thr)
+
+
+class Mosaic:
+    """YOLO's 4-image mosaic, in place of train_transform while it is on: the image and three random others of the
+    dataset, each resized to a long side of img_size, meet at a random centre of a 2 img_size canvas; a random
+    scale (1 +- hyp scale) and shift (+- hyp translate) view of it becomes the img_size x img_size sample, then
+    the flip. Boxes are clipped to the part of their own tile in view; boxes left with less than MIN_VISIBLE of
+    their area, or thinner than min_box_size, are dropped. Draws come from the generator the dataset seeded, so
+    the mosaic is as reproducible as the other augmentations.
+
+    It is used with probability hyp mosaic for the epochs before until_epoch: YOLO ends training on whole
+    images (close_mosaic), as the model sees them at evaluation."""
+
+    def __init__(self, img_size: int, hyp: dict, until_epoch: int):
+        self.size, self.until_epoch = img_size, until_epoch
+        self.p, self.scale, self.translate = hyp["mosaic"], hyp["scale"], hyp["translate"]
+        self.finish = v2.Compose(
+            [v2.RandomHorizontalFlip(p=hyp["fliplr"]), v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"])]
+        )
+
+    def applies(self, epoch: int) -> bool:
+        return epoch < self.until_epoch and bool(torch.rand(()) < self.p)
+
+    def __call__(self, dataset: DetectionDataset, index: int):
+        others = torch.randint(len(dataset), (3,)).tolist()
+        centre = torch.randint(self.size // 2, self.size * 3 // 2 + 1, (2,)).tolist()
+        canvas, target, full_area = mosaic_canvas([dataset.decoded(i) for i in [index, *others]], centre, self.size)
+        ratio = 1 + (float(torch.rand(())) * 2 - 1) * self.scale
+        shift = ((torch.rand(2) * 2 - 1) * self.translate).tolist()
+        image, target = zoom(canvas, target, self.size, ratio, shift)
+        image, target = drop_hidden_boxes(image, target, full_area * ratio**2)
+        return self.finish(image, target)
+
+
+QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (x, y) side of the centre: top-left, top-right, bottom-left, bottom-right
+
+
+def mosaic_canvas(tiles: list[tuple], centre: list[int], size: int):
+    """Four (image, target) tiles on a 2 size x 2 size grey canvas, each resized to a long side of size and placed
+    with a corner at centre (x, y), one per quadrant, so tiles never overlap; what would lie beyond the canvas edge
+    is cut off. Returns the canvas, its target and each box's area before the cut (what drop_hidden_boxes compares
+    the visible area with)."""
+    canvas = torch.full((3, 2 * size, 2 * size), PAD_VALUE, dtype=torch.uint8)
+    resize = v2.Resize(size=None, max_size=size)
+    boxes, labels, full_area = [], [], []
+    for (side_x, side_y), tile in zip(QUADRANTS, tiles, strict=True):
+        image, target = resize(*tile)
+        (h, w), b = image.shape[-2:], target["boxes"]
+        full_area.append((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+        src_x, dst_x, vis_w = tile_span(w, centre[0], side_x, 2 * size)
+        src_y, dst_y, vis_h = tile_span(h, centre[1], side_y, 2 * size)
+        canvas[:, dst_y : dst_y + vis_h, dst_x : dst_x + vis_w] = F.crop(image, src_y, src_x, vis_h, vis_w)
+        # The crop clamps each box to the pixels of its own tile that stay in view; the pad moves them into place.
+        visible = F.crop(b, src_y, src_x, vis_h, vis_w)
+        boxes.append(F.pad(visible, [dst_x, dst_y, 2 * size - dst_x - vis_w, 2 * size - dst_y - vis_h]))
+        labels.append(target["labels"])
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * size, 2 * size)),
+        "labels": torch.cat(labels),
+    }
+    return tv_tensors.Image(canvas), target, torch.cat(full_area)
+
+
+def tile_span(length: int, centre: int, side: int, canvas: int) -> tuple[int, int, int]:
+    """Along one axis: (first tile pixel in view, where it lands on the canvas, pixels in view). A tile before the
+    centre (side 0) ends at it and keeps its far end; a tile after it starts there and keeps its near end."""
+    visible = min(length, centre if side == 0 else canvas - centre)
+    return (length - visible, centre - visible, visible) if side == 0 else (0, centre, visible)
+
+
+def zoom(canvas: tv_tensors.Image, target: dict, size: int, ratio: float, shift: list[float]):
+    """The size x size view YOLO's random_perspective takes of the mosaic (scale and translation only): the canvas
+    scaled by ratio about its centre, which lands at (0.5 + shift) * size. Only the part of the window inside the
+    canvas is cropped and resized; the pad makes up the rest in grey, as a warp with a grey border would."""
+    full = canvas.shape[-1]
+    window = size / ratio
+    # The canvas centre is (size, size); the canvas point at the view's top-left corner:
+    left, top = (size - (0.5 + s) * window for s in shift)
+    x0, y0 = max(0, round(left)), max(0, round(top))
+    x1, y1 = min(full, round(left + window)), min(full, round(top + window))
+    out_x0, out_y0 = round((x0 - left) * ratio), round((y0 - top) * ratio)
+    out_x1, out_y1 = min(size, round((x1 - left) * ratio)), min(size, round((y1 - top) * ratio))
+    image, boxes = (F.crop(x, y0, x0, y1 - y0, x1 - x0) for x in (canvas, target["boxes"]))
+    image, boxes = (F.resize(x, [out_y1 - out_y0, out_x1 - out_x0]) for x in (image, boxes))
+    padding = [out_x0, out_y0, size - out_x1, size - out_y1]
+    image, boxes = F.pad(image, padding, fill=PAD_VALUE), F.pad(boxes, padding)
+    return image, {**target, "boxes": boxes}
+
+
+def drop_hidden_boxes(image, target: dict, full_area: torch.Tensor):
+    """Keep the boxes with at least MIN_VISIBLE of their area (full_area, at the view's scale) still in view."""
+    b = target["boxes"]
+    keep = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) >= MIN_VISIBLE * full_area
+    return image, {**target, "boxes": tv_tensors.wrap(b[keep], like=b), "labels": target["labels"][keep]}
 
 
 class ColourJitter:

@@ -6,6 +6,7 @@ noise, so a model has something to learn but cannot read the class off one numbe
 
     python scripts/make_demo_audio.py --layout speech_commands --output demo_data/audio
     python scripts/make_demo_audio.py --layout urbansound8k --clips-per-class 40 --output /tmp/us8k
+    python scripts/make_demo_audio.py --layout urbansound8k --folds 3 --clips-per-class 6 --output /tmp/us8k_3folds
 """
 
 import argparse
@@ -150,8 +151,17 @@ def main(argv=None):
         help="also write long_recording.wav: one event of every class in turn, SECONDS_EACH apart, "
         "with long_recording.json listing the segments (for trying predict_audio.py)",
     )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="urbansound8k/esc50: number of folds (default: the real data set's, 10 / 5); fewer make a tiny "
+        "cross-validation quick",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
+    if args.folds is not None and (args.layout not in ("urbansound8k", "esc50") or args.folds < 3):
+        parser.error("--folds applies to --layout urbansound8k or esc50 and needs at least 3 (test, validation, training)")
     if not 2 <= args.classes <= len(CLASSES):
         parser.error(f"--classes must be between 2 and {len(CLASSES)}")
     if args.output.exists() and any(args.output.iterdir()):
@@ -159,7 +169,8 @@ def main(argv=None):
     writer, default_seconds = LAYOUTS[args.layout]
     seconds = args.seconds or default_seconds
     classes = CLASSES[: args.classes]
-    writer(args.output, classes, args.clips_per_class, seconds, np.random.default_rng(args.seed))
+    folds = {"folds": args.folds} if args.folds else {}
+    writer(args.output, classes, args.clips_per_class, seconds, np.random.default_rng(args.seed), **folds)
     if args.long_recording:
         kinds = classes * 2
         sf.write(args.output / "long_recording.wav", long_recording(kinds, args.long_recording, 16000, args.seed + 1), 16000)

@@ -4,15 +4,26 @@
     python scripts/train_audio.py --data demo_data/audio --output-dir runs/audio --epochs 8
     accelerate launch --config_file accelerate_configs/gpu4_fp16.yaml scripts/train_audio.py \\
         --data /data/UrbanSound8K --fold 1 --output-dir runs/us8k_fold1
+    python scripts/train_audio.py --data /data/ESC-50 --fold all --output-dir runs/esc50_cv      # 5-fold cross-validation
+    python scripts/train_audio.py --data /data/speech_commands_v0.02 --output-dir runs/kws12 \\
+        --wanted-words yes,no,up,down,left,right,on,off,stop,go                                 # the 12-class task
 
 Data layouts are detected (see --format). Clips are decoded once with soundfile into an on-disk cache;
-mel spectrograms, SpecAugment, mixup and background noise run batched on the device. The run directory
-gets run.json, args.json, data_report.json, results.csv, metrics.json, model/ (what predict_audio.py loads,
-with a model card), checkpoints/, logs/ (TensorBoard), curves.png and confusion_matrix.png.
---eval-only --weights RUN/model scores a saved model on new labelled data; --weights alone fine-tunes from it.
+random crops of longer clips, time shift, gain, background noise, mel spectrograms, SpecAugment and mixup run
+batched on the device. The run directory gets run.json, args.json, data_report.json, results.csv, metrics.json,
+model/ (what predict_audio.py loads, with a model card), checkpoints/, logs/ (TensorBoard), curves.png and
+confusion_matrix.png. --eval-only --weights RUN/model scores a saved model on new labelled data; --weights alone
+fine-tunes from it.
+
+--fold all (UrbanSound8K, ESC-50) trains every official fold in turn as the test fold, each a complete run in
+OUTPUT_DIR/fold_K/, then writes OUTPUT_DIR/cv_metrics.json (per-fold test accuracy and macro-F1, their mean and
+sample std); with --resume, finished folds are kept and an interrupted one continues. One job per fold instead:
+accelerate_configs/slurm_folds_array.sbatch, then scripts/gather_folds.py OUTPUT_DIR writes the same file.
+--wanted-words (Speech Commands) keeps those words as classes and adds _unknown_ (the other words) and _silence_
+(windows of _background_noise_), --unknown-percentage and --silence-percentage of the wanted clips per split.
 
 To reuse this script in another project, copy these files, keeping their folders:
-    scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py
+    scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py scripts/gather_folds.py
     shared/__init__.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
     shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
     shared/metrics/classification/classification.py
@@ -20,6 +31,7 @@ To reuse this script in another project, copy these files, keeping their folders
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -33,9 +45,11 @@ from audio_data import (
     FORMATS,
     CachedClips,
     DataError,
+    KeywordTask,
     default_cache_dir,
     load_audio_data,
     load_noise,
+    official_folds,
     require_usable_splits,
 )
 from audio_model import (
@@ -48,6 +62,7 @@ from audio_model import (
     save_model,
     use_tiny_map_convs,
 )
+from gather_folds import CV_FILE, describe, fold_problem, write_cv_metrics
 
 from shared.checkpoint import Checkpoints, RunFolder
 from shared.metrics import load_metric
@@ -69,6 +84,10 @@ from shared.schedule import build_scheduler
 from shared.training import RunState, TrainingLoop, optimizer_step, parameter_groups
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
+ALL_FOLDS = "all"
+# Training clips keep up to TRAIN_SPAN x --clip-seconds of their audio in the cache, for random crops: enough
+# places to vary a clip's window, while the training cache stays at most this many times the clip length per clip.
+TRAIN_SPAN = 3
 
 # The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
 ORDER_AND_SCHEDULE_ARGS = (
@@ -107,15 +126,39 @@ def parse_args(argv=None):
     )
     d.add_argument(
         "--fold",
-        type=int,
+        type=fold_choice,
         default=None,
-        help="UrbanSound8K/ESC-50: the official fold used as the test set (default: the first fold)",
+        help="UrbanSound8K/ESC-50: the official fold used as the test set (default: the first fold); 'all' trains "
+        "every fold in turn into OUTPUT_DIR/fold_K/ and writes OUTPUT_DIR/cv_metrics.json (cross-validation)",
     )
     d.add_argument(
         "--val-fold",
         type=int,
         default=None,
         help="UrbanSound8K/ESC-50: the fold used for validation (default: the fold before --fold, wrapping)",
+    )
+    d.add_argument(
+        "--wanted-words",
+        type=word_list,
+        default=None,
+        metavar="W1,W2,...",
+        help="Speech Commands: classify these words plus _unknown_ (every other word) and _silence_ (windows of "
+        "_background_noise_), e.g. yes,no,up,down,left,right,on,off,stop,go for the 12-class task "
+        "(default: every word folder is a class)",
+    )
+    d.add_argument(
+        "--unknown-percentage",
+        type=float,
+        default=10.0,
+        help="with --wanted-words: _unknown_ clips per split, in percent of its wanted-word clips, drawn with a fixed "
+        "seed (default 10; 0 drops the class)",
+    )
+    d.add_argument(
+        "--silence-percentage",
+        type=float,
+        default=10.0,
+        help="with --wanted-words: _silence_ clips per split (clip-long windows of the noise files at fixed-seed "
+        "places), in percent of its wanted-word clips (default 10; 0 drops the class)",
     )
     d.add_argument(
         "--val-fraction",
@@ -131,8 +174,9 @@ def parse_args(argv=None):
         "--clip-seconds",
         type=float,
         default=None,
-        help="clips are cut or zero-padded to this length from their start "
-        "(default: 4 for UrbanSound8K, 5 for ESC-50, 1 otherwise)",
+        help="clips are cut or zero-padded to this length (default: 4 for UrbanSound8K, 5 for ESC-50, 1 otherwise). "
+        f"Validation, test and predict take each clip's start; training takes a random window of the first "
+        f"{TRAIN_SPAN} x this length of longer clips (a new place every epoch)",
     )
     d.add_argument(
         "--cache-dir",
@@ -176,6 +220,14 @@ def parse_args(argv=None):
         help="mix pairs of clips with a Beta(ALPHA, ALPHA) weight (default 0: off; 0.2-0.4 is typical)",
     )
     a.add_argument(
+        "--time-shift",
+        type=float,
+        default=0.1,
+        metavar="FRACTION",
+        help="shift each training clip by a random amount up to +-FRACTION of --clip-seconds, filling the gap with "
+        "silence (nothing wraps around) (default 0.1; 0 turns it off)",
+    )
+    a.add_argument(
         "--gain-db", type=float, default=6.0, help="random gain of each clip within +-N dB (default 6; 0 turns it off)"
     )
     a.add_argument(
@@ -205,18 +257,48 @@ def parse_args(argv=None):
         help="weight the loss by inverse class frequency (for unbalanced data such as UrbanSound8K)",
     )
     add_common_args(parser, epochs=30, batch_size=32, nominal_batch_size=64)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.time_shift < 1:
+        parser.error(f"--time-shift {args.time_shift}: a fraction of the clip, at least 0 and below 1 (e.g. 0.1)")
+    return args
+
+
+def fold_choice(value: str):
+    if value == ALL_FOLDS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a fold number or '{ALL_FOLDS}'") from None
+
+
+def word_list(value: str) -> list[str]:
+    words = [w.strip() for w in value.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError(f"{value!r}: name the words to classify, comma-separated (e.g. yes,no)")
+    return words
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.fold == ALL_FOLDS:
+        train_every_fold(args)
+    else:
+        train_one_run(args)
+
+
+def train_one_run(args, more_runs_follow: bool = False) -> bool:
+    """One run in args.output_dir: train and test, or with --eval-only score a model. False when it was stopped
+    (preempted) before the end; the same command plus --resume continues it. more_runs_follow keeps the process
+    group of a DDP launch for the next run in this process (the folds of --fold all)."""
     data, config, weights = read_data_and_model_config(args)
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     accelerator.init_trackers(TASK, config=flat_config(args))
     clips, noise = decode_clips(accelerator, args, data, config)
     if args.eval_only:
-        return evaluate_saved_model(accelerator, args, plan, data, clips, config, weights)
+        evaluate_saved_model(accelerator, args, plan, data, clips, config, weights)
+        return True
 
     model, optimizer, scheduler, criterion, loaders, start_note = build_training(accelerator, args, plan, clips, config, weights)
     checkpoints = Checkpoints(
@@ -237,13 +319,59 @@ def main(argv=None):
     train(accelerator, args, loop, model, optimizer, scheduler, criterion, loaders, noise, results, config)
     if not loop.stopped:
         finish(accelerator, args, loop.state, model, loaders, results, data, config)
-    accelerator.end_training()
+    if more_runs_follow:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
+    return not loop.stopped
 
 
 # ==================================================================== phases of main()
+def train_every_fold(args):
+    """--fold all: each official fold in turn is the test fold (validation: the fold before it), each trained as
+    `--fold K --output-dir OUTPUT_DIR/fold_K` would be; then OUTPUT_DIR/cv_metrics.json. With --resume a finished
+    fold is kept and an interrupted one continues; the loop stops where a fold was stopped (preempted)."""
+    refuse_with_all_folds(args)
+    folds = official_folds(args.data, args.format)
+    # Every process reads the same finished folds and agrees on stops, so all skip and stop alike; the launchers
+    # set RANK, and no collective is needed to know the main process before the first fold's Accelerator exists.
+    main_process = os.environ.get("RANK", "0") == "0"
+    if args.overwrite and main_process:
+        (args.output_dir / CV_FILE).unlink(missing_ok=True)
+    stopped = False
+    for number, fold in enumerate(folds, start=1):
+        fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "output_dir": args.output_dir / f"fold_{fold}"})
+        if args.resume and not args.overwrite and fold_problem(fold_args.output_dir) is None:
+            if main_process:
+                print(f"fold {fold}: finished earlier, kept ({fold_args.output_dir / 'metrics.json'})")
+            continue
+        if main_process:
+            print(f"fold {fold} ({number} of {len(folds)}) as the test fold, into {fold_args.output_dir}")
+        stopped = not train_one_run(fold_args, more_runs_follow=True)
+        if stopped:
+            break
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # end_training's last step, which the folds skipped
+    if main_process and not stopped:
+        print(describe(write_cv_metrics(args.output_dir, folds), args.output_dir / CV_FILE))
+
+
+def refuse_with_all_folds(args):
+    if args.val_fold is not None:
+        raise SystemExit("--val-fold with --fold all: each fold's validation is the fold before it; drop --val-fold")
+    if args.eval_only:
+        raise SystemExit("--fold all trains a model per fold; to score one model, use --eval-only with --fold K")
+    if args.resume not in (None, "latest"):
+        raise SystemExit(
+            f"--resume {args.resume} with --fold all: each fold resumes from its own newest checkpoint; use plain --resume"
+        )
+
+
 def read_data_and_model_config(args):
     """The data's splits and the config of the model to build: new, or read from --weights."""
     require_supported_model(args.model)  # before a large data set is decoded
+    weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
     data = load_audio_data(
         args.data,
         args.format,
@@ -252,8 +380,9 @@ def read_data_and_model_config(args):
         audio_column=args.audio_column,
         label_column=args.label_column,
         val_fraction=args.val_fraction,
+        keywords=keyword_task(args),
+        clip_seconds=weights[1]["clip_seconds"] if args.eval_only and weights else args.clip_seconds,
     )
-    weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
     if args.eval_only:
         if weights is None:
             raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
@@ -269,12 +398,23 @@ def read_data_and_model_config(args):
     return data, config, weights
 
 
+def keyword_task(args) -> KeywordTask | None:
+    if not args.wanted_words:
+        return None
+    return KeywordTask(tuple(args.wanted_words), args.unknown_percentage, args.silence_percentage)
+
+
 def decode_clips(accelerator, args, data, config):
     """Decode once, cache, reuse. Every process asks for the cache; the first to take its file lock decodes,
-    the others wait on the lock (not on a collective, which would time out while a large data set decodes)."""
-    rate, num_samples = config["sample_rate"], round(config["clip_seconds"] * config["sample_rate"])
+    the others wait on the lock (not on a collective, which would time out while a large data set decodes).
+    The training split keeps up to TRAIN_SPAN clip lengths of each clip, for random crops."""
+    rate, num_samples = config["sample_rate"], clip_samples(config)
     splits = {name: split for name, split in data.splits.items() if not (args.eval_only and name == "train")}
-    clips = {name: CachedClips(split, rate, num_samples, args.cache_dir, args.workers, name) for name, split in splits.items()}
+    spans = {name: num_samples * (TRAIN_SPAN if name == "train" and not args.no_augment else 1) for name in splits}
+    clips = {
+        name: CachedClips(split, rate, num_samples, args.cache_dir, args.workers, name, span=spans[name])
+        for name, split in splits.items()
+    }
     use_noise = data.noise_files and not args.no_augment and not args.eval_only
     noise, noise_skipped = load_noise(data.noise_files, rate) if use_noise else (torch.zeros(0), [])
     write_data_report(accelerator, args, data, clips, noise_skipped)
@@ -323,6 +463,7 @@ def run_fingerprint(args, plan, data, config) -> dict:
         "labels": config["labels"],
         "processes": plan.processes,
         "files": files_fingerprint({name: split.names for name, split in data.splits.items()}),
+        "protocol": data.protocol,
         **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},
         **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
     }
@@ -349,12 +490,12 @@ def print_start(accelerator, args, plan, data, clips, config, model, train_dl, s
 
 
 def train(accelerator, args, loop, model, optimizer, scheduler, criterion, loaders, noise, results, config):
-    model_dir = args.output_dir / "model"
+    model_dir, num_samples = args.output_dir / "model", clip_samples(config)
     for epoch in loop.epochs():
         model.train()
-        for waves, targets in loop.batches(loaders["train"]):
+        for waves, targets, lengths in loop.batches(loaders["train"]):
             with accelerator.accumulate(model):
-                waves = augment_waveforms(pcm_to_float(waves), noise, args)
+                waves = augment_waveforms(pcm_to_float(waves), lengths, num_samples, noise, args)
                 with accelerator.autocast():
                     loss = mixup_loss(model, criterion, waves, targets, args.mixup)
                 accelerator.backward(loss)
@@ -473,10 +614,15 @@ def clip_loader(clips: CachedClips, args, plan, shuffle: bool):
     )
 
 
+def clip_samples(config: dict) -> int:
+    return round(config["clip_seconds"] * config["sample_rate"])
+
+
 def normalisation_sample(train: CachedClips, count: int = 256) -> torch.Tensor:
-    """Evenly spaced training clips for the log-mel mean/std: the same on every process, no randomness used."""
+    """Evenly spaced training clips for the log-mel mean/std: the same on every process, no randomness used. Each
+    clip's first window, the one evaluation sees."""
     picks = torch.linspace(0, len(train) - 1, min(count, len(train))).long().unique()
-    return torch.stack([train[int(i)][0] for i in picks])
+    return torch.stack([train[int(i)][0][: train.num_samples] for i in picks])
 
 
 def class_weights(train: CachedClips, num_classes: int) -> torch.Tensor:
@@ -484,10 +630,13 @@ def class_weights(train: CachedClips, num_classes: int) -> torch.Tensor:
     return counts.sum() / (num_classes * counts.clamp_min(1))
 
 
-def augment_waveforms(waves: torch.Tensor, noise: torch.Tensor, args) -> torch.Tensor:
-    """Random gain and background noise, batched on the device (SpecAugment runs in the model's frontend)."""
+def augment_waveforms(waves: torch.Tensor, lengths: torch.Tensor, num_samples: int, noise: torch.Tensor, args) -> torch.Tensor:
+    """A random window of each clip's kept audio, time shift, random gain and background noise, batched on the device
+    (SpecAugment runs in the model's frontend). Drawn from the global RNG, which is seeded per process and saved
+    in checkpoints, so a resumed run draws what an uninterrupted one does."""
     if args.no_augment:
-        return waves
+        return waves[:, :num_samples]
+    waves = time_shift(random_windows(waves, lengths, num_samples), args.time_shift)
     batch, length = waves.shape
     if args.gain_db:
         waves = waves * 10 ** ((torch.rand(batch, 1, device=waves.device) * 2 - 1) * args.gain_db / 20)
@@ -503,6 +652,28 @@ def augment_waveforms(waves: torch.Tensor, noise: torch.Tensor, args) -> torch.T
         )
         waves = waves + volume * segments
     return waves
+
+
+def random_windows(waves: torch.Tensor, lengths: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """num_samples from a random start within each clip's first lengths[i] samples (the cache pads every clip to at
+    least num_samples, so a clip no longer than that keeps its start)."""
+    if waves.shape[1] == num_samples:  # no clip of the split is longer: nothing to draw
+        return waves
+    starts = (torch.rand(len(waves), device=waves.device) * (lengths.to(waves.device) - num_samples + 1)).long()
+    return waves.gather(1, starts[:, None] + torch.arange(num_samples, device=waves.device))
+
+
+def time_shift(waves: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Move each clip by a random whole number of samples up to +-fraction of its length, with silence in the gap:
+    an event keeps its shape but not its place, and nothing from the end wraps round to the start."""
+    batch, length = waves.shape
+    limit = round(fraction * length)
+    if not limit:
+        return waves
+    shifts = torch.randint(-limit, limit + 1, (batch, 1), device=waves.device)
+    source = torch.arange(length, device=waves.device) - shifts  # positive shifts delay the clip
+    inside = (source >= 0) & (source < length)
+    return waves.gather(1, source.clamp(0, length - 1)) * inside
 
 
 def mixup_loss(model, criterion, waves, targets, alpha: float) -> torch.Tensor:
@@ -521,7 +692,7 @@ def evaluate(model, loader, accelerator, labels: list[str]) -> dict:
     Every process computes the (identical) metrics, so all agree on which epoch is best without a broadcast."""
     model.eval()
     preds, refs, losses = [], [], []
-    for waves, targets in loader:
+    for waves, targets, _ in loader:
         with accelerator.autocast():
             logits = model(waves)
         loss = F.cross_entropy(logits.float(), targets, reduction="none")
@@ -547,6 +718,7 @@ def write_data_report(accelerator, args, data, clips, noise_skipped):
                 "data": str(args.data),
                 "format": data.format,
                 "notes": data.notes,
+                "protocol": data.protocol,
                 "labels": data.labels,
                 "clips": {name: len(c) for name, c in clips.items()},
                 "skipped_count": len(skipped),

@@ -8,7 +8,8 @@ on a CPU, one GPU or many, with Accelerate.
 
 --data is a YOLO data.yaml, a COCO instances .json or (with --format hub) a Hub dataset id (objects{bbox, category}).
 The recipe: nominal batch 64 by gradient accumulation across processes, warmup of LR and momentum, cosine
-decay, EMA weights for evaluation and saving, box-aware augmentation, optional multi-scale, gradient
+decay, EMA weights for evaluation and saving, box-aware augmentation (YOLO's 4-image mosaic with a random
+scale and shift, off for the last epochs; flip, scale jitter and crop), optional multi-scale, gradient
 clipping, COCO mAP every epoch, best model by fitness 0.1 mAP50 + 0.9 mAP50-95, early stop. The run
 directory gets args.json, data_report.json, results.csv, metrics.json, model/ (what predict_detection.py
 loads), checkpoints/, logs/ (TensorBoard), predictions_{split}.json + ground_truth_{split}.json (COCO, for
@@ -38,6 +39,7 @@ from detection_data import (
     MAX_PIXELS,
     ColourJitter,
     DetectionDataset,
+    Mosaic,
     coco_results,
     draw_detections,
     eval_transform,
@@ -99,7 +101,13 @@ HYP = {
     "ema_tau": 2000,
     "clip_grad": 10.0,  # max gradient norm (0: off)
     "fliplr": 0.5,  # horizontal flip probability
-    "scale": 0.5,  # scale jitter: 1 +- scale
+    "scale": 0.5,  # scale jitter: 1 +- scale (of the image, or of the mosaic's view)
+    "mosaic": 1.0,  # probability that a training image is a 4-image mosaic (YOLO's default: always)
+    # Mosaic is off for the last min(close_mosaic, max(1, round(epochs / 5))) epochs, so training ends on whole images
+    # as evaluation sees them (0: never off). YOLO's 10 is a tenth of its 100 default epochs; unscaled it would leave
+    # a 10-epoch run no mosaic at all, so a short run closes its last fifth instead (2 of 8 epochs).
+    "close_mosaic": 10,
+    "translate": 0.1,  # mosaic: random shift of the view, as a fraction of the image size
     "photometric": 0.5,  # probability of brightness/contrast/saturation jitter
     "colour": 0.4,  # jitter factors in 1 +- colour
     "min_box_size": 2.0,  # boxes cropped below this many pixels are dropped
@@ -305,6 +313,7 @@ def print_start(accelerator, args, plan, data, config, model, train_dl, hyp, sta
             "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
             "batch": plan.describe(),
             "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(hyp['warmup_epochs'] * steps)} warmup",
+            "mosaic": describe_mosaic(args, hyp),
         },
     )
 
@@ -434,9 +443,24 @@ def detection_datasets(args, data, img_size: int, hyp: dict) -> dict:
             data.hub.get(split),
             seed=args.seed,
             colour_jitter=ColourJitter(hyp["colour"], hyp["photometric"]) if split == "train" and augment else None,
+            mosaic=Mosaic(img_size, hyp, mosaic_epochs(args.epochs, hyp)) if split == "train" and augment else None,
         )
         for split, samples in data.splits.items()
     }
+
+
+def mosaic_epochs(epochs: int, hyp: dict) -> int:
+    """How many epochs from the start use mosaic: all but the closed last ones (see close_mosaic in HYP)."""
+    if not hyp["mosaic"]:
+        return 0
+    return epochs - min(hyp["close_mosaic"], max(1, round(epochs / 5)))
+
+
+def describe_mosaic(args, hyp: dict) -> str:
+    until = 0 if args.no_augment else mosaic_epochs(args.epochs, hyp)
+    if until <= 0:
+        return "off"
+    return f"probability {hyp['mosaic']:g}, epochs 1-{until} of {args.epochs}"
 
 
 def image_loader(dataset, args, plan, config, shuffle: bool):

@@ -120,7 +120,7 @@ def test_hub_dataset_saved_to_disk(tmp_path):
     assert data.format == "hub" and data.labels == ["high", "low"]
     assert {n: len(s.sources) for n, s in data.splits.items()} == {"train": 6, "val": 2, "test": 2}
     cache = CachedClips(data.splits["test"], RATE, 1000, tmp_path / "cache")
-    wave, label = cache[0]
+    wave, label, _ = cache[0]
     assert wave.dtype == torch.int16 and wave.abs().max() > 10000 and label == 1
     with pytest.raises(DataError, match=r"column 'label' does not exist.*--label-column"):
         load_audio_data(str(tmp_path / "hub"), audio_column="file")
@@ -190,7 +190,7 @@ def test_bad_clips_are_skipped_and_listed_and_the_cache_is_reused(tmp_path, monk
     assert len(clips) == 3 and clips.targets.tolist() == [0, 1, 1]
     assert [s["path"] for s in clips.skipped] == paths[2:4]
     assert "unreadable" in clips.skipped[0]["reason"] and "empty" in clips.skipped[1]["reason"]
-    wave, _ = clips[0]
+    wave, _, _ = clips[0]
     assert wave.shape == (4000,) and (wave[2000:] == 0).all() and wave[:2000].abs().max() > 10000  # zero-padded
 
     def no_decoding(*a, **k):
