@@ -175,8 +175,8 @@ def plot_curves(runs: list[dict], path: Path):
 
 
 def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
-    """Images/s that one worker of train_detection.py's training loader delivers (mosaic and every per-image
-    augmentation; colour jitter is not in it: launchkit applies it batched on the device)."""
+    """Images/s that one worker of train_detection.py's training loader delivers (mosaic, as `--hyp` with `mosaic: 1.0`,
+    and every per-image augmentation; colour jitter is not in it: launchkit applies it batched on the device)."""
     import torch
     import train_detection
     from detection_data import load_data, make_collate
@@ -184,7 +184,8 @@ def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
     from shared.runtime import make_loader
 
     args = train_detection.parse_args(["--data", str(data_yaml), "--output-dir", "/nonexistent", "--img-size", str(img_size)])
-    datasets = train_detection.detection_datasets(args, load_data(str(data_yaml)), img_size, train_detection.load_hyp(None))
+    hyp = {**train_detection.load_hyp(None), "mosaic": 1.0}  # the same work as the peer's loader, whose mosaic is on
+    datasets = train_detection.detection_datasets(args, load_data(str(data_yaml)), img_size, hyp)
     loader = make_loader(datasets["train"], batch_size=16, shuffle=True, workers=1, collate_fn=make_collate(img_size),
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     seen, started = 0, None

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""`make bench`: launchkit's training scripts against plain baselines, side by side, on this machine.
+"""`make bench`: launchkit's training scripts against plain baselines and the peer tools, side by side, on this machine.
 
-    .venv/bin/python benchmarks/run.py --output benchmarks/RESULTS.md          # full run, under 10 min on 2 cores
-    .venv/bin/python benchmarks/run.py --quick --output /tmp/RESULTS_quick.md  # smoke run, about a minute
+    .venv/bin/python benchmarks/run.py --output benchmarks/RESULTS.md          # full run: 10 min, then the peers (hours)
+    .venv/bin/python benchmarks/run.py --quick --output /tmp/RESULTS_quick.md  # smoke run, a few minutes
+    .venv/bin/python benchmarks/run.py --only peer --peer-epochs 20 --peer-scale 0.5 --output /tmp/RESULTS_peer.md
+                                                                               # the peer comparisons only, ~30 min
 
 One process tree: this script writes the benchmark data once (benchmarks/.work/), then runs
 scripts/train_audio.py, scripts/train_detection.py and the baselines in benchmarks/ one after the
@@ -15,7 +17,9 @@ exact commands and the machine) is rendered from that file by benchmarks/report.
 
 Modules: training_runs.py (the subprocess runs and the decode cache), resnet_steps.py (in-process step
 tables, the 4 s ceiling, profiles, torch.compile), coco_timing.py, serving.py (serve.py under load, export_model.py
-parity and latency), compute.py, datagen.py, report.py."""
+parity and latency), compute.py, datagen.py, report.py; after those, the comparisons with the tools users would
+pick instead on held-out data: peer.py with peer_ultralytics.py and heldout_detection.py (ultralytics, in its own
+venv benchmarks/.peer-venv), speech_comparison.py with heldout_speech.py (the walk-through's audio pipeline)."""
 
 import argparse
 import contextlib

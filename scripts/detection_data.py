@@ -749,11 +749,14 @@ MIN_VISIBLE = 0.1  # a mosaic keeps a box only if this much of its area is in vi
 
 class Mosaic:
     """YOLO's 4-image mosaic, in place of train_transform while it is on: the image and three random others of the
-    dataset, each resized to a long side of img_size, meet at a random centre of a 2 img_size canvas; a random
+    dataset, each scaled to a long side of img_size, meet at a random centre of a 2 img_size canvas; a random
     scale (1 +- hyp scale) and shift (+- hyp translate) view of it becomes the img_size x img_size sample, then
     the flip. Boxes are clipped to the part of their own tile in view; boxes left with less than MIN_VISIBLE of
     their area, or thinner than min_box_size, are dropped. Draws come from the generator the dataset seeded, so
     the mosaic is as reproducible as the other augmentations.
+
+    The canvas is never built: only the part of each tile that is in view is resized, once, straight to where it
+    lands (mosaic_view), so a worker moves a fraction of the pixels that compositing a 2 img_size canvas takes.
 
     It is used with probability hyp mosaic for the epochs before until_epoch: YOLO ends training on whole
     images (close_mosaic), as the model sees them at evaluation."""
@@ -771,74 +774,89 @@ class Mosaic:
     def __call__(self, dataset: DetectionDataset, index: int):
         others = torch.randint(len(dataset), (3,)).tolist()
         centre = torch.randint(self.size // 2, self.size * 3 // 2 + 1, (2,)).tolist()
-        canvas, target, full_area = mosaic_canvas([dataset.decoded(i) for i in [index, *others]], centre, self.size)
         ratio = 1 + (float(torch.rand(())) * 2 - 1) * self.scale
         shift = ((torch.rand(2) * 2 - 1) * self.translate).tolist()
-        image, target = zoom(canvas, target, self.size, ratio, shift)
-        image, target = drop_hidden_boxes(image, target, full_area * ratio**2)
-        return self.finish(image, target)
+        tiles = [tile_of(dataset, i) for i in [index, *others]]
+        return self.finish(*mosaic_view(tiles, centre, self.size, ratio, shift))
+
+
+@dataclass
+class Tile:
+    image: torch.Tensor  # upright RGB, uint8 (3, H, W)
+    boxes: torch.Tensor  # (N, 4) xyxy in its pixels
+    labels: torch.Tensor
+
+    @property
+    def full_size(self) -> tuple[int, int]:
+        return self.image.shape[2], self.image.shape[1]
+
+
+def tile_of(dataset: DetectionDataset, index: int) -> Tile:
+    s = dataset.samples[index]
+    return Tile(F.pil_to_tensor(dataset.load(index)), torch.from_numpy(s.boxes), torch.from_numpy(s.labels))
 
 
 QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (x, y) side of the centre: top-left, top-right, bottom-left, bottom-right
 
 
-def mosaic_canvas(tiles: list[tuple], centre: list[int], size: int):
-    """Four (image, target) tiles on a 2 size x 2 size grey canvas, each resized to a long side of size and placed
-    with a corner at centre (x, y), one per quadrant, so tiles never overlap; what would lie beyond the canvas edge
-    is cut off. Returns the canvas, its target and each box's area before the cut (what drop_hidden_boxes compares
-    the visible area with)."""
-    canvas = torch.full((3, 2 * size, 2 * size), PAD_VALUE, dtype=torch.uint8)
-    resize = v2.Resize(size=None, max_size=size)
-    boxes, labels, full_area = [], [], []
-    for (side_x, side_y), tile in zip(QUADRANTS, tiles, strict=True):
-        image, target = resize(*tile)
-        (h, w), b = image.shape[-2:], target["boxes"]
-        full_area.append((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
-        src_x, dst_x, vis_w = tile_span(w, centre[0], side_x, 2 * size)
-        src_y, dst_y, vis_h = tile_span(h, centre[1], side_y, 2 * size)
-        canvas[:, dst_y : dst_y + vis_h, dst_x : dst_x + vis_w] = F.crop(image, src_y, src_x, vis_h, vis_w)
-        # The crop clamps each box to the pixels of its own tile that stay in view; the pad moves them into place.
-        visible = F.crop(b, src_y, src_x, vis_h, vis_w)
-        boxes.append(F.pad(visible, [dst_x, dst_y, 2 * size - dst_x - vis_w, 2 * size - dst_y - vis_h]))
-        labels.append(target["labels"])
-    target = {
-        "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * size, 2 * size)),
-        "labels": torch.cat(labels),
-    }
-    return tv_tensors.Image(canvas), target, torch.cat(full_area)
-
-
-def tile_span(length: int, centre: int, side: int, canvas: int) -> tuple[int, int, int]:
-    """Along one axis: (first tile pixel in view, where it lands on the canvas, pixels in view). A tile before the
-    centre (side 0) ends at it and keeps its far end; a tile after it starts there and keeps its near end."""
-    visible = min(length, centre if side == 0 else canvas - centre)
-    return (length - visible, centre - visible, visible) if side == 0 else (0, centre, visible)
-
-
-def zoom(canvas: tv_tensors.Image, target: dict, size: int, ratio: float, shift: list[float]):
-    """The size x size view YOLO's random_perspective takes of the mosaic (scale and translation only): the canvas
-    scaled by ratio about its centre, which lands at (0.5 + shift) * size. Only the part of the window inside the
-    canvas is cropped and resized; the pad makes up the rest in grey, as a warp with a grey border would."""
-    full = canvas.shape[-1]
+def mosaic_view(tiles: list[Tile], centre: list[int], size: int, ratio: float, shift: list[float]):
+    """The size x size view of four tiles on a 2 size x 2 size grey canvas: each tile scaled to a long side of size
+    and placed with a corner at centre (x, y), one per quadrant (so tiles never overlap, and what lies beyond the
+    canvas edge is cut off); the canvas scaled by ratio about its centre, which lands at (0.5 + shift) * size, as
+    YOLO's random_perspective does with scale and translation only. Returns (image, target) with the boxes clipped
+    to what is in view of their own tile and those with less than MIN_VISIBLE of their area in view dropped."""
+    image = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8)
     window = size / ratio
-    # The canvas centre is (size, size); the canvas point at the view's top-left corner:
-    left, top = (size - (0.5 + s) * window for s in shift)
-    x0, y0 = max(0, round(left)), max(0, round(top))
-    x1, y1 = min(full, round(left + window)), min(full, round(top + window))
-    out_x0, out_y0 = round((x0 - left) * ratio), round((y0 - top) * ratio)
-    out_x1, out_y1 = min(size, round((x1 - left) * ratio)), min(size, round((y1 - top) * ratio))
-    image, boxes = (F.crop(x, y0, x0, y1 - y0, x1 - x0) for x in (canvas, target["boxes"]))
-    image, boxes = (F.resize(x, [out_y1 - out_y0, out_x1 - out_x0]) for x in (image, boxes))
-    padding = [out_x0, out_y0, size - out_x1, size - out_y1]
-    image, boxes = F.pad(image, padding, fill=PAD_VALUE), F.pad(boxes, padding)
-    return image, {**target, "boxes": boxes}
+    corner = [size - (0.5 + s) * window for s in shift]  # the canvas point at the view's top-left pixel
+    boxes, labels = [], []
+    for quadrant, tile in zip(QUADRANTS, tiles, strict=True):
+        tile_scale = size / max(tile.full_size)
+        origin, span = [], []  # per axis: where the tile's first pixel lands in the view, and its pixels in view
+        for axis in (0, 1):
+            length, c, side = tile.full_size[axis] * tile_scale, centre[axis], quadrant[axis]
+            start, end = (max(0, c - length), c) if side == 0 else (c, min(2 * size, c + length))
+            origin.append(((c - length if side == 0 else c) - corner[axis]) * ratio)
+            span.append((max(0, round((start - corner[axis]) * ratio)), min(size, round((end - corner[axis]) * ratio))))
+        (x0, x1), (y0, y1) = span
+        if x1 <= x0 or y1 <= y0:
+            continue
+        to_view = tile_scale * ratio  # file pixels -> view pixels
+        paste(image, tile, (x0, y0, x1, y1), origin, to_view)
+        b = tile.boxes.float() * to_view + torch.tensor(origin * 2)
+        visible = torch.stack([b[:, 0].clamp(x0, x1), b[:, 1].clamp(y0, y1), b[:, 2].clamp(x0, x1), b[:, 3].clamp(y0, y1)], 1)
+        keep = area(visible) >= MIN_VISIBLE * area(b)
+        boxes.append(visible[keep])
+        labels.append(tile.labels[keep])
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.cat([torch.zeros(0, 4), *boxes]), format="XYXY", canvas_size=(size, size)),
+        "labels": torch.cat([torch.zeros(0, dtype=torch.int64), *labels]),
+    }
+    return tv_tensors.Image(image), target
 
 
-def drop_hidden_boxes(image, target: dict, full_area: torch.Tensor):
-    """Keep the boxes with at least MIN_VISIBLE of their area (full_area, at the view's scale) still in view."""
-    b = target["boxes"]
-    keep = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) >= MIN_VISIBLE * full_area
-    return image, {**target, "boxes": tv_tensors.wrap(b[keep], like=b), "labels": target["labels"][keep]}
+def paste(image: torch.Tensor, tile: Tile, view_box: tuple[int, int, int, int], origin: list[float], to_view: float):
+    """Resize the part of the tile that lands on view_box (x0, y0, x1, y1) straight into it: the whole file pixels
+    around that part are resized, and the view's pixels cut from the result where the exact mapping puts them."""
+    x0, y0, x1, y1 = view_box
+    (w, h), (ox, oy) = tile.full_size, origin
+    (ix0, ix1, cut_x), (iy0, iy1, cut_y) = pixel_window(x0, x1, ox, to_view, w), pixel_window(y0, y1, oy, to_view, h)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return
+    size = (max(cut_y + y1 - y0, math.ceil((iy1 - iy0) * to_view)), max(cut_x + x1 - x0, math.ceil((ix1 - ix0) * to_view)))
+    scaled = torch.nn.functional.interpolate(tile.image[None, :, iy0:iy1, ix0:ix1], size=size, mode="bilinear", antialias=True)
+    image[:, y0:y1, x0:x1] = scaled[0, :, cut_y : cut_y + y1 - y0, cut_x : cut_x + x1 - x0]
+
+
+def pixel_window(v0: int, v1: int, origin: float, to_view: float, limit: int) -> tuple[int, int, int]:
+    """Along one axis: the whole file pixels [start, end) that view pixels [v0, v1) show, and where v0 falls in them
+    once they are scaled by to_view."""
+    f0 = (v0 - origin) / to_view
+    start, end = max(0, math.floor(f0)), min(limit, math.ceil((v1 - origin) / to_view))
+    return start, end, max(0, round((f0 - start) * to_view))
+
+
+def area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
 class ColourJitter:

@@ -1,5 +1,6 @@
 """Helpers every test module uses: run a launchkit script as a user would, in 1 or 2 processes."""
 
+import gc
 import os
 import socket
 import subprocess
@@ -11,6 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test():
+    """Objects a test leaves for the garbage collector are freed in this process, not in the DataLoader workers a later
+    test forks: a forked worker that collected onnxruntime sessions left by the export tests hung in
+    pthread_cond_destroy (their threads do not exist in the child)."""
+    yield
+    gc.collect()
 
 
 def free_port() -> int:

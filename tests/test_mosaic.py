@@ -9,10 +9,9 @@ from detection_data import (
     DetectionDataset,
     Mosaic,
     Sample,
-    drop_hidden_boxes,
-    mosaic_canvas,
+    Tile,
+    mosaic_view,
     train_transform,
-    zoom,
 )
 from PIL import Image
 from torchvision import tv_tensors
@@ -138,41 +137,33 @@ def test_boxes_mostly_out_of_view_are_dropped(tmp_path):
     assert dropped > 0
 
 
-def test_boxes_cut_at_tile_borders_are_clipped_to_their_visible_part():
-    """A fixed centre (75, 125) on the 200 px canvas of img_size 100: the left tiles lose their first 25 columns, the
-    bottom tiles their last 25 rows; the top 25 rows and the last 25 columns of the canvas are grey."""
-    tiles = [
-        tile(100, 100, [(10, 20, 50, 60)], 0),  # top-left: cut at x 25
-        tile(100, 100, [(60, 10, 90, 40), (10, 0, 50, 27)], 1),  # top-right: whole
-        tile(100, 100, [(0, 70, 20, 95), (30, 50, 60, 90)], 3),  # bottom-left: the first box is cut away entirely
-        tile(50, 50, [(5, 5, 15, 15)], 5),  # bottom-right: upscaled 2x to a long side of 100
-    ]
-    canvas, target, full_area = mosaic_canvas(tiles, [75, 125], 100)
-    expected = [[0, 45, 25, 85], [135, 35, 165, 65], [85, 25, 125, 52], [0, 195, 0, 200], [5, 175, 35, 200], [85, 135, 105, 155]]
-    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.tensor(expected, dtype=torch.float32))
-    assert target["labels"].tolist() == [0, 1, 2, 3, 4, 5]
-    torch.testing.assert_close(full_area, torch.tensor([1600.0, 900, 1080, 500, 1200, 400]))
-    assert (canvas[:, :25] == PAD_VALUE).all() and (canvas[:, :, 175:] == PAD_VALUE).all()
-    assert torch.equal(canvas[:, 25:125, :75], tiles[0][0][:, :, 25:])
-    assert torch.equal(canvas[:, 25:125, 75:175], tiles[1][0])
-    assert torch.equal(canvas[:, 125:, :75], tiles[2][0][:, :75, 25:])
-    for box, label in zip(target["boxes"], target["labels"].tolist(), strict=True):
-        if box[2] > box[0]:
-            assert own_colour_fraction(canvas, box, label) >= 0.99, (box, label)  # upscaling blends 4 corner pixels
+def as_tile(image: torch.Tensor, target: dict) -> Tile:
+    return Tile(image.as_subclass(torch.Tensor), target["boxes"].as_subclass(torch.Tensor), target["labels"])
 
-    # At scale 1 shifted a quarter left, the view is the canvas' x 75-175, y 50-150: the top-right boxes are cut at
-    # its top edge (the second to 40 x 2 of its 40 x 27 px: under a tenth of it is in view, so it goes).
-    image, view = zoom(canvas, target, 100, 1.0, [-0.25, 0.0])
-    assert torch.equal(image, canvas[:, 50:150, 75:175])
-    image, view = drop_hidden_boxes(image, view, full_area)
+
+def test_boxes_cut_at_tile_borders_are_clipped_to_their_visible_part():
+    """A fixed centre (75, 125) on the 200 px canvas of img_size 100, seen at scale 1 shifted a quarter left: the view
+    is the canvas' x 75-175, y 50-150, so the left tiles are out of view, the top-right one shows its rows 25-100 in the
+    view's rows 0-75 and the bottom-right one (upscaled 2x to a long side of 100) its first 25 rows below them."""
+    tiles = [
+        tile(100, 100, [(10, 20, 50, 60)], 0),  # top-left: out of view
+        tile(100, 100, [(60, 10, 90, 40), (10, 0, 50, 27)], 1),  # top-right: both boxes cut at the view's top edge
+        tile(100, 100, [(0, 70, 20, 95), (30, 50, 60, 90)], 3),  # bottom-left: out of view
+        tile(50, 50, [(5, 5, 15, 15)], 5),  # bottom-right: cut at the view's bottom edge
+    ]
+    image, view = mosaic_view([as_tile(*t) for t in tiles], [75, 125], 100, 1.0, [-0.25, 0.0])
+    # The second top-right box keeps 40 x 2 of its 40 x 27 px in view: under a tenth of it, so it goes.
     torch.testing.assert_close(view["boxes"].as_subclass(torch.Tensor), torch.tensor([[60.0, 0, 90, 15], [10, 85, 30, 100]]))
     assert view["labels"].tolist() == [1, 5] and view["boxes"].canvas_size == (100, 100)
+    assert torch.equal(image[:, :75], tiles[1][0][:, 25:])  # scale 1 on whole pixels: the tile's pixels, unchanged
+    for box, label in zip(view["boxes"], view["labels"].tolist(), strict=True):
+        assert own_colour_fraction(image, box, label) >= 0.99, (box, label)
 
 
 def test_zoom_out_pads_grey_and_scales_boxes():
     """At scale 0.5 the 200 px canvas shrinks into the 100 px view; shifted 0.1 right, 10 grey columns appear left."""
-    canvas, target, _ = mosaic_canvas([tile(100, 100, [(0, 0, 100, 100)], i) for i in range(4)], [100, 100], 100)
-    image, view = zoom(canvas, target, 100, 0.5, [0.1, 0.0])
+    tiles = [as_tile(*tile(100, 100, [(0, 0, 100, 100)], i)) for i in range(4)]
+    image, view = mosaic_view(tiles, [100, 100], 100, 0.5, [0.1, 0.0])
     assert image.shape == (3, 100, 100)
     assert (image[:, :, :10] == PAD_VALUE).all() and not (image[:, :, 10:] == PAD_VALUE).all(0).any()
     expected = [[10, 0, 60, 50], [60, 0, 100, 50], [10, 50, 60, 100], [60, 50, 100, 100]]
@@ -203,6 +194,7 @@ def test_close_mosaic_turns_it_off_in_persistent_workers(coloured_dataset):
 
 
 def test_close_mosaic_epochs_scale_with_short_runs():
-    assert mosaic_epochs(300, HYP) == 290 and mosaic_epochs(100, HYP) == 90  # YOLO's last 10
-    assert mosaic_epochs(30, HYP) == 24 and mosaic_epochs(8, HYP) == 6 and mosaic_epochs(2, HYP) == 1
-    assert mosaic_epochs(8, {**HYP, "close_mosaic": 0}) == 8 and mosaic_epochs(8, {**HYP, "mosaic": 0.0}) == 0
+    on = {**HYP, "mosaic": 1.0}
+    assert mosaic_epochs(300, on) == 290 and mosaic_epochs(100, on) == 90  # YOLO's last 10
+    assert mosaic_epochs(30, on) == 24 and mosaic_epochs(8, on) == 6 and mosaic_epochs(2, on) == 1
+    assert mosaic_epochs(8, {**on, "close_mosaic": 0}) == 8 and mosaic_epochs(8, HYP) == 0  # off by default
