@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from training_runs import repo_relative
+from training_runs import repo_relative, timed
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -51,18 +51,16 @@ def launchkit_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> float:
-    started = time.perf_counter()
-    with log.open("w") as f:
-        subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
-    return time.perf_counter() - started
+def fresh_run_dir(work: Path, name: str) -> Path:
+    out = work / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def train_launchkit(work: Path, data_yaml: Path, epochs: int, img_size: int, commands: list) -> dict:
     """launchkit's default command: data, output, epochs (and the shared image size)."""
-    out = work / "runs" / f"launchkit_{epochs}ep"
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = fresh_run_dir(work, f"launchkit_{epochs}ep")
     cmd = [sys.executable, str(REPO / "scripts" / "train_detection.py"), "--data", str(data_yaml), "--output-dir", str(out),
            "--epochs", str(epochs), "--img-size", str(img_size)]  # fmt: skip
     commands.append(cmd)
@@ -76,9 +74,7 @@ def train_launchkit(work: Path, data_yaml: Path, epochs: int, img_size: int, com
 
 
 def train_peer(work: Path, data_yaml: Path, epochs: int, img_size: int, commands: list) -> dict:
-    out = work / "runs" / f"peer_{epochs}ep"
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = fresh_run_dir(work, f"peer_{epochs}ep")
     cmd = [str(ensure_peer_venv()), str(HERE / "peer_ultralytics.py"), "train", "--data", str(data_yaml), "--out", str(out),
            "--epochs", str(epochs), "--imgsz", str(img_size)]  # fmt: skip
     commands.append(cmd)
@@ -107,14 +103,18 @@ def spread_over(curve: list[tuple], wall: float) -> list[dict]:
     return points
 
 
-def score(data_yaml: Path, predictions: list[dict]) -> dict:
-    """pycocotools mAP of test predictions (matched to images by file name) against the YOLO labels."""
+def test_ground_truth(data_yaml: Path) -> dict:
+    """COCO instances of the test split, from the YOLO label files (read once: loading probes every image)."""
     from detection_data import load_data, to_coco
 
+    data = load_data(str(data_yaml))
+    return to_coco(data.splits["test"], data.names)
+
+
+def score(gt: dict, predictions: list[dict]) -> dict:
+    """pycocotools mAP of test predictions, matched to images by file name."""
     from shared.metrics.coco_map.coco_map import evaluate_coco
 
-    data = load_data(str(data_yaml))
-    gt = to_coco(data.splits["test"], data.names)
     ids = {Path(im["file_name"]).name: im["id"] for im in gt["images"]}
     results = [
         {"image_id": ids[p["file_name"]], "category_id": p["category_id"], "bbox": p["bbox"], "score": p["score"]}
@@ -124,22 +124,26 @@ def score(data_yaml: Path, predictions: list[dict]) -> dict:
     return {"map": summary["map"], "map50": summary["map50"]}
 
 
+def scored(run: dict, gt: dict) -> dict:
+    """The run with its test predictions replaced by their score."""
+    run["test"] = score(gt, run.pop("predictions"))
+    return run
+
+
 def comparison(work: Path, data_yaml: Path, epochs_list: list[int], img_size: int) -> dict:
     """Both tools at each epoch count, then launchkit again at the peer's shortest run's wall time."""
-    commands, runs = [], []
+    commands, runs, gt = [], [], test_ground_truth(data_yaml)
     for epochs in epochs_list:
         for train in (train_peer, train_launchkit):
             print(f"  {train.__name__} {epochs} epochs ...", flush=True)
-            run = train(work, data_yaml, epochs, img_size, commands)
-            run["test"] = score(data_yaml, run.pop("predictions"))
-            runs.append(run)
-    budget_runs = equal_wall_clock_runs(work, data_yaml, runs, img_size, commands)
+            runs.append(scored(train(work, data_yaml, epochs, img_size, commands), gt))
+    budget_runs = equal_wall_clock_runs(work, data_yaml, gt, runs, img_size, commands)
     plot_curves(runs + budget_runs, work / "peer_curves.png")
     return {"img_size": img_size, "runs": runs, "budget_runs": budget_runs, "plot": str(work / "peer_curves.png"),
             "commands": [" ".join(repo_relative(str(a)) for a in c) for c in commands]}  # fmt: skip
 
 
-def equal_wall_clock_runs(work, data_yaml, runs, img_size, commands) -> list[dict]:
+def equal_wall_clock_runs(work, data_yaml, gt, runs, img_size, commands) -> list[dict]:
     """launchkit given the wall time of each peer run: as many epochs as its own seconds per epoch allow."""
     per_epoch = max((r for r in runs if r["tool"] == "launchkit"), key=lambda r: r["epochs"])
     seconds_per_epoch = per_epoch["wall"] / per_epoch["epochs"]
@@ -149,10 +153,7 @@ def equal_wall_clock_runs(work, data_yaml, runs, img_size, commands) -> list[dic
         if epochs <= max(r["epochs"] for r in runs if r["tool"] == "launchkit"):
             continue
         print(f"  launchkit at the peer's {peer['wall']:.0f} s: {epochs} epochs ...", flush=True)
-        run = train_launchkit(work, data_yaml, epochs, img_size, commands)
-        run["test"] = score(data_yaml, run.pop("predictions"))
-        run["budget_of"] = peer["epochs"]
-        out.append(run)
+        out.append({**scored(train_launchkit(work, data_yaml, epochs, img_size, commands), gt), "budget_of": peer["epochs"]})
     return out
 
 

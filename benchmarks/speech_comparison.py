@@ -7,12 +7,10 @@ baseline that of its last epoch, as each of them does by default."""
 
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from training_runs import repo_relative
+from training_runs import repo_relative, timed
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -20,10 +18,7 @@ REPO = HERE.parent
 
 def run(cmd: list[str], out: Path, log: Path, env: dict) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    with log.open("w") as f:
-        subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
-    return time.perf_counter() - started, json.loads((out / "metrics.json").read_text())
+    return timed(cmd, env, log), json.loads((out / "metrics.json").read_text())
 
 
 def comparison(work: Path, data: Path, epochs: int, workers: int, env: dict) -> dict:

@@ -30,6 +30,14 @@ def repo_relative(arg: str) -> str:
     return arg
 
 
+def timed(cmd: list[str], env: dict, log: Path) -> float:
+    """Run a command to the end with its output in log; its wall time in seconds."""
+    started = time.perf_counter()
+    with log.open("w") as f:
+        subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+    return time.perf_counter() - started
+
+
 def _csv_value(value: str):
     try:
         return float(value)
