@@ -177,18 +177,19 @@ def plot_curves(runs: list[dict], path: Path):
 
 def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
     """Images/s that one worker of train_detection.py's training loader delivers (mosaic, as `--hyp` with `mosaic: 1.0`,
-    and every per-image augmentation; colour jitter is not in it: launchkit applies it batched on the device)."""
-    import torch
+    and every per-image augmentation; colour jitter is not in it: launchkit applies it batched on the device). The
+    image cache is built before the clock starts, as it is once per data set and image size."""
+    from types import SimpleNamespace
+
     import train_detection
-    from detection_data import load_data, make_collate
+    from detection_data import load_data
 
-    from shared.runtime import make_loader
-
-    args = train_detection.parse_args(["--data", str(data_yaml), "--output-dir", "/nonexistent", "--img-size", str(img_size)])
+    argv = ["--data", str(data_yaml), "--output-dir", "/nonexistent", "--img-size", str(img_size), "--workers", "1"]
+    args = train_detection.parse_args(argv)
     hyp = {**train_detection.load_hyp(None), "mosaic": 1.0}  # the same work as the peer's loader, whose mosaic is on
     datasets = train_detection.detection_datasets(args, load_data(str(data_yaml)), img_size, hyp)
-    loader = make_loader(datasets["train"], batch_size=16, shuffle=True, workers=1, collate_fn=make_collate(img_size),
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    plan, config = SimpleNamespace(batch_size=16), {"img_size": img_size}
+    loader = train_detection.image_loader(datasets["train"], args, plan, config, shuffle=True)
     seen, started = 0, None
     while started is None or seen < images:
         for batch, _ in loader:

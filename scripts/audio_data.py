@@ -16,14 +16,12 @@ Hub dataset row; read_audio() reads all three, so the cache, the report and expo
 """
 
 import csv
-import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import posixpath
-import socket
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 from tqdm.auto import tqdm
+
+from shared.cache import build_once, cache_root, temporary_name
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
@@ -638,7 +638,7 @@ class _DecodeJob(torch.utils.data.Dataset):
 class CachedClips(torch.utils.data.Dataset):
     """int16 waveforms of one split, decoded once into CACHE/<key>.pcm (clips one after another, a memory map)
     and reused by later runs and by the other processes of this run. Every process of every machine may construct
-    it at the same time: one decodes, the others wait for it (see _build_cache_once).
+    it at the same time: one decodes, the others wait for it (see shared.cache.build_once).
 
     Each clip keeps its first num_samples, or with span > num_samples (the training split, for random crops) up
     to its first span samples. Items: (int16 waveform, class index, samples of audio in it); the waveforms are
@@ -657,8 +657,9 @@ class CachedClips(torch.utils.data.Dataset):
         cache_dir, span = Path(cache_dir), max(span or num_samples, num_samples)
         key = _cache_key(split, sample_rate, num_samples, span)
         self.array_path, manifest = cache_dir / f"{key}.pcm", cache_dir / f"{key}.json"
-        if not manifest.is_file():  # present means complete: no lock needed
-            _build_cache_once(split, sample_rate, num_samples, span, self.array_path, manifest, workers, label)
+        build_once(
+            manifest, lambda: _build_cache(split, sample_rate, num_samples, span, self.array_path, manifest, workers, label)
+        )
         record = json.loads(manifest.read_text())
         bad = {int(i): reason for i, reason in record["bad"].items()}
         lengths = np.array(record["lengths"], dtype=np.int64)
@@ -697,21 +698,9 @@ def _cache_key(split: Split, sample_rate: int, num_samples: int, span: int | Non
     return h.hexdigest()[:20]
 
 
-def _build_cache_once(split, sample_rate, num_samples, span, array_path: Path, manifest: Path, workers: int, label: str):
-    """Build the cache unless another process already has. An exclusive lock on CACHE/<key>.lock lets one process
-    decode while every other one (on this machine, or on another sharing the folder: Linux maps flock to NFS
-    locks) waits for as long as decoding takes; no collective barrier, which would time out on a large data set."""
-    array_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(array_path.with_suffix(".lock"), "a") as lock:  # "a": create it, never truncate it
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, also when the process dies
-        if not manifest.is_file():
-            _build_cache(split, sample_rate, num_samples, span, array_path, manifest, workers, label)
-
-
 def _build_cache(split, sample_rate, num_samples, span, array_path: Path, manifest: Path, workers: int, label: str):
-    # Temporary names unique per machine and process, then renames: a reader never sees a half-written cache,
-    # and the manifest appears last.
-    tmp = array_path.with_name(f".{array_path.stem}.{_writer_id()}.pcm")
+    # Written under temporary names, then renamed, the manifest last: a reader never sees a half-written cache.
+    tmp = temporary_name(array_path)
     loader = torch.utils.data.DataLoader(
         _DecodeJob(split.sources, sample_rate, num_samples, span),
         batch_size=16,
@@ -731,7 +720,7 @@ def _build_cache(split, sample_rate, num_samples, span, array_path: Path, manife
                     out.write(pcm.astype(PCM_DTYPE).tobytes())
                     lengths[i] = len(pcm)
     os.replace(tmp, array_path)
-    tmp_manifest = manifest.with_name(f".{manifest.name}.{_writer_id()}")
+    tmp_manifest = temporary_name(manifest)
     tmp_manifest.write_text(
         json.dumps(
             {
@@ -745,10 +734,6 @@ def _build_cache(split, sample_rate, num_samples, span, array_path: Path, manife
         )
     )
     os.replace(tmp_manifest, manifest)
-
-
-def _writer_id() -> str:
-    return f"{socket.gethostname()}.{os.getpid()}"
 
 
 def require_usable_splits(clips: dict[str, CachedClips], report_path: Path):
@@ -779,4 +764,4 @@ def load_noise(files: list[str], sample_rate: int) -> tuple[torch.Tensor, list[d
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "launchkit" / "audio"
+    return cache_root() / "audio"

@@ -5,6 +5,7 @@ Inside the scripts every box is xyxy in pixels of the upright image (after EXIF 
 label is a 0-based class index. Anything wrong in the input is either fixed (and counted) or skipped
 (and counted) in a DataReport that the training script writes to OUTPUT_DIR/data_report.json."""
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,9 @@ from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from tqdm.auto import tqdm
+
+from shared.cache import build_once, cache_root, temporary_name
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
@@ -680,9 +684,11 @@ class DetectionDataset(torch.utils.data.Dataset):
     Augmentation randomness is seeded by (seed, epoch, index), so a sample gets the same augmentation
     whatever the process count, worker count, or a resume in the middle of the epoch."""
 
-    def __init__(self, samples: list[Sample], transform, hub_dataset=None, seed: int = 0, colour_jitter=None, mosaic=None):
+    def __init__(
+        self, samples: list[Sample], transform, hub_dataset=None, seed: int = 0, colour_jitter=None, mosaic=None, cache=None
+    ):
         self.samples, self.transform, self.hub_dataset, self.seed = samples, transform, hub_dataset, seed
-        self.colour_jitter, self.mosaic = colour_jitter, mosaic
+        self.colour_jitter, self.mosaic, self.cache = colour_jitter, mosaic, cache
         # Shared so that persistent workers see the epoch, and with it the seed and whether mosaic is closed.
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -697,15 +703,23 @@ class DetectionDataset(torch.utils.data.Dataset):
         source = self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source
         return open_rgb(source)[0]
 
+    def pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (3, H, W) image, from the cache when there is one (then scaled down), and the boxes in its pixels."""
+        s = self.samples[index]
+        if self.cache is None:
+            return F.pil_to_tensor(self.load(index)), torch.from_numpy(s.boxes)
+        image = self.cache.image(index)
+        h, w = image.shape[1:]
+        return image, torch.from_numpy(s.boxes) * torch.tensor([w / s.width, h / s.height] * 2)
+
     def decoded(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """The image and its target before augmentation."""
-        s = self.samples[index]
-        image = tv_tensors.Image(F.pil_to_tensor(self.load(index)))
+        image, boxes = self.pixels(index)
         target = {
-            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(s.boxes), format="XYXY", canvas_size=(s.height, s.width)),
-            "labels": torch.from_numpy(s.labels),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[1:])),
+            "labels": torch.from_numpy(self.samples[index].labels),
         }
-        return image, target
+        return tv_tensors.Image(image), target
 
     def __getitem__(self, index: int):
         s = self.samples[index]
@@ -727,6 +741,95 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (s.height, s.width),
             "size": (h, w),
         }
+
+
+# ----------------------------------------------------------------------------------------------- decode cache
+IMAGE_CACHE_VERSION = 1  # bump when the cached representation changes
+
+
+class ImageCache:
+    """A split's images decoded once, each scaled to a long side of img_size (never up), as uint8 HWC one after
+    another in CACHE/<key>.u8: a memory map that the loader workers, the other processes of the run and later runs
+    read instead of decoding. A 640 px JPEG takes PIL about 2 ms to decode, four times per mosaic sample; a tile
+    from the map is a view of it. Every process may construct it at the same time: one builds, the others wait
+    (shared.cache.build_once). Key: the image files (path, size, modification time) or the Hub split's fingerprint,
+    and img_size."""
+
+    def __init__(self, samples: list[Sample], hub_dataset, img_size: int, cache_dir: Path, workers: int = 0):
+        self.sizes = [scaled_size(s.width, s.height, img_size) for s in samples]
+        lengths = np.array([3 * w * h for w, h in self.sizes], dtype=np.int64)
+        self.starts = np.cumsum(lengths) - lengths
+        key = image_cache_key(samples, hub_dataset, img_size)
+        self.path, manifest = Path(cache_dir) / f"{key}.u8", Path(cache_dir) / f"{key}.json"
+        build_once(manifest, lambda: build_image_cache(samples, hub_dataset, self.sizes, self.path, manifest, workers))
+        self._array = None  # opened lazily, so DataLoader workers each map the file instead of pickling it
+
+    def image(self, index: int) -> torch.Tensor:
+        """(3, H, W) with channels-last strides: torch resizes uint8 that way two to three times faster."""
+        if self._array is None:
+            # Copy-on-write: the tensors are views of the map, and torch wants writable memory.
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="c")
+        (w, h), start = self.sizes[index], self.starts[index]
+        return torch.from_numpy(self._array[start : start + 3 * w * h].reshape(h, w, 3)).permute(2, 0, 1)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+
+def scaled_size(width: int, height: int, img_size: int) -> tuple[int, int]:
+    scale = min(1.0, img_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def image_cache_key(samples: list[Sample], hub_dataset, img_size: int) -> str:
+    h = hashlib.sha1(f"v{IMAGE_CACHE_VERSION}|{img_size}|{len(samples)}|".encode())
+    if hub_dataset is not None:
+        h.update(f"{hub_dataset._fingerprint}|{[s.source for s in samples]}".encode())
+    else:
+        for s in samples:
+            st = os.stat(s.source)
+            # The file system's bytes: any file name hashes, also one that is not valid UTF-8.
+            h.update(os.fsencode(os.path.abspath(s.source)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def image_cache_bytes(samples: list[Sample], img_size: int) -> int:
+    return sum(3 * w * h for w, h in (scaled_size(s.width, s.height, img_size) for s in samples))
+
+
+class _ScaleJob(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample], hub_dataset, sizes: list[tuple[int, int]]):
+        self.samples, self.hub_dataset, self.sizes = samples, hub_dataset, sizes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> bytes:
+        s = self.samples[index]
+        image = open_rgb(self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source)[0]
+        if image.size != self.sizes[index]:
+            image = image.resize(self.sizes[index], Image.BILINEAR)  # antialiased when it shrinks
+        return image.tobytes()  # RGB RGB ...: height x width x 3
+
+
+def build_image_cache(samples, hub_dataset, sizes, path: Path, manifest: Path, workers: int):
+    # Written under temporary names, then renamed, the manifest last: a reader never sees a half-written cache.
+    tmp = temporary_name(path)
+    # Its own generator: the global RNG, which seeds the weights, stays untouched.
+    job = _ScaleJob(samples, hub_dataset, sizes)
+    loader = torch.utils.data.DataLoader(job, batch_size=16, num_workers=workers, collate_fn=list, generator=torch.Generator())
+    with open(tmp, "wb") as out:
+        # In index order (no shuffling, and the DataLoader keeps its workers' order): each image lands at its start.
+        for batch in tqdm(loader, desc="decoding training images (once; cached)", unit="batch", leave=False):
+            out.writelines(batch)
+    os.replace(tmp, path)
+    tmp_manifest = temporary_name(manifest)
+    tmp_manifest.write_text(json.dumps({"images": len(samples), "sizes": sizes}))
+    os.replace(tmp_manifest, manifest)
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "detection"
 
 
 def train_transform(img_size: int, hyp: dict):
@@ -755,8 +858,8 @@ class Mosaic:
     their area, or thinner than min_box_size, are dropped. Draws come from the generator the dataset seeded, so
     the mosaic is as reproducible as the other augmentations.
 
-    The canvas is never built: only the part of each tile that is in view is resized, once, straight to where it
-    lands (mosaic_view), so a worker moves a fraction of the pixels that compositing a 2 img_size canvas takes.
+    Only the window of the canvas that the view shows is composed (mosaic_view), and resized once: per sample a
+    worker copies the tiles' visible pixels and makes one resize, as YOLO's single warp of its canvas does.
 
     It is used with probability hyp mosaic for the epochs before until_epoch: YOLO ends training on whole
     images (close_mosaic), as the model sees them at evaluation."""
@@ -764,9 +867,7 @@ class Mosaic:
     def __init__(self, img_size: int, hyp: dict, until_epoch: int):
         self.size, self.until_epoch = img_size, until_epoch
         self.p, self.scale, self.translate = hyp["mosaic"], hyp["scale"], hyp["translate"]
-        self.finish = v2.Compose(
-            [v2.RandomHorizontalFlip(p=hyp["fliplr"]), v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"])]
-        )
+        self.fliplr, self.min_box_size = hyp["fliplr"], hyp["min_box_size"]
 
     def applies(self, epoch: int) -> bool:
         return epoch < self.until_epoch and bool(torch.rand(()) < self.p)
@@ -777,7 +878,12 @@ class Mosaic:
         ratio = 1 + (float(torch.rand(())) * 2 - 1) * self.scale
         shift = ((torch.rand(2) * 2 - 1) * self.translate).tolist()
         tiles = [tile_of(dataset, i) for i in [index, *others]]
-        return self.finish(*mosaic_view(tiles, centre, self.size, ratio, shift))
+        image, target = mosaic_view(tiles, centre, self.size, ratio, shift)
+        if torch.rand(()) < self.fliplr:
+            image, target["boxes"] = image.flip(-1), F.horizontal_flip(target["boxes"])
+        boxes = target["boxes"]
+        keep = ((boxes[:, 2:] - boxes[:, :2]) >= self.min_box_size).all(1)
+        return tv_tensors.Image(image), {"boxes": boxes[keep], "labels": target["labels"][keep]}
 
 
 @dataclass
@@ -792,8 +898,7 @@ class Tile:
 
 
 def tile_of(dataset: DetectionDataset, index: int) -> Tile:
-    s = dataset.samples[index]
-    return Tile(F.pil_to_tensor(dataset.load(index)), torch.from_numpy(s.boxes), torch.from_numpy(s.labels))
+    return Tile(*dataset.pixels(index), torch.from_numpy(dataset.samples[index].labels))
 
 
 QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (x, y) side of the centre: top-left, top-right, bottom-left, bottom-right
@@ -804,55 +909,50 @@ def mosaic_view(tiles: list[Tile], centre: list[int], size: int, ratio: float, s
     and placed with a corner at centre (x, y), one per quadrant (so tiles never overlap, and what lies beyond the
     canvas edge is cut off); the canvas scaled by ratio about its centre, which lands at (0.5 + shift) * size, as
     YOLO's random_perspective does with scale and translation only. Returns (image, target) with the boxes clipped
-    to what is in view of their own tile and those with less than MIN_VISIBLE of their area in view dropped."""
-    image = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8)
-    window = size / ratio
-    corner = [size - (0.5 + s) * window for s in shift]  # the canvas point at the view's top-left pixel
+    to what is in view of their own tile and those with less than MIN_VISIBLE of their area in view dropped.
+
+    The window of canvas pixels in view (size / ratio on a side, at a whole-pixel corner) is the only part built:
+    grey, the tiles' visible pixels copied in, then resized to size x size."""
+    window = max(1, round(size / ratio))
+    corner = [round(size - (0.5 + s) * window) for s in shift]  # the canvas pixel at the view's top-left
+    # Height x width x 3: copies into it are row copies, and torch resizes uint8 laid out so (a 1 x 3 x H x W batch
+    # in channels-last order) 2-3x faster.
+    canvas = torch.full((1, window, window, 3), PAD_VALUE, dtype=torch.uint8)
     boxes, labels = [], []
     for quadrant, tile in zip(QUADRANTS, tiles, strict=True):
-        tile_scale = size / max(tile.full_size)
-        origin, span = [], []  # per axis: where the tile's first pixel lands in the view, and its pixels in view
-        for axis in (0, 1):
-            length, c, side = tile.full_size[axis] * tile_scale, centre[axis], quadrant[axis]
-            start, end = (max(0, c - length), c) if side == 0 else (c, min(2 * size, c + length))
-            origin.append(((c - length if side == 0 else c) - corner[axis]) * ratio)
-            span.append((max(0, round((start - corner[axis]) * ratio)), min(size, round((end - corner[axis]) * ratio))))
-        (x0, x1), (y0, y1) = span
+        tile = at_long_side(tile, size)
+        (w, h), (cx, cy) = tile.full_size, centre
+        left, top = (cx - w if quadrant[0] == 0 else cx), (cy - h if quadrant[1] == 0 else cy)
+        # The tile's pixels that are on the canvas and in the window, in window coordinates.
+        x0, x1 = max(left, 0, corner[0]) - corner[0], min(left + w, 2 * size, corner[0] + window) - corner[0]
+        y0, y1 = max(top, 0, corner[1]) - corner[1], min(top + h, 2 * size, corner[1] + window) - corner[1]
         if x1 <= x0 or y1 <= y0:
             continue
-        to_view = tile_scale * ratio  # file pixels -> view pixels
-        paste(image, tile, (x0, y0, x1, y1), origin, to_view)
-        b = tile.boxes.float() * to_view + torch.tensor(origin * 2)
+        ox, oy = left - corner[0], top - corner[1]  # where the tile's first pixel is in the window
+        canvas[0, y0:y1, x0:x1] = tile.image[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].permute(1, 2, 0)
+        b = tile.boxes.float() + torch.tensor([ox, oy, ox, oy], dtype=torch.float32)
         visible = torch.stack([b[:, 0].clamp(x0, x1), b[:, 1].clamp(y0, y1), b[:, 2].clamp(x0, x1), b[:, 3].clamp(y0, y1)], 1)
         keep = area(visible) >= MIN_VISIBLE * area(b)
-        boxes.append(visible[keep])
+        boxes.append(visible[keep] * (size / window))
         labels.append(tile.labels[keep])
+    image = canvas.permute(0, 3, 1, 2)
+    if window != size:
+        image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
     target = {
         "boxes": tv_tensors.BoundingBoxes(torch.cat([torch.zeros(0, 4), *boxes]), format="XYXY", canvas_size=(size, size)),
         "labels": torch.cat([torch.zeros(0, dtype=torch.int64), *labels]),
     }
-    return tv_tensors.Image(image), target
+    return image[0], target  # channels-last strides: see make_collate
 
 
-def paste(image: torch.Tensor, tile: Tile, view_box: tuple[int, int, int, int], origin: list[float], to_view: float):
-    """Resize the part of the tile that lands on view_box (x0, y0, x1, y1) straight into it: the whole file pixels
-    around that part are resized, and the view's pixels cut from the result where the exact mapping puts them."""
-    x0, y0, x1, y1 = view_box
-    (w, h), (ox, oy) = tile.full_size, origin
-    (ix0, ix1, cut_x), (iy0, iy1, cut_y) = pixel_window(x0, x1, ox, to_view, w), pixel_window(y0, y1, oy, to_view, h)
-    if ix1 <= ix0 or iy1 <= iy0:
-        return
-    size = (max(cut_y + y1 - y0, math.ceil((iy1 - iy0) * to_view)), max(cut_x + x1 - x0, math.ceil((ix1 - ix0) * to_view)))
-    scaled = torch.nn.functional.interpolate(tile.image[None, :, iy0:iy1, ix0:ix1], size=size, mode="bilinear", antialias=True)
-    image[:, y0:y1, x0:x1] = scaled[0, :, cut_y : cut_y + y1 - y0, cut_x : cut_x + x1 - x0]
-
-
-def pixel_window(v0: int, v1: int, origin: float, to_view: float, limit: int) -> tuple[int, int, int]:
-    """Along one axis: the whole file pixels [start, end) that view pixels [v0, v1) show, and where v0 falls in them
-    once they are scaled by to_view."""
-    f0 = (v0 - origin) / to_view
-    start, end = max(0, math.floor(f0)), min(limit, math.ceil((v1 - origin) / to_view))
-    return start, end, max(0, round((f0 - start) * to_view))
+def at_long_side(tile: Tile, size: int) -> Tile:
+    """The tile scaled to a long side of size (cached images already are, unless they are smaller)."""
+    w, h = tile.full_size
+    if max(w, h) == size:
+        return tile
+    nw, nh = max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))
+    image = torch.nn.functional.interpolate(tile.image[None], size=(nh, nw), mode="bilinear", antialias=True)[0]
+    return Tile(image, tile.boxes.float() * torch.tensor([nw / w, nh / h, nw / w, nh / h]), tile.labels)
 
 
 def area(boxes: torch.Tensor) -> torch.Tensor:
@@ -894,13 +994,20 @@ def eval_transform(img_size: int):
     return v2.Resize(size=None, max_size=img_size)
 
 
-def make_collate(img_size: int):
-    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid)."""
+def make_collate(img_size: int, channels_last: bool = False):
+    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid).
+
+    channels_last: the batch is laid out height x width x 3 per image, as the mosaic makes its samples, so stacking
+    them is a copy instead of a transpose per image; the training process makes it contiguous on its device."""
 
     def collate(batch):
-        images = torch.full((len(batch), 3, img_size, img_size), PAD_VALUE, dtype=torch.uint8)
+        shape = (len(batch), img_size, img_size, 3) if channels_last else (len(batch), 3, img_size, img_size)
+        images = torch.empty(shape, dtype=torch.uint8)
+        images = images.permute(0, 3, 1, 2) if channels_last else images
         for i, (image, _) in enumerate(batch):
-            images[i, :, : image.shape[1], : image.shape[2]] = image
+            h, w = image.shape[1:]
+            images[i, :, :h, :w] = image
+            images[i, :, h:], images[i, :, :h, w:] = PAD_VALUE, PAD_VALUE  # training images mostly fill it: no pass over all
         return images, [t for _, t in batch]
 
     return collate

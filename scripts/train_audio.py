@@ -24,7 +24,7 @@ accelerate_configs/slurm_folds_array.sbatch, then scripts/gather_folds.py OUTPUT
 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py scripts/gather_folds.py
-    shared/__init__.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
+    shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
     shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
     shared/metrics/classification/classification.py
 """

@@ -18,7 +18,7 @@ re-checking with pycocotools), curves.png, labels.png and val_predictions.png.
 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_detection.py scripts/detection_data.py scripts/detection_model.py
-    shared/__init__.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
+    shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
     shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
     shared/metrics/coco_map/coco_map.py
 """
@@ -26,6 +26,7 @@ To reuse this script in another project, copy these files, keeping their folders
 import argparse
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,10 +40,13 @@ from detection_data import (
     MAX_PIXELS,
     ColourJitter,
     DetectionDataset,
+    ImageCache,
     Mosaic,
     coco_results,
+    default_cache_dir,
     draw_detections,
     eval_transform,
+    image_cache_bytes,
     label_statistics,
     load_data,
     make_collate,
@@ -144,6 +148,14 @@ def parse_args(argv=None):
         default=MAX_PIXELS,
         help=f"images with more pixels are skipped without decoding, and counted in data_report.json (default {MAX_PIXELS})",
     )
+    d.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="where the training images are cached decoded, scaled to --img-size, keyed by file list and size "
+        f"(default {default_cache_dir()})",
+    )
+    d.add_argument("--no-cache", action="store_true", help="decode every training image from its file every time it is used")
     d.add_argument(
         "--val-fraction",
         type=float,
@@ -317,8 +329,13 @@ def print_start(accelerator, args, plan, data, config, model, train_dl, hyp, sta
             "batch": plan.describe(),
             "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(hyp['warmup_epochs'] * steps)} warmup",
             "mosaic": describe_mosaic(args, hyp),
+            "image cache": describe_cache(train_dl.dataset.cache),
         },
     )
+
+
+def describe_cache(cache) -> str:
+    return f"{cache.path} ({cache.path.stat().st_size / 1e6:.0f} MB)" if cache else "off: images decoded as they are read"
 
 
 def train(accelerator, args, loop, model, ema, optimizer, scheduler, datasets, loaders, results, config, hyp):
@@ -439,6 +456,7 @@ def score_splits(accelerator, args, model, datasets, loaders, config) -> dict:
 # ==================================================================== training helpers
 def detection_datasets(args, data, img_size: int, hyp: dict) -> dict:
     augment = not args.no_augment and not args.eval_only
+    train_cache = None if args.eval_only else training_image_cache(args, data.splits["train"], data.hub.get("train"), img_size)
     return {
         split: DetectionDataset(
             samples,
@@ -447,9 +465,31 @@ def detection_datasets(args, data, img_size: int, hyp: dict) -> dict:
             seed=args.seed,
             colour_jitter=ColourJitter(hyp["colour"], hyp["photometric"]) if split == "train" and augment else None,
             mosaic=Mosaic(img_size, hyp, mosaic_epochs(args.epochs, hyp)) if split == "train" and augment else None,
+            cache=train_cache if split == "train" else None,
         )
         for split, samples in data.splits.items()
     }
+
+
+def training_image_cache(args, samples, hub_dataset, img_size: int) -> ImageCache | None:
+    """Training reads every image once per epoch, or four times with mosaic: decode them once. Not when the cache
+    would take over half the free space of --cache-dir (then the run says so and decodes as it goes)."""
+    if args.no_cache:
+        return None
+    needed, free = image_cache_bytes(samples, img_size), disk_free(args.cache_dir)
+    if needed > free / 2:
+        print(f"image cache off: {len(samples)} training images at {img_size} px take {needed / 1e9:.1f} GB and "
+              f"{args.cache_dir} has {free / 1e9:.1f} GB free; give --cache-dir on a larger disk, or --no-cache to "
+              "silence this")  # fmt: skip
+        return None
+    return ImageCache(samples, hub_dataset, img_size, args.cache_dir, args.workers)
+
+
+def disk_free(folder: Path) -> int:
+    folder = Path(folder).absolute()
+    while not folder.exists():  # the cache folder is made on first use
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def mosaic_epochs(epochs: int, hyp: dict) -> int:
@@ -467,12 +507,15 @@ def describe_mosaic(args, hyp: dict) -> str:
 
 
 def image_loader(dataset, args, plan, config, shuffle: bool):
-    collate = make_collate(config["img_size"])
+    collate = make_collate(config["img_size"], channels_last=shuffle)  # the training loader: see to_training_batch
     return make_loader(dataset, batch_size=plan.batch_size, shuffle=shuffle, workers=args.workers, collate_fn=collate)
 
 
 def to_training_batch(accelerator, args, images, targets, img_size: int, state):
     """uint8 batch -> float images with their colour jitter, targets on the device, multi-scale size."""
+    # The loader's batch is channels-last (the layout the mosaic makes without a transpose per image); transposed here,
+    # on the device, where it is cheap.
+    images = images.contiguous()
     if args.no_augment:
         images = images.float().div_(255)
     else:

@@ -1,6 +1,5 @@
 """Helpers every test module uses: run a launchkit script as a user would, in 1 or 2 processes."""
 
-import gc
 import os
 import socket
 import subprocess
@@ -14,13 +13,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 
-@pytest.fixture(autouse=True)
-def collect_garbage_after_each_test():
-    """Objects a test leaves for the garbage collector are freed in this process, not in the DataLoader workers a later
-    test forks: a forked worker that collected onnxruntime sessions left by the export tests hung in
-    pthread_cond_destroy (their threads do not exist in the child)."""
-    yield
-    gc.collect()
+@pytest.fixture(scope="session", autouse=True)
+def caches_in_a_folder_of_the_session(tmp_path_factory):
+    """The decode caches of every run the tests start (and of the scripts' default --cache-dir) go to a folder of this
+    test session, not to the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
 def free_port() -> int:

@@ -17,6 +17,8 @@ import torch
 from audio_data import CachedClips, DataError, Split, detect_format, load_audio_data, read_audio, require_usable_splits
 from test_audio_data import make_speech_commands, make_us8k, tone
 
+import shared.cache
+
 RATE = 8000
 
 
@@ -249,7 +251,7 @@ def test_a_complete_cache_is_read_without_the_lock_and_written_under_unique_name
     def no_lock(*args):
         raise AssertionError("took the lock although the manifest exists")
 
-    monkeypatch.setattr(audio_data.fcntl, "flock", no_lock)
+    monkeypatch.setattr(shared.cache.fcntl, "flock", no_lock)
     assert len(CachedClips(split, RATE, 1000, tmp_path / "cache")) == 1
 
 

@@ -208,15 +208,18 @@ def test_yolo_coco_round_trip(tmp_path):
             np.testing.assert_allclose(np.loadtxt(label, ndmin=2), np.loadtxt(before, ndmin=2), atol=2e-6)
 
 
-def test_augmentation_keeps_boxes_on_their_objects():
-    """A red square on grey: after flip, scale jitter, crop and padding, the box still frames the red pixels."""
+@pytest.mark.parametrize("cached", [False, True], ids=["decoded", "cached"])
+def test_augmentation_keeps_boxes_on_their_objects(tmp_path, cached):
+    """A red square on grey: after flip, scale jitter, crop and padding, the box still frames the red pixels (also
+    when the image comes from the cache, scaled down to 128 x 96 with its box)."""
+    from detection_data import ImageCache, Sample
+
     img = np.full((120, 160, 3), 100, np.uint8)
     img[30:70, 90:130] = (255, 0, 0)
-    from detection_data import Sample
-
-    sample = Sample(0, "x", "x", 160, 120, np.array([[90, 30, 130, 70]], np.float32), np.array([0]))
-    ds = DetectionDataset([sample], train_transform(128, {**HYP, "scale": 0.5}))
-    ds.load = lambda index: Image.fromarray(img)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    sample = Sample(0, "x", str(tmp_path / "x.png"), 160, 120, np.array([[90, 30, 130, 70]], np.float32), np.array([0]))
+    cache = ImageCache([sample], None, 128, tmp_path / "cache") if cached else None
+    ds = DetectionDataset([sample], train_transform(128, {**HYP, "scale": 0.5}), cache=cache)
     checked = 0
     for epoch in range(40):
         ds.set_epoch(epoch)
@@ -234,3 +237,58 @@ def test_augmentation_keeps_boxes_on_their_objects():
     ds.set_epoch(3)
     first = ds[0]
     assert torch.equal(first[0], ds[0][0])  # same (seed, epoch, index): same augmentation
+
+
+def noise_image(path, size, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_image_cache_holds_each_upright_image_scaled_to_img_size_and_is_built_once(tmp_path, monkeypatch):
+    import detection_data
+    from detection_data import ImageCache, open_rgb
+
+    noise_image(tmp_path / "images" / "train" / "wide.png", (300, 150), 0)  # scaled down to 200 x 100
+    noise_image(tmp_path / "images" / "train" / "small.png", (64, 48), 1)  # smaller than img_size: kept as it is
+    write_image(tmp_path / "images" / "train" / "rotated.jpg", size=(240, 120), exif_orientation=6)  # upright 120 x 240
+    write_image(tmp_path / "images" / "val" / "v.jpg")
+    samples = load_data(str(write_yaml(tmp_path, path=str(tmp_path), train="images/train", val="images/val", names=["a"])))
+    samples = samples.splits["train"]
+    cache = ImageCache(samples, None, 200, tmp_path / "cache")
+    for i, s in enumerate(samples):
+        upright = open_rgb(s.source)[0]
+        expected = {"wide.png": (200, 100), "small.png": (64, 48), "rotated.jpg": (100, 200)}[Path(s.source).name]
+        if upright.size != expected:
+            upright = upright.resize(expected, Image.BILINEAR)
+        assert torch.equal(cache.image(i), torch.from_numpy(np.array(upright)).permute(2, 0, 1)), s.source
+
+    def no_rebuild(*args):
+        raise AssertionError("the cache was built again")
+
+    monkeypatch.setattr(detection_data, "build_image_cache", no_rebuild)
+    again = ImageCache(samples, None, 200, tmp_path / "cache")  # another process, or a later run
+    assert torch.equal(again.image(0), cache.image(0))
+    with pytest.raises(AssertionError, match="built again"):  # an image file changed: its key changed
+        noise_image(Path(samples[0].source), (samples[0].width, samples[0].height), 7)
+        ImageCache(samples, None, 200, tmp_path / "cache")
+    with pytest.raises(AssertionError, match="built again"):  # another size
+        ImageCache(samples, None, 160, tmp_path / "cache")
+
+
+def test_no_image_cache_when_it_would_fill_the_disk(tmp_path, monkeypatch, capsys):
+    import train_detection
+
+    sample = load_data_sample(tmp_path)
+    args = train_detection.parse_args(["--data", "x", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")])
+    monkeypatch.setattr(train_detection, "disk_free", lambda folder: 2 * 3 * 64 * 48 - 1)  # just under twice its size
+    assert train_detection.training_image_cache(args, [sample], None, 224) is None
+    assert "image cache off" in capsys.readouterr().out and not (tmp_path / "c").exists()
+    monkeypatch.setattr(train_detection, "disk_free", lambda folder: 2 * 3 * 64 * 48)
+    assert train_detection.training_image_cache(args, [sample], None, 224) is not None
+
+
+def load_data_sample(root):
+    from detection_data import Sample
+
+    write_image(root / "a.png")
+    return Sample(0, "a.png", str(root / "a.png"), 64, 48, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))

@@ -1,6 +1,7 @@
 """export_model.py: ONNX and ExportedProgram exports of both tasks agree with PyTorch on real inputs, take any batch
 size, and an export that does not agree is reported with a non-zero exit."""
 
+import gc
 import json
 import shutil
 
@@ -23,6 +24,21 @@ from detection_model import save_model as save_detector
 
 RATE, SECONDS, SAMPLES = 16000, 0.25, 4000
 IMG_SIZE, MAX_DET = 96, 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_garbage_after_the_module():
+    """onnxruntime sessions left for the garbage collector are freed in this process, not in the DataLoader workers
+    that later tests fork: a forked worker that collected them hung in pthread_cond_destroy (their threads do not
+    exist in the child). Torn down after the module's other fixtures, so their sessions are collected too."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test():
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
