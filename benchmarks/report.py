@@ -279,7 +279,27 @@ def peer_section(results: dict) -> list[str]:
         f"launchkit / peer: {loader['ratio']:.2f}x (target 1.5x: **{'met' if loader['ratio'] >= 1.5 else 'NOT met'}**).",
         "",
     ]
-    return lines
+    return lines + audio_loader_lines(results["audio_loader"])
+
+
+def audio_loader_lines(loader: dict) -> list[str]:
+    names = {"s1": "1 s 16 kHz mono", "us8k": "4 s 44.1/48 kHz stereo 24-bit"}
+    return [
+        "### Audio input pipeline per worker",
+        "",
+        f"One DataLoader worker, batches of {loader['batch']}, {loader['clips']} clips after the first batch, median of "
+        f"{len(loader['workloads']['s1']['rates']['launchkit'])} interleaved runs, training augmentation on. launchkit's "
+        "worker hands over waveforms from its decode cache (log-mel and SpecAugment run on the device, in the model); "
+        "the walk-through pipeline's decodes, resamples to 16 kHz and computes the log-mel in the worker, every epoch.",
+        "",
+        "| clips | launchkit clips/s | walk-through clips/s | ratio |",
+        "|---|---|---|---|",
+        *(
+            f"| {names[key]} | {w['median']['launchkit']:.0f} | {w['median']['walk-through']:.0f} | {w['ratio']:.1f}x |"
+            for key, w in loader["workloads"].items()
+        ),
+        "",
+    ]
 
 
 def speech_section(results: dict) -> list[str]:

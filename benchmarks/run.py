@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
+import audio_loaders
 import coco_timing
 import compute
 import datagen
@@ -71,7 +72,7 @@ FULL = {
     "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
     "serve_requests": 512,
     "peer": {"train": 800, "val": 150, "test": 250, "size": 320, "epochs": [20, 50]},
-    "loader": {"train": 128, "size": 640, "images": 256, "reps": 3},
+    "loader": {"train": 128, "size": 640, "images": 256, "clips": 320, "reps": 3},
     "speech": {"train_speakers": 30, "test_speakers": 20, "takes": 3, "epochs": 15},
 }
 QUICK = {
@@ -89,7 +90,7 @@ QUICK = {
     "serve_requests": 64,
     "only_s1_complete": True,
     "peer": {"train": 32, "val": 8, "test": 16, "size": 320, "epochs": [1]},
-    "loader": {"train": 32, "size": 640, "images": 32, "reps": 1},
+    "loader": {"train": 32, "size": 640, "images": 32, "clips": 32, "reps": 1},
     "speech": {"train_speakers": 4, "test_speakers": 3, "takes": 2, "epochs": 1},
 }
 
@@ -240,6 +241,7 @@ def compare_with_peers(args, cfg: dict, work: Path, results: dict):
         work / "data" / f"heldout_{c['size']}", train=c["train"], val=8, test=8, size=c["size"]
     )
     results["loader"] = peer.loader_table(work, loader_yaml, c["size"], c["images"], c["reps"])
+    results["audio_loader"] = audio_loaders.audio_loader_table(write_data(work, cfg), work, c["clips"], c["reps"])
     c = cfg["speech"]
     print("audio on unseen speakers ...", flush=True)
     speech = heldout_speech.write_speech_set(
