@@ -139,7 +139,7 @@ def test_coco_json_with_sparse_category_ids(tmp_path):
     assert files["a.jpg"] == {"box_clipped_to_image": 1}
 
 
-def test_hub_dataset_in_objects_convention():
+def test_hub_dataset_in_objects_convention(tmp_path):
     import datasets
 
     features = datasets.Features(
@@ -169,6 +169,10 @@ def test_hub_dataset_in_objects_convention():
     assert data.report.totals["test"]["zero_size_box"] == 1
     image, target = DetectionDataset(test, lambda i, t: (i, t), hub_dataset=data.hub["test"])[0]
     assert image.shape == (3, 30, 40)
+    from detection_data import ImageCache
+
+    cache = ImageCache(test, data.hub["test"], 20, tmp_path / "cache")  # rows of a Hub split: keyed by its fingerprint
+    assert cache.image(1).shape == (3, 15, 20) and cache.path.is_file()
 
 
 def test_yolo_coco_round_trip(tmp_path):
