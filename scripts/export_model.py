@@ -60,7 +60,7 @@ import onnx
 import onnxruntime
 import torch
 import torchvision
-from audio_data import BadClip, fix_length, load_audio_data, read_audio, within_full_scale
+from audio_data import BadClip, KeywordTask, fix_length, load_audio_data, read_audio, within_full_scale
 from audio_model import TASK as AUDIO_TASK
 from audio_model import load_model as load_audio_model
 from detection_data import (
@@ -361,6 +361,8 @@ def val_clips(run_dir: Path, rate: int, num_samples: int, limit: int | None) -> 
         audio_column=run.get("audio_column", "audio"),
         label_column=run.get("label_column", "label"),
         val_fraction=run.get("val_fraction", 0.1),
+        keywords=keyword_task_of(run),
+        clip_seconds=run.get("clip_seconds"),
     )
     split = data.splits["val"]
     clips = []
@@ -370,6 +372,13 @@ def val_clips(run_dir: Path, rate: int, num_samples: int, limit: int | None) -> 
         except BadClip as err:
             print(f"skipped {name}: {err}", file=sys.stderr)
     return clips
+
+
+def keyword_task_of(run: dict) -> KeywordTask | None:
+    """The 12-class Speech Commands task of a run with --wanted-words: its val split has _unknown_ and _silence_."""
+    if not run.get("wanted_words"):
+        return None
+    return KeywordTask(tuple(run["wanted_words"]), run["unknown_percentage"], run["silence_percentage"])
 
 
 def read_files(paths, rate: int):
