@@ -86,8 +86,9 @@ class TrainingLoop:
             initial=skip,
             desc=f"epoch {epoch + 1}/{self.num_epochs}",
             unit="batch",
-            disable=not self.accelerator.is_local_main_process,
             dynamic_ncols=True,
+            # One bar, the main process's; passed only where it is off, so that tqdm's TQDM_DISABLE=1 silences it too.
+            **({} if self.accelerator.is_local_main_process else {"disable": True}),
         )
         for batch in self.accelerator.skip_first_batches(loader, skip) if skip else loader:
             yield batch
