@@ -228,6 +228,14 @@ def parse_args(argv=None):
         "silence (nothing wraps around) (default 0.1; 0 turns it off)",
     )
     a.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="play each training clip at a random speed within 1 +-FRACTION, pitch and tempo together (Kaldi's speed "
+        "perturbation, a stand-in for other voices) (default 0: off; 0.1 is typical)",
+    )
+    a.add_argument(
         "--gain-db", type=float, default=6.0, help="random gain of each clip within +-N dB (default 6; 0 turns it off)"
     )
     a.add_argument(
@@ -260,6 +268,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.time_shift < 1:
         parser.error(f"--time-shift {args.time_shift}: a fraction of the clip, at least 0 and below 1 (e.g. 0.1)")
+    if not 0 <= args.speed < 1:
+        parser.error(f"--speed {args.speed}: a fraction, at least 0 and below 1 (e.g. 0.1)")
     return args
 
 
@@ -631,12 +641,12 @@ def class_weights(train: CachedClips, num_classes: int) -> torch.Tensor:
 
 
 def augment_waveforms(waves: torch.Tensor, lengths: torch.Tensor, num_samples: int, noise: torch.Tensor, args) -> torch.Tensor:
-    """A random window of each clip's kept audio, time shift, random gain and background noise, batched on the device
+    """A random window of each clip's kept audio, speed, time shift, random gain and background noise, batched on the device
     (SpecAugment runs in the model's frontend). Drawn from the global RNG, which is seeded per process and saved
     in checkpoints, so a resumed run draws what an uninterrupted one does."""
     if args.no_augment:
         return waves[:, :num_samples]
-    waves = time_shift(random_windows(waves, lengths, num_samples), args.time_shift)
+    waves = time_shift(speed_perturb(random_windows(waves, lengths, num_samples), args.speed), args.time_shift)
     batch, length = waves.shape
     if args.gain_db:
         waves = waves * 10 ** ((torch.rand(batch, 1, device=waves.device) * 2 - 1) * args.gain_db / 20)
@@ -661,6 +671,21 @@ def random_windows(waves: torch.Tensor, lengths: torch.Tensor, num_samples: int)
         return waves
     starts = (torch.rand(len(waves), device=waves.device) * (lengths.to(waves.device) - num_samples + 1)).long()
     return waves.gather(1, starts[:, None] + torch.arange(num_samples, device=waves.device))
+
+
+def speed_perturb(waves: torch.Tensor, amount: float) -> torch.Tensor:
+    """Each clip played at a random speed in [1 - amount, 1 + amount] by linear interpolation: sample t of the output
+    is the input at t x speed, so pitch and tempo change together; a faster clip ends early, in silence."""
+    if not amount:
+        return waves
+    batch, length = waves.shape
+    speed = 1 + (torch.rand(batch, 1, device=waves.device) * 2 - 1) * amount
+    where = torch.arange(length, device=waves.device) * speed
+    left = where.floor().long().clamp(max=length - 1)
+    frac = where - left
+    right = (left + 1).clamp(max=length - 1)
+    mixed = waves.gather(1, left) * (1 - frac) + waves.gather(1, right) * frac
+    return mixed * (where <= length - 1)
 
 
 def time_shift(waves: torch.Tensor, fraction: float) -> torch.Tensor:

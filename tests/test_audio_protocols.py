@@ -235,3 +235,23 @@ def test_time_shift_moves_the_content_and_fills_with_zeros():
             seen.add(-zeros)
     assert len(seen) > 8 and any(s > 0 for s in seen) and any(s < 0 for s in seen)
     assert torch.equal(train_audio.time_shift(wave, 0), wave)
+
+
+def test_speed_perturbation_scales_pitch_and_tempo_together():
+    """A ramp says where each output sample was read from (tempo); a tone's spectral peak says its pitch: both scale by
+    the same random speed per clip, within 1 +- the amount."""
+    t = torch.arange(RATE, dtype=torch.float64)
+    ramp, tone = ((t + 1) / RATE).repeat(32, 1), torch.sin(2 * torch.pi * 500 * t / RATE).repeat(32, 1)
+    torch.manual_seed(2)
+    read_at = train_audio.speed_perturb(ramp, 0.2)
+    torch.manual_seed(2)
+    pitched = train_audio.speed_perturb(tone, 0.2)
+    speeds = (read_at[:, 101] - read_at[:, 100]) * RATE
+    assert ((speeds > 0.8 - 1e-9) & (speeds < 1.2 + 1e-9)).all() and speeds.std() > 0.05  # drawn per clip
+    for row, speed, tone_row in zip(read_at, speeds, pitched, strict=True):
+        playing = row > 0
+        torch.testing.assert_close(row[playing], (t[playing] * speed + 1) / RATE, atol=1e-5, rtol=0)  # input at t x speed
+        assert playing.sum() == min(RATE, int((RATE - 1) / speed) + 1) and not playing[playing.sum() :].any()  # then silence
+        peak = torch.fft.rfft(tone_row[playing]).abs().argmax() * RATE / playing.sum()
+        assert abs(peak / 500 - speed) < 0.01, (peak, speed)
+    assert torch.equal(train_audio.speed_perturb(tone, 0), tone)
