@@ -36,6 +36,7 @@ def baseline_rate(data: Path, clip_seconds: float, clips: int) -> float:
 
 
 def rate(loader, clips: int) -> float:
+    """Samples/s after the first batch (its time is the worker's start); also the detection loader's timer."""
     seen, started = 0, None
     while started is None or seen < clips:
         for batch in loader:

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -181,6 +180,7 @@ def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
     image cache is built before the clock starts, as it is once per data set and image size."""
     from types import SimpleNamespace
 
+    import audio_loaders
     import train_detection
     from detection_data import load_data
 
@@ -190,16 +190,7 @@ def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
     datasets = train_detection.detection_datasets(args, load_data(str(data_yaml)), img_size, hyp)
     plan, config = SimpleNamespace(batch_size=16), {"img_size": img_size}
     loader = train_detection.image_loader(datasets["train"], args, plan, config, shuffle=True)
-    seen, started = 0, None
-    while started is None or seen < images:
-        for batch, _ in loader:
-            if started is None:  # the first batch pays for starting the worker
-                started = time.perf_counter()
-                continue
-            seen += len(batch)
-            if seen >= images:
-                break
-    return seen / (time.perf_counter() - started)
+    return audio_loaders.rate(loader, images)
 
 
 def peer_loader_rate(work: Path, data_yaml: Path, img_size: int, images: int) -> float:
