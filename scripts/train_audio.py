@@ -64,7 +64,7 @@ from audio_model import (
 )
 from gather_folds import CV_FILE, describe, fold_problem, write_cv_metrics
 
-from shared.checkpoint import Checkpoints, RunFolder
+from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.metrics import load_metric
 from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
@@ -298,10 +298,10 @@ def main(argv=None):
         train_one_run(args)
 
 
-def train_one_run(args, more_runs_follow: bool = False) -> bool:
+def train_one_run(args, more_runs_follow: bool = False, stop: GracefulStop | None = None) -> bool:
     """One run in args.output_dir: train and test, or with --eval-only score a model. False when it was stopped
     (preempted) before the end; the same command plus --resume continues it. more_runs_follow keeps the process
-    group of a DDP launch for the next run in this process (the folds of --fold all)."""
+    group of a DDP launch for the next run in this process (the folds of --fold all), which share one stop."""
     data, config, weights = read_data_and_model_config(args)
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
@@ -326,7 +326,7 @@ def train_one_run(args, more_runs_follow: bool = False) -> bool:
     write_args_json(args, accelerator, plan, format=data.format, labels=config["labels"], data_notes=data.notes)
     print_start(accelerator, args, plan, data, clips, config, model, loaders["train"], start_note)
 
-    loop = TrainingLoop(accelerator, checkpoints, state, epochs=args.epochs, checkpoint_steps=args.checkpoint_steps)
+    loop = TrainingLoop(accelerator, checkpoints, state, epochs=args.epochs, checkpoint_steps=args.checkpoint_steps, stop=stop)
     train(accelerator, args, loop, model, optimizer, scheduler, criterion, loaders, noise, results, config)
     if not loop.stopped:
         finish(accelerator, args, loop.state, model, loaders, results, data, config)
@@ -350,7 +350,8 @@ def train_every_fold(args):
     main_process = os.environ.get("RANK", "0") == "0"
     if args.overwrite and main_process:
         (args.output_dir / CV_FILE).unlink(missing_ok=True)
-    stopped = False
+    # A SIGTERM while one fold is tested stops the next fold at its first step, with a checkpoint to resume from.
+    stop, stopped = GracefulStop(), False
     for number, fold in enumerate(folds, start=1):
         fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "output_dir": args.output_dir / f"fold_{fold}"})
         if args.resume and not args.overwrite and fold_problem(fold_args.output_dir) is None:
@@ -359,7 +360,7 @@ def train_every_fold(args):
             continue
         if main_process:
             print(f"fold {fold} ({number} of {len(folds)}) as the test fold, into {fold_args.output_dir}")
-        stopped = not train_one_run(fold_args, more_runs_follow=True)
+        stopped = not train_one_run(fold_args, more_runs_follow=True, stop=stop)
         if stopped:
             break
     if torch.distributed.is_initialized():

@@ -46,11 +46,19 @@ class TrainingLoop:
     epoch loop when loop.stopped is set."""
 
     def __init__(
-        self, accelerator: Accelerator, checkpoints: Checkpoints, state: RunState, *, epochs: int, checkpoint_steps: int
+        self,
+        accelerator: Accelerator,
+        checkpoints: Checkpoints,
+        state: RunState,
+        *,
+        epochs: int,
+        checkpoint_steps: int,
+        stop: GracefulStop | None = None,
     ):
         self.accelerator, self.checkpoints, self.state = accelerator, checkpoints, state
         self.num_epochs, self.checkpoint_steps = epochs, checkpoint_steps
-        self.stop = GracefulStop()
+        # Several runs in one process share one: a stop asked for between two runs reaches the next one.
+        self.stop = stop or GracefulStop()
         self.stopped = False
         self._stop_agreed = False
         self._non_finite = torch.zeros((), device=accelerator.device)  # on the device: no host sync per micro-batch

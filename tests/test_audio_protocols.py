@@ -2,7 +2,9 @@
 Speech Commands task, random crops of long training clips and time shift."""
 
 import json
+import os
 import shutil
+import signal
 
 import make_demo_audio
 import numpy as np
@@ -97,6 +99,32 @@ def test_fold_all_resume_keeps_finished_folds_and_continues_the_others(cross_val
     assert "fold 1: finished earlier, kept" in proc.stdout and "fold 3: finished earlier, kept" in proc.stdout
     assert f"resumed from {copy / 'fold_2' / 'checkpoints'}" in proc.stdout
     assert json.loads((copy / "cv_metrics.json").read_text()) == json.loads((out / "cv_metrics.json").read_text())
+
+
+def test_a_sigterm_while_a_fold_is_tested_stops_the_next_fold_with_a_checkpoint(cross_validation, tmp_path, monkeypatch, capsys):
+    root, _, _ = cross_validation
+    tested = train_audio.finish
+
+    def finish_then_sigterm(*args, **kwargs):
+        tested(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # preemption after fold 1's training loop ended
+
+    monkeypatch.setattr(train_audio, "finish", finish_then_sigterm)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    out = tmp_path / "cv"
+    try:
+        train_audio.main(
+            ["--data", str(root), "--output-dir", str(out), "--fold", "all", "--cache-dir", str(root.parent / "cache"),
+             *map(str, TINY_RUN)]
+        )  # fmt: skip
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    printed = capsys.readouterr().out
+    assert (out / "fold_1" / "metrics.json").is_file()
+    assert not (out / "fold_2" / "metrics.json").exists() and list((out / "fold_2" / "checkpoints").iterdir())
+    assert "stopped at epoch 1, optimizer step 1; checkpoint saved" in printed
+    assert not (out / "fold_3").exists() and not (out / "cv_metrics.json").exists()
 
 
 def test_fold_all_on_a_layout_without_folds_stops_with_the_reason(tmp_path):
