@@ -15,6 +15,7 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from shared.model_io import load_pretrained, save_pretrained
@@ -25,7 +26,7 @@ NEEDS_MASKS_OR_KEYPOINTS = ("maskrcnn_", "keypointrcnn_")
 
 def available_models() -> list[str]:
     detectors = torchvision.models.list_models(module=torchvision.models.detection)
-    return ["fcos_tiny"] + sorted(name for name in detectors if not name.startswith(NEEDS_MASKS_OR_KEYPOINTS))
+    return ["fcos_tiny", "fcos_small"] + sorted(name for name in detectors if not name.startswith(NEEDS_MASKS_OR_KEYPOINTS))
 
 
 TASK = "detection"
@@ -38,13 +39,13 @@ CLASS_LAYERS = ("head.classification_head.cls_logits", "head.classification_head
 def build_model(config: dict, *, pretrained: bool = False) -> nn.Module:
     """config["model"] for config["labels"] (background is added) at config["img_size"]."""
     name, num_classes, img_size = config["model"], len(config["labels"]), config["img_size"]
-    if name == "fcos_tiny":
+    if name in SMALL_FCOS:
         if pretrained:
             raise SystemExit(
-                "fcos_tiny has no pretrained weights: drop --pretrained, or pick a torchvision model "
+                f"{name} has no pretrained weights: drop --pretrained, or pick a torchvision model "
                 "such as fcos_resnet50_fpn whose weights are cached."
             )
-        model = fcos_tiny(num_classes + 1, img_size)
+        model = small_fcos(num_classes + 1, img_size, SMALL_FCOS[name])
     else:
         require_supported_model(name)
         kwargs = {} if name.startswith("ssd") else {"min_size": img_size, "max_size": img_size}
@@ -119,11 +120,14 @@ def make_ema(model: nn.Module, decay: float = 0.9999, tau: float = 2000.0) -> Av
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def fcos_tiny(num_classes: int, img_size: int, width: int = 32, fpn_channels: int = 64) -> FCOS:
-    """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head.
+# Residual blocks (torchvision's ResNet BasicBlock) after each stage's stride-2 conv; fcos_tiny has one plain conv
+# there instead. fcos_tiny: about 1.5 M parameters, at 224 px about 60 images/s with bf16 on 2 CPU cores.
+SMALL_FCOS = {"fcos_tiny": None, "fcos_small": (0, 1, 1, 1, 1)}
 
-    About 1.5 M parameters; at 224 px it trains at about 60 images/s with bf16 on 2 CPU cores."""
-    backbone = TinyBackbone(width)
+
+def small_fcos(num_classes: int, img_size: int, blocks: tuple | None, width: int = 32, fpn_channels: int = 64) -> FCOS:
+    """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head."""
+    backbone = TinyBackbone(width) if blocks is None else ResidualBackbone(width, blocks)
     fpn = BackboneWithFPN(
         backbone,
         return_layers={"stage3": "0", "stage4": "1", "stage5": "2"},
@@ -148,6 +152,18 @@ class TinyBackbone(nn.Sequential):
         stages, cin = OrderedDict(), 3
         for i, cout in enumerate(widths, start=1):
             stages[f"stage{i}"] = nn.Sequential(conv_bn(cin, cout, 2), conv_bn(cout, cout, 1)) if i > 1 else conv_bn(cin, cout, 2)
+            cin = cout
+        super().__init__(stages)
+
+
+class ResidualBackbone(nn.Sequential):
+    """Each stage halves the resolution, then refines with `blocks[i]` residual blocks."""
+
+    def __init__(self, width: int, blocks: tuple):
+        widths = [16, width, 2 * width, 4 * width, 8 * width]
+        stages, cin = OrderedDict(), 3
+        for i, (cout, n) in enumerate(zip(widths, blocks, strict=True), start=1):
+            stages[f"stage{i}"] = nn.Sequential(conv_bn(cin, cout, 2), *(BasicBlock(cout, cout) for _ in range(n)))
             cin = cout
         super().__init__(stages)
 

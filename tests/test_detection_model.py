@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from detection_model import available_models, build_model, freeze_backbone
+from detection_model import (
+    available_models,
+    build_model,
+    freeze_backbone,
+    load_model,
+    model_config,
+    save_model,
+    set_postprocess,
+)
 from torchvision.ops.misc import FrozenBatchNorm2d
 from train_detection import HYP, load_hyp
 
@@ -29,6 +37,29 @@ def test_freeze_stops_gradients_and_batchnorm_statistics():
     assert torch.equal(before, body.stage1[1].running_mean)
     with pytest.raises(SystemExit, match="only 5 blocks"):
         freeze_backbone(build_model(config("fcos_tiny", 3, 96)), 9)
+
+
+@pytest.mark.parametrize("name", ["fcos_tiny", "fcos_small"])
+def test_small_fcos_trains_end_to_end_and_predicts_the_same_after_save_and_load(name, tmp_path):
+    torch.manual_seed(0)
+    config = model_config(name, ["a", "b", "c"], 96, {"eval_iou": 0.6, "max_det": 10})
+    model = build_model(config)
+    images = torch.rand(2, 3, 96, 96)
+    targets = [{"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([2])}] * 2
+    losses = model(images, targets)
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    sum(losses.values()).backward()
+    first = next(model.backbone.body.stage1.parameters())
+    assert first.grad is not None and first.grad.abs().sum() > 0
+    save_model(tmp_path / "model", model, config)
+    loaded, _ = load_model(tmp_path / "model", conf=0.0)
+    model.eval()
+    set_postprocess(model, 0.0, 0.6, 10)  # what load_model set from config.json, with conf 0
+    with torch.no_grad():
+        before, after = model(images), loaded(images)
+    assert len(before[0]["boxes"]) == 10 and all(torch.equal(b[k], a[k]) for b, a in zip(before, after) for k in b)
+    residual = sum(type(m).__name__ == "BasicBlock" for m in model.modules())
+    assert residual == (0 if name == "fcos_tiny" else 4)
 
 
 def test_pretrained_needs_the_cached_file_and_transfers_matching_tensors(tmp_path, monkeypatch):
