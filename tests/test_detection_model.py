@@ -57,7 +57,7 @@ def test_small_fcos_trains_end_to_end_and_predicts_the_same_after_save_and_load(
     set_postprocess(model, 0.0, 0.6, 10)  # what load_model set from config.json, with conf 0
     with torch.no_grad():
         before, after = model(images), loaded(images)
-    assert len(before[0]["boxes"]) == 10 and all(torch.equal(b[k], a[k]) for b, a in zip(before, after) for k in b)
+    assert len(before[0]["boxes"]) == 10 and all(torch.equal(b[k], a[k]) for b, a in zip(before, after, strict=True) for k in b)
     residual = sum(type(m).__name__ == "BasicBlock" for m in model.modules())
     assert residual == (0 if name == "fcos_tiny" else 4)
 
