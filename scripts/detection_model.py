@@ -128,7 +128,7 @@ SMALL_FCOS = {"fcos_tiny": None, "fcos_small": (0, 1, 1, 1, 1)}
 
 def small_fcos(num_classes: int, img_size: int, blocks: tuple | None, width: int = 32, fpn_channels: int = 64) -> FCOS:
     """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head."""
-    backbone = TinyBackbone(width) if blocks is None else ResidualBackbone(width, blocks)
+    backbone = SmallBackbone(width, blocks)
     fpn = BackboneWithFPN(
         backbone,
         return_layers={"stage3": "0", "stage4": "1", "stage5": "2"},
@@ -145,26 +145,20 @@ def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class TinyBackbone(nn.Sequential):
-    """Each stage halves the resolution, then refines with one more 3x3 conv."""
+class SmallBackbone(nn.Sequential):
+    """Each stage halves the resolution, then refines: with one more 3x3 conv (none in stage 1) when blocks is None,
+    else with blocks[i] residual blocks."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, blocks: tuple | None):
         widths = [16, width, 2 * width, 4 * width, 8 * width]
         stages, cin = OrderedDict(), 3
-        for i, cout in enumerate(widths, start=1):
-            stages[f"stage{i}"] = nn.Sequential(conv_bn(cin, cout, 2), conv_bn(cout, cout, 1)) if i > 1 else conv_bn(cin, cout, 2)
-            cin = cout
-        super().__init__(stages)
-
-
-class ResidualBackbone(nn.Sequential):
-    """Each stage halves the resolution, then refines with `blocks[i]` residual blocks."""
-
-    def __init__(self, width: int, blocks: tuple):
-        widths = [16, width, 2 * width, 4 * width, 8 * width]
-        stages, cin = OrderedDict(), 3
-        for i, (cout, n) in enumerate(zip(widths, blocks, strict=True), start=1):
-            stages[f"stage{i}"] = nn.Sequential(conv_bn(cin, cout, 2), *(BasicBlock(cout, cout) for _ in range(n)))
+        for i, cout in enumerate(widths):
+            if blocks is None:
+                refine = [conv_bn(cout, cout, 1)] if i > 0 else []
+            else:
+                refine = [BasicBlock(cout, cout) for _ in range(blocks[i])]
+            # A stage without refinement is the bare conv: fcos_tiny's saved weights keep their names.
+            stages[f"stage{i + 1}"] = nn.Sequential(conv_bn(cin, cout, 2), *refine) if refine else conv_bn(cin, cout, 2)
             cin = cout
         super().__init__(stages)
 
