@@ -18,21 +18,20 @@ Hub dataset row; read_audio() reads all three, so the cache, the report and expo
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import posixpath
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
-from tqdm.auto import tqdm
 
-from shared.cache import build_once, cache_root, temporary_name
+from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
@@ -40,8 +39,10 @@ DEFAULT_CLIP_SECONDS = {"urbansound8k": 4.0, "esc50": 5.0, "speech_commands": 1.
 VAL_NAMES = ("val", "valid", "validation")
 NOISE_FOLDER = "_background_noise_"
 UNKNOWN, SILENCE = "_unknown_", "_silence_"
-CACHE_VERSION = 2  # bump when the cached representation changes
+CACHE_VERSION = 3  # bump when the cached representation changes
 PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever machine wrote it
+MIN_RATE, MAX_RATE = 1000, 384000  # Hz; a header outside this is broken or hostile (a 1 GHz rate asks for terabytes)
+MAX_RATIO_TERM = 1280  # resampling cost grows with the ratio's terms; 11025 -> 32000 (441/1280) still fits
 
 
 class DataError(SystemExit):
@@ -571,10 +572,13 @@ def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torc
     try:
         with sf.SoundFile(_soundfile_source(path)) as f:
             rate = f.samplerate
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise BadClip(f"sample rate {rate} Hz outside {MIN_RATE}-{MAX_RATE} Hz; a broken header, or resample the file")
+            orig, new = _resample_ratio(rate, sample_rate)
             # Only the frames the clip needs, so a 1 s clip of a long recording does not decode all of it; 10 ms
             # more lets the resampler see the same neighbours at the cut as in the whole file. A Clip ends where
             # its slice ends.
-            frames = -1 if num_samples is None else math.ceil(num_samples * rate / sample_rate) + rate // 100
+            frames = -1 if num_samples is None else math.ceil(num_samples * orig / new) + rate // 100
             if limit is not None:
                 frames = limit if frames < 0 else min(frames, limit)
             if start:
@@ -588,9 +592,18 @@ def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torc
     wave = torch.from_numpy(data.mean(axis=1))
     if not torch.isfinite(wave).all():
         raise BadClip("contains NaN or infinite samples")
-    if rate != sample_rate:
-        wave = AF.resample(wave, rate, sample_rate)
+    if orig != new:
+        wave = AF.resample(wave, orig, new)
     return wave[:num_samples]
+
+
+def _resample_ratio(rate: int, sample_rate: int) -> tuple[int, int]:
+    """rate/sample_rate in lowest terms, or the nearest fraction whose terms stay within MAX_RATIO_TERM: torchaudio's
+    kernel has about orig x new taps, so 16001 -> 16000 Hz (a 16001 x 16000 kernel, gigabytes) reads as 16000 Hz,
+    0.006 % slow. Usual pairs are exact: 44100 -> 16000 is 441/160, the same output as resampling by the rates."""
+    ratio = Fraction(min(rate, sample_rate), max(rate, sample_rate)).limit_denominator(MAX_RATIO_TERM)
+    small, large = ratio.numerator, ratio.denominator
+    return (large, small) if rate > sample_rate else (small, large)
 
 
 def _soundfile_source(source):
@@ -655,12 +668,8 @@ class CachedClips(torch.utils.data.Dataset):
         span: int | None = None,
     ):
         cache_dir, span = Path(cache_dir), max(span or num_samples, num_samples)
-        key = _cache_key(split, sample_rate, num_samples, span)
-        self.array_path, manifest = cache_dir / f"{key}.pcm", cache_dir / f"{key}.json"
-        build_once(
-            manifest, lambda: _build_cache(split, sample_rate, num_samples, span, self.array_path, manifest, workers, label)
-        )
-        record = json.loads(manifest.read_text())
+        array_path = cache_dir / f"{_cache_key(split, sample_rate, num_samples, span)}.pcm"
+        record = build_once(array_path, lambda write: _build_cache(split, sample_rate, num_samples, span, write, workers, label))
         bad = {int(i): reason for i, reason in record["bad"].items()}
         lengths = np.array(record["lengths"], dtype=np.int64)
         self.skipped = [{"path": split.names[i], "reason": reason} for i, reason in sorted(bad.items())]
@@ -668,21 +677,16 @@ class CachedClips(torch.utils.data.Dataset):
         self.targets = split.targets[self.rows]
         self.starts, self.lengths = (np.cumsum(lengths) - lengths)[self.rows], lengths[self.rows]
         self.num_samples, self.width = num_samples, int(self.lengths.max(initial=num_samples))
-        self._array = None  # opened lazily, so DataLoader workers each map the file instead of pickling it
+        self.array = MappedArray(array_path, PCM_DTYPE)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        if self._array is None:
-            self._array = np.memmap(self.array_path, dtype=PCM_DTYPE, mode="r")
         start, length = self.starts[i], self.lengths[i]
         wave = np.zeros(self.width, dtype=np.int16)
-        wave[:length] = self._array[start : start + length]
+        wave[:length] = self.array[start : start + length]
         return torch.from_numpy(wave), int(self.targets[i]), int(length)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_array": None}
 
 
 def _cache_key(split: Split, sample_rate: int, num_samples: int, span: int | None = None) -> str:
@@ -692,48 +696,21 @@ def _cache_key(split: Split, sample_rate: int, num_samples: int, span: int | Non
     else:
         for source in split.sources:
             path, where = (source.path, f"[{source.start}:{source.frames}]") if isinstance(source, Clip) else (source, "")
-            st = os.stat(path)
-            # The file system's bytes: any file name hashes, also one that is not valid UTF-8.
-            h.update(os.fsencode(os.path.abspath(path)) + f"{where}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(file_stamp(path) + where.encode())
     return h.hexdigest()[:20]
 
 
-def _build_cache(split, sample_rate, num_samples, span, array_path: Path, manifest: Path, workers: int, label: str):
-    # Written under temporary names, then renamed, the manifest last: a reader never sees a half-written cache.
-    tmp = temporary_name(array_path)
-    loader = torch.utils.data.DataLoader(
-        _DecodeJob(split.sources, sample_rate, num_samples, span),
-        batch_size=16,
-        num_workers=workers,
-        collate_fn=list,
-        generator=torch.Generator(),
-    )  # leave the global RNG (weight init) untouched
+def _build_cache(split, sample_rate, num_samples, span, write, workers: int, label: str) -> dict:
+    job = _DecodeJob(split.sources, sample_rate, num_samples, span)
     bad, lengths = {}, [0] * len(split.sources)
-    with open(tmp, "wb") as out:
-        # Clips arrive in index order (no shuffling, and the DataLoader keeps its workers' order), so each one's
-        # place in the file is the sum of the lengths before it.
-        for batch in tqdm(loader, desc=f"decoding {label} clips (once; cached)", unit="batch", leave=False):
-            for i, pcm, reason in batch:
-                if pcm is None:
-                    bad[i] = reason
-                else:
-                    out.write(pcm.astype(PCM_DTYPE).tobytes())
-                    lengths[i] = len(pcm)
-    os.replace(tmp, array_path)
-    tmp_manifest = temporary_name(manifest)
-    tmp_manifest.write_text(
-        json.dumps(
-            {
-                "clips": len(split.sources),
-                "sample_rate": sample_rate,
-                "num_samples": num_samples,
-                "span": span,
-                "bad": bad,
-                "lengths": lengths,
-            }
-        )
-    )
-    os.replace(tmp_manifest, manifest)
+    # Clips arrive in index order, so each one's place in the file is the sum of the lengths before it.
+    for i, pcm, reason in decoded_in_order(job, workers, f"decoding {label} clips (once; cached)"):
+        if pcm is None:
+            bad[i] = reason
+        else:
+            write(pcm.astype(PCM_DTYPE).tobytes())
+            lengths[i] = len(pcm)
+    return dict(clips=len(split.sources), sample_rate=sample_rate, num_samples=num_samples, span=span, bad=bad, lengths=lengths)
 
 
 def require_usable_splits(clips: dict[str, CachedClips], report_path: Path):

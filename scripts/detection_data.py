@@ -24,9 +24,8 @@ from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from tqdm.auto import tqdm
 
-from shared.cache import build_once, cache_root, temporary_name
+from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
@@ -744,7 +743,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------- decode cache
-IMAGE_CACHE_VERSION = 1  # bump when the cached representation changes
+IMAGE_CACHE_VERSION = 2  # bump when the cached representation changes
 
 
 class ImageCache:
@@ -759,21 +758,15 @@ class ImageCache:
         self.sizes = [scaled_size(s.width, s.height, img_size) for s in samples]
         lengths = np.array([3 * w * h for w, h in self.sizes], dtype=np.int64)
         self.starts = np.cumsum(lengths) - lengths
-        key = image_cache_key(samples, hub_dataset, img_size)
-        self.path, manifest = Path(cache_dir) / f"{key}.u8", Path(cache_dir) / f"{key}.json"
-        build_once(manifest, lambda: build_image_cache(samples, hub_dataset, self.sizes, self.path, manifest, workers))
-        self._array = None  # opened lazily, so DataLoader workers each map the file instead of pickling it
+        self.path = Path(cache_dir) / f"{image_cache_key(samples, hub_dataset, img_size)}.u8"
+        build_once(self.path, lambda write: build_image_cache(samples, hub_dataset, self.sizes, write, workers))
+        # Copy-on-write: the tensors are views of the map, and torch wants writable memory.
+        self.array = MappedArray(self.path, np.uint8, mode="c")
 
     def image(self, index: int) -> torch.Tensor:
         """(3, H, W) with channels-last strides: torch resizes uint8 that way two to three times faster."""
-        if self._array is None:
-            # Copy-on-write: the tensors are views of the map, and torch wants writable memory.
-            self._array = np.memmap(self.path, dtype=np.uint8, mode="c")
         (w, h), start = self.sizes[index], self.starts[index]
-        return torch.from_numpy(self._array[start : start + 3 * w * h].reshape(h, w, 3)).permute(2, 0, 1)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_array": None}
+        return torch.from_numpy(self.array[start : start + 3 * w * h].reshape(h, w, 3)).permute(2, 0, 1)
 
 
 def scaled_size(width: int, height: int, img_size: int) -> tuple[int, int]:
@@ -787,9 +780,7 @@ def image_cache_key(samples: list[Sample], hub_dataset, img_size: int) -> str:
         h.update(f"{hub_dataset._fingerprint}|{[s.source for s in samples]}".encode())
     else:
         for s in samples:
-            st = os.stat(s.source)
-            # The file system's bytes: any file name hashes, also one that is not valid UTF-8.
-            h.update(os.fsencode(os.path.abspath(s.source)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(file_stamp(s.source))
     return h.hexdigest()[:20]
 
 
@@ -812,20 +803,11 @@ class _ScaleJob(torch.utils.data.Dataset):
         return image.tobytes()  # RGB RGB ...: height x width x 3
 
 
-def build_image_cache(samples, hub_dataset, sizes, path: Path, manifest: Path, workers: int):
-    # Written under temporary names, then renamed, the manifest last: a reader never sees a half-written cache.
-    tmp = temporary_name(path)
-    # Its own generator: the global RNG, which seeds the weights, stays untouched.
-    job = _ScaleJob(samples, hub_dataset, sizes)
-    loader = torch.utils.data.DataLoader(job, batch_size=16, num_workers=workers, collate_fn=list, generator=torch.Generator())
-    with open(tmp, "wb") as out:
-        # In index order (no shuffling, and the DataLoader keeps its workers' order): each image lands at its start.
-        for batch in tqdm(loader, desc="decoding training images (once; cached)", unit="batch", leave=False):
-            out.writelines(batch)
-    os.replace(tmp, path)
-    tmp_manifest = temporary_name(manifest)
-    tmp_manifest.write_text(json.dumps({"images": len(samples), "sizes": sizes}))
-    os.replace(tmp_manifest, manifest)
+def build_image_cache(samples, hub_dataset, sizes, write, workers: int) -> dict:
+    # In index order, so each image lands at its start.
+    for image in decoded_in_order(_ScaleJob(samples, hub_dataset, sizes), workers, "decoding training images (once; cached)"):
+        write(image)
+    return {"images": len(samples), "sizes": sizes}
 
 
 def default_cache_dir() -> Path:

@@ -200,7 +200,7 @@ def test_bad_clips_are_skipped_and_listed_and_the_cache_is_reused(tmp_path, monk
     again = CachedClips(split, RATE, 4000, tmp_path / "cache")
     assert torch.equal(again[2][0], clips[2][0]) and again.skipped == clips.skipped
     manifest = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
-    assert manifest["bad"].keys() == {"2", "3"}
+    assert manifest["entry"]["record"]["bad"].keys() == {"2", "3"}
     with pytest.raises(AssertionError, match="decoded again"):  # another length is another cache entry
         CachedClips(split, RATE, 3000, tmp_path / "cache")
 
