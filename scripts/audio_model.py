@@ -3,7 +3,6 @@ classification network with a 1-channel stem. The frontend is part of the saved 
 takes raw waveforms."""
 
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torchaudio.transforms as T
 import torchvision
 from torch import nn
 
-from shared.model_io import load_pretrained, save_pretrained
+from shared.model_io import load_hub_weights, load_pretrained, save_pretrained
 
 TASK = "audio-classification"
 
@@ -135,18 +134,7 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.
 
 
 def _weights_file(path: Path, url: str) -> dict:
-    """A state dict read with weights_only=True: a tampered or planted file in the cache cannot run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # whatever is wrong with the file, the fix is the same
-        problem = (
-            "it holds objects other than tensors, which are never unpickled"
-            if isinstance(err, pickle.UnpicklingError)
-            else f"damaged or truncated: {type(err).__name__}"
-        )
-        raise SystemExit(
-            f"--pretrained: {path} is not a plain weights file ({problem}); delete it and download {url} again"
-        ) from None
+    state = load_hub_weights(path, url)
     # DenseNet's files predate a module rename ('norm.1' -> 'norm1'); torchvision renames the keys the same way.
     return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k): v for k, v in state.items()}
 

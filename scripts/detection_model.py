@@ -18,7 +18,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from shared.model_io import load_pretrained, save_pretrained
+from shared.model_io import load_hub_weights, load_pretrained, save_pretrained
 
 # Detectors whose training targets need instance masks or keypoints, which boxes-only detection data cannot give.
 NEEDS_MASKS_OR_KEYPOINTS = ("maskrcnn_", "keypointrcnn_")
@@ -172,7 +172,7 @@ def transfer_coco_weights(model: nn.Module, name: str):
             f"--pretrained: {name} weights are not cached at {path}. Download {weights.url} to that "
             "path on a machine with internet access (or set TORCH_HOME), or train without --pretrained."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_hub_weights(path, weights.url)
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)

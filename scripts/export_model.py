@@ -11,6 +11,8 @@ torch.export.load(path).module()), all writes both; then export_report.json with
 latency. They go beside the model, or into --output-dir, which then also gets config.json so the folder is
 self-contained. The inputs are the validation split of the run (RUN/args.json names the data; RUN is the
 folder holding model/), or the files and folders given with --inputs. Exits non-zero when parity fails.
+model.pt2 holds no pickle (the example inputs are left out); one that holds a pickle, or a shape expression that
+is more than arithmetic, is refused before torch reads it, since torch.export.load would run it.
 
 Contract of the exported models. The batch axis is dynamic; model.pt2 takes the same tensor positionally and
 returns the same outputs as a tuple.
@@ -45,12 +47,15 @@ Parity, per export (export_report.json "parity"; any failure exits 1):
 """
 
 import argparse
+import ast
 import copy
 import json
+import re
 import shutil
 import statistics
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
@@ -58,7 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` fr
 import numpy as np
 import onnx
 import onnxruntime
+import sympy
 import torch
+import torch.utils._sympy.functions
 import torchvision
 from audio_data import BadClip, KeywordTask, fix_length, load_audio_data, read_audio, within_full_scale
 from audio_model import TASK as AUDIO_TASK
@@ -79,6 +86,7 @@ from detection_model import load_model as load_detection_model
 from predict_audio import find_audio, window_starts, windows
 from predict_detection import find_images
 from torch import nn
+from torch.export.pt2_archive import PT2ArchiveReader
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
@@ -89,6 +97,14 @@ from shared.runtime import write_json
 FILES = {"onnx": "model.onnx", "exported_program": "model.pt2"}
 LATENCY_BATCHES = (1, 32)
 MIN_IOU, MAX_SCORE_DIFF, MAX_MAP_DIFF, MAX_CORNER_DIFF = 0.99, 1e-3, 1e-4, 1e-3  # corners in pixels
+# The entries of a model.pt2 that torch.export.save writes without pickles (inside the archive's one folder).
+PT2_ENTRIES = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/(version|serialization_id)|models/model\.json|data/sample_inputs/model\.pt"
+    r"|data/weights/(weight_\d+|model_weights_config\.json)|data/constants/(tensor_\d+|model_constants_config\.json)"
+)
+PT2_CONFIGS = ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json")
+SYMPY_CLASSES = {n for n, v in vars(sympy).items() if isinstance(v, type) and issubclass(v, sympy.Basic)}
+SHAPE_FUNCTIONS = SYMPY_CLASSES | set(torch.utils._sympy.functions.__all__)
 
 
 def parse_args(argv=None):
@@ -178,6 +194,7 @@ def export(task, paths: dict[str, Path]):
             "from tensor shapes fixes them (as TinyMapConv2d's len(x) fixed the batch size, so the exported copy uses "
             "stock convolutions); replace such modules in the exported copy with stock ones of the same parameters"
         ) from err
+    program.example_inputs = None  # torch.export.save would pickle them, and the loader refuses pickles
     if "exported_program" in paths:
         torch.export.save(program, paths["exported_program"])
     if "onnx" in paths:
@@ -203,7 +220,10 @@ def export(task, paths: dict[str, Path]):
 def load_onnx(path: Path, task):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch, so latencies compare
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types; all mean the file is not a model it can run
+        raise SystemExit(f"{path} is not an ONNX model onnxruntime can load ({err}); export it again") from None
     if [i.name for i in session.get_inputs()] != [task.input_name]:
         raise SystemExit(f"{path}: inputs {[i.name for i in session.get_inputs()]}, expected [{task.input_name!r}]")
 
@@ -214,7 +234,16 @@ def load_onnx(path: Path, task):
 
 
 def load_exported_program(path: Path, task):
-    module = torch.export.load(path).module()
+    problem = pt2_problem(path)
+    if problem:
+        raise SystemExit(
+            f"{path} is refused before torch reads it: {problem}. Only a model.pt2 as this script writes it is loaded "
+            "(torch.export.load can run code hidden in others); export it again from the model/ folder, without --verify-only"
+        )
+    try:
+        module = torch.export.load(path).module()
+    except Exception as err:  # torch.export raises many types; all mean the archive holds no program it can run
+        raise SystemExit(f"{path}: torch.export.load failed ({type(err).__name__}: {err}); export it again") from None
 
     @torch.no_grad()
     def run(inputs: torch.Tensor) -> tuple:
@@ -225,6 +254,54 @@ def load_exported_program(path: Path, task):
 
 
 LOADERS = {"onnx": load_onnx, "exported_program": load_exported_program}
+
+
+def pt2_problem(path: Path) -> str | None:
+    """Why torch.export.load must not read this archive, or None. It unpickles entries (pickled weights and
+    constants, sample inputs, archives of torch < 2.8) and hands shape expressions to sympy, which evals them. Both
+    zip readers torch uses list the entries (its own, and Python's for the old archives), so neither hides one."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.partition("/")[2] for name in archive.namelist()}
+        with PT2ArchiveReader(str(path)) as archive:
+            names |= set(archive.get_file_names())
+            sample_inputs = archive.read_bytes("data/sample_inputs/model.pt")
+            configs = [json.loads(archive.read_string(config))["config"] for config in PT2_CONFIGS]
+            pickled = [name for config in configs for name, entry in config.items() if entry["use_pickle"] is not False]
+            program = json.loads(archive.read_string("models/model.json"))
+    except Exception as err:  # a damaged or foreign file: whatever the reader says, it is not a model.pt2 of this script
+        return f"not a torch.export archive ({type(err).__name__}: {err})"
+    unexpected = sorted(name for name in names if not PT2_ENTRIES.fullmatch(name))
+    unsafe = [text for text in shape_expressions(program) if not is_shape_arithmetic(text)]
+    if unexpected:
+        return f"entry {unexpected[0]!r} is not one torch.export.save writes as JSON or raw tensor bytes"
+    if sample_inputs or pickled:
+        return f"tensor {pickled[0]!r} is pickled" if pickled else "its sample inputs are pickled"
+    return f"shape expression {unsafe[0][:80]!r} is more than arithmetic on shapes" if unsafe else None
+
+
+def shape_expressions(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from [value] if key == "expr_str" else shape_expressions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from shape_expressions(value)
+
+
+def is_shape_arithmetic(text) -> bool:
+    """sympy's srepr of a shape: calls of its classes and torch's shape functions on numbers, symbol names and
+    assumptions, as in Mul(Integer(4000), Symbol('s58', positive=True, integer=True)). Parsed, never evaluated."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, TypeError, ValueError):
+        return False
+    return all(
+        isinstance(node, (ast.Expression, ast.Call, ast.keyword, ast.Load, ast.UnaryOp, ast.USub))
+        or (isinstance(node, ast.Name) and node.id in SHAPE_FUNCTIONS)
+        or (isinstance(node, ast.Constant) and (not isinstance(node.value, str) or node.value.isalnum()))
+        for node in ast.walk(tree)
+    )
 
 
 def onnx_facts(path: Path) -> dict:

@@ -2,11 +2,13 @@
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -37,7 +39,32 @@ def load_pretrained(directory: Path):
                 f"{f} not found: --model-dir must be the model/ folder of a training run "
                 "(it holds model.safetensors and config.json)."
             )
-    return load_file(weights), json.loads(config.read_text())
+    return read_safetensors(weights), json.loads(config.read_text())
+
+
+def read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise SystemExit(
+            f"{path} is not a safetensors file ({err}): damaged, truncated, or another format renamed. "
+            "Copy it again from the model/ folder of the training run that wrote it"
+        ) from None
+
+
+def load_hub_weights(path: Path, url: str) -> dict:
+    """--pretrained: a state dict from the torch hub cache, read with weights_only=True: a tampered or planted file
+    in the cache cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        problem = None if isinstance(state, dict) else f"it holds a {type(state).__name__}, not a state dict"
+    except pickle.UnpicklingError:
+        problem = "it holds objects other than tensors, which are never unpickled"
+    except Exception as err:  # whatever else is wrong with the file, the fix is the same
+        problem = f"damaged or truncated: {type(err).__name__}"
+    if problem:
+        raise SystemExit(f"--pretrained: {path} is not a plain weights file ({problem}); delete it and download {url} again")
+    return state
 
 
 def load_weights(path: Path, *, need_config: bool = False) -> tuple[dict, dict]:
@@ -51,7 +78,7 @@ def load_weights(path: Path, *, need_config: bool = False) -> tuple[dict, dict]:
     beside = path.with_name("config.json")
     if need_config and not beside.is_file():
         raise SystemExit(f"--weights {path}: no config.json beside it, so the model and its labels are unknown")
-    return load_file(path), json.loads(beside.read_text()) if beside.is_file() else {}
+    return read_safetensors(path), json.loads(beside.read_text()) if beside.is_file() else {}
 
 
 def start_from(
