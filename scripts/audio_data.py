@@ -42,7 +42,8 @@ UNKNOWN, SILENCE = "_unknown_", "_silence_"
 CACHE_VERSION = 3  # bump when the cached representation changes
 PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever machine wrote it
 MIN_RATE, MAX_RATE = 1000, 384000  # Hz; a header outside this is broken or hostile (a 1 GHz rate asks for terabytes)
-MAX_RATIO_TERM = 1280  # resampling cost grows with the ratio's terms; 11025 -> 32000 (441/1280) still fits
+DOWNMIX_BLOCK = 1 << 20  # samples (all channels) read at a time: 4 MB
+MAX_RATIO_TERM = 2560  # the resampling kernel grows with the ratio's terms; 384000 -> 22050 Hz (2560/147) fits
 
 
 class DataError(SystemExit):
@@ -565,10 +566,10 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 
 
 def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torch.Tensor:
-    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; any rate; any channels), or a Clip slice
-    of one, as mono float32 at sample_rate: all of it, or only its first num_samples. Training and
-    predict_audio.py both read through here. Raises BadClip for empty, corrupt or unreadable input."""
-    path, start, limit = (source.path, source.start, source.frames) if isinstance(source, Clip) else (source, 0, None)
+    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; 1-384 kHz; any channels), or a Clip slice
+    of one, as mono float32 at sample_rate: all of it, or only its first num_samples. Training, predict_audio.py
+    and serve.py all read through here. Raises BadClip for empty, corrupt or unreadable input, or an odd rate."""
+    path, start, limit = (source.path, source.start, source.frames) if isinstance(source, Clip) else (source, 0, math.inf)
     try:
         with sf.SoundFile(_soundfile_source(path)) as f:
             rate = f.samplerate
@@ -578,23 +579,31 @@ def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torc
             # Only the frames the clip needs, so a 1 s clip of a long recording does not decode all of it; 10 ms
             # more lets the resampler see the same neighbours at the cut as in the whole file. A Clip ends where
             # its slice ends.
-            frames = -1 if num_samples is None else math.ceil(num_samples * orig / new) + rate // 100
-            if limit is not None:
-                frames = limit if frames < 0 else min(frames, limit)
+            frames = math.inf if num_samples is None else math.ceil(num_samples * orig / new) + rate // 100
             if start:
                 f.seek(start)
-            data = f.read(frames, dtype="float32", always_2d=True)
+            data = _downmix(f, min(frames, limit))
     except (sf.SoundFileError, RuntimeError, OSError) as err:
         # libsndfile's own words, without the file name: reports show the path beside the reason
         raise BadClip(f"unreadable: {getattr(err, 'error_string', err)}") from None
     if data.shape[0] == 0:
         raise BadClip("empty: no audio frames")
-    wave = torch.from_numpy(data.mean(axis=1))
+    wave = torch.from_numpy(data)
     if not torch.isfinite(wave).all():
         raise BadClip("contains NaN or infinite samples")
     if orig != new:
         wave = AF.resample(wave, orig, new)
     return wave[:num_samples]
+
+
+def _downmix(f: sf.SoundFile, frames: float) -> np.ndarray:
+    """The mean of the channels of up to `frames` frames, read a block at a time: a 200 kB Ogg file can hold
+    255 channels of two minutes of silence (6 GB as one float32 array)."""
+    mono, block = [], max(1, DOWNMIX_BLOCK // f.channels)
+    while frames > 0 and len(data := f.read(min(frames, block), dtype="float32", always_2d=True)):
+        mono.append(data.mean(axis=1))
+        frames -= len(data)
+    return np.concatenate(mono) if mono else np.zeros(0, np.float32)
 
 
 def _resample_ratio(rate: int, sample_rate: int) -> tuple[int, int]:

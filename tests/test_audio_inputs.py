@@ -3,8 +3,10 @@ built by many processes at once, a --data path that does not exist, and predict_
 
 import csv
 import json
+import math
 import multiprocessing
 import os
+import struct
 import time
 
 import audio_data
@@ -184,6 +186,57 @@ def test_a_float_file_beyond_full_scale_reaches_the_model_alike_in_training_and_
     assert torch.allclose(trained_on, predicted_on, atol=2 / 32768)
 
 
+# ----------------------------------------------------------------------------- header fields that size the work
+
+
+@pytest.mark.parametrize("rate", [999, 768000])
+def test_a_sample_rate_outside_1_to_384_khz_is_refused_and_training_skips_the_clip(tmp_path, rate):
+    odd = tone(tmp_path / "odd.wav", seconds=0.01, rate=rate)
+    reason = f"sample rate {rate} Hz outside 1000-384000 Hz; a broken header, or resample the file"
+    with pytest.raises(audio_data.BadClip, match=reason):
+        read_audio(odd, RATE)
+    clips = CachedClips(split_of([tone(tmp_path / "good.wav"), odd]), RATE, 1000, tmp_path / "cache")
+    assert len(clips) == 1 and clips.skipped == [{"path": str(odd), "reason": reason}]
+
+
+@pytest.mark.parametrize("rate", [16001, 44101, 383999])
+def test_an_odd_rate_inside_the_range_resamples_with_a_small_kernel(tmp_path, monkeypatch, rate):
+    resample = audio_data.AF.resample
+
+    def bounded(wave, orig, new):
+        # torchaudio's kernel holds about orig x new taps in lowest terms: 16001 x 16000 took 5 GB and 30 s
+        assert orig * new // math.gcd(orig, new) ** 2 < 10**7, (orig, new)
+        return resample(wave, orig, new)
+
+    monkeypatch.setattr(audio_data.AF, "resample", bounded)
+    started = time.perf_counter()
+    wave = read_audio(tone(tmp_path / "odd.wav", seconds=0.5, rate=rate), 16000)
+    assert time.perf_counter() - started < 2
+    assert abs(wave.numel() - 8000) <= 2 and float(wave.pow(2).mean().sqrt()) == pytest.approx(0.5 / 2**0.5, rel=0.01)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_usual_rates_resample_exactly_as_torchaudio_does(tmp_path, rate):
+    path = tone(tmp_path / "a.wav", seconds=0.3, rate=rate, channels=2)
+    mono = torch.from_numpy(sf.read(path, dtype="float32")[0].mean(axis=1))
+    assert torch.equal(read_audio(path, 16000), audio_data.AF.resample(mono, rate, 16000))
+
+
+def test_many_channels_are_downmixed_a_block_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "array.wav"  # 64 channels: 5 MB as float32, though a compressed file of them can be tiny
+    sf.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, (20000, 64)), RATE, subtype="PCM_16")
+    expected = torch.from_numpy(sf.read(path, dtype="float32")[0].mean(axis=1))
+    reads, original = [], sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: reads.append(original(self, *a, **k)) or reads[-1])
+    assert torch.equal(read_audio(path, RATE), expected) and max(r.nbytes for r in reads) <= 4 << 20
+
+    header = bytearray(tone(tmp_path / "a.wav").read_bytes())
+    struct.pack_into("<H", header, 22, 5000)  # a header claiming 5000 channels
+    (tmp_path / "b.wav").write_bytes(header)
+    with pytest.raises(audio_data.BadClip, match="unreadable: .*[Tt]oo many channels"):
+        read_audio(tmp_path / "b.wav", RATE)
+
+
 # ----------------------------------------------------------------------------- splits left empty by decoding
 
 
@@ -312,3 +365,12 @@ def test_output_file_is_replaced_whole_and_survives_a_failed_run(tmp_path, fake_
         predict_audio.main([*files, "--model-dir", "m", "--output", str(out)])
     assert out.read_text() == records  # the interrupted run left the previous output whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "pred.jsonl"]  # and no temporary file
+
+
+def test_a_file_with_an_odd_rate_is_listed_as_skipped(tmp_path, fake_model, capsys):
+    good, odd = tone(tmp_path / "good.wav"), tone(tmp_path / "odd.wav", seconds=0.01, rate=999)
+    out = tmp_path / "pred.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        predict_audio.main([str(good), str(odd), "--model-dir", "m", "--output", str(out)])
+    assert stopped.value.code == 1 and f"{odd}: sample rate 999 Hz outside 1000-384000 Hz" in capsys.readouterr().err
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [str(good)]
