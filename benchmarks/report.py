@@ -208,14 +208,35 @@ def serving_section(results: dict) -> list[str]:
         "| model | batching | requests/s | p50 ms | p99 ms | errors | resident MB before -> after |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results["serving"]:
+    plain = [r for r in results["serving"] if "stalled" not in r]
+    for r in plain:
         lines.append(
             f"| {r['task']} | {r['batching']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
             f"| {r['rss_mb_before']} -> {r['rss_mb_after']} |"
         )
-    by = {(r["task"], r["batching"]): r["requests_per_second"] for r in results["serving"]}
+    by = {(r["task"], r["batching"]): r["requests_per_second"] for r in plain}
     gains = ", ".join(f"{task} {ratio(by[(task, 'on')], by[(task, 'off')])}" for task in ("audio", "detection"))
-    return [*lines, "", f"Batching on / off: {gains}.", ""]
+    return [*lines, "", f"Batching on / off: {gains}.", "", *stalled_clients_table(results["serving"])]
+
+
+def stalled_clients_table(rows: list[dict]) -> list[str]:
+    """The same load beside connections that send half a request and then nothing (benchmarks/serving.py)."""
+    lines = [
+        "The same load (audio, batching on) beside stalled connections: each sends half a head or half a body and then "
+        "nothing, and is replaced when the server cuts it; serve.py's default timeouts and cap. Then SIGTERM, with them open.",
+        "",
+        "| stalled | requests/s | p50 ms | p99 ms | errors | stalled cut during the load (answers) | held till cut, median s "
+        "| SIGTERM to exit s | exit code | tracebacks in the log |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if "stalled" in r):
+        answers = ", ".join(f"{n} x {status}" for status, n in r["stalled_statuses"].items())
+        lines.append(
+            f"| {r['stalled']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
+            f"| {r['stalled_cut']}{f' ({answers})' if answers else ''} | {r['stalled_held_s'] or '-'} "
+            f"| {r['sigterm_to_exit_s']} | {r['exit_code']} | {r['tracebacks']} |"
+        )
+    return [*lines, ""] if len(lines) > 4 else []
 
 
 def export_section(results: dict) -> list[str]:

@@ -1,7 +1,9 @@
-"""After training, measured: scripts/serve.py under a bounded load on loopback with batching on and off, and
-scripts/export_model.py's parity and latency, both on the models the benchmark's launchkit runs saved."""
+"""After training, measured: scripts/serve.py under a bounded load on loopback with batching on and off, then beside
+stalled connections with a SIGTERM at the end, and scripts/export_model.py's parity and latency, all on the models the
+benchmark's launchkit runs saved."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 BATCHING = {"on": 32, "off": 1}  # --max-batch of the two server runs
+STALLED = 200  # stalled connections beside the clients: as many as in the report that asked for the timeouts
 
 
 def model_dirs(work: Path) -> dict[str, Path]:
@@ -48,14 +51,39 @@ def serving_table(work: Path, data: dict, clients: int, requests: int) -> list[d
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)
             print(f"  serve {task}, batching {batching}: {result['requests_per_second']} requests/s", flush=True)
+    rows.append(stalled_clients_row(model_dirs(work)["audio"], files["audio"], clients, requests, work / "serve_stalled.log"))
     return rows
 
 
-def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def stalled_clients_row(model_dir: Path, files: list[Path], clients: int, requests: int, log: Path) -> dict:
+    """The bounded load beside STALLED connections that send half a head or half a body and then nothing (serve.py's
+    default timeouts and connection cap), then SIGTERM while they are still open: the normal requests' latency and
+    errors, how the server cut the stalled ones, and how long it took to exit."""
+    server, url = start_server(model_dir, BATCHING["on"], log)
+    media_type = serve_load.MEDIA_TYPES[files[0].suffix.lower()]
+    try:
+        with serve_load.Stallers(url, files[0].read_bytes(), media_type, STALLED) as stallers:
+            result = serve_load.load_test(url, files, clients=clients, requests=requests)
+            signalled = time.perf_counter()
+            server.send_signal(signal.SIGTERM)
+            exit_code = server.wait(timeout=120)
+            drain = time.perf_counter() - signalled
+    finally:
+        if server.poll() is None:
+            server.kill()
+    text = log.read_text()
+    row = {"task": "audio", "batching": "on", "max_batch": BATCHING["on"], **result, **stallers.report(signalled),
+           "sigterm_to_exit_s": round(drain, 2), "exit_code": exit_code, "tracebacks": text.count("Traceback")}  # fmt: skip
+    print(f"  serve audio beside {STALLED} stalled connections: p99 {row['p99_ms']} ms, exit in {drain:.1f} s", flush=True)
+    return row
+
+
+def start_server(model_dir: Path, max_batch: int, log: Path | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [PY, str(REPO / "scripts" / "serve.py"), "--model-dir", str(model_dir), "--port", str(port),
            "--max-batch", str(max_batch), "--threads", "1"]  # fmt: skip
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log or os.devnull, "w") as out:
+        server = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
     while time.time() < deadline:
         try:

@@ -11,9 +11,9 @@ predict_detection.py load it, or an exported model.onnx with its config.json bes
                     answered, "forward_passes" and "inputs": model calls since start and the inputs they took}
   GET  /v1/model    task, labels, backend and the input contract: media types, sample rate and clip length
                     (audio) or image size and conf/iou defaults (detection), size limits
-  POST /v1/predict  one file as the raw body with its media type as Content-Type (audio/wav, audio/x-wav,
-                    audio/flac, audio/ogg; image/jpeg, image/png, image/webp, ...), or files as multipart/form-data
-                    parts named `files` (curl -F files=@a.wav -F files=@b.wav)
+  POST /v1/predict  one file as the raw body with its media type as Content-Type (audio/wav, audio/flac,
+                    audio/ogg, audio/mpeg, audio/aiff, ...; image/jpeg, image/png, image/webp, ...), or files as
+                    multipart/form-data parts named `files` (curl -F files=@a.wav -F files=@b.wav)
 
 A raw body is answered with one record, a multipart request with {"predictions": [record, ...]}: one record per
 part, in the order sent, also for a single part. A record is what the predict script gives for the file:
@@ -26,14 +26,18 @@ part, in the order sent, also for a single part. A record is what the predict sc
 path and file_name are the part's file name, or "body" for a raw body. The X-Batch-Size header is the largest
 forward pass the request's inputs were part of.
 
-Errors are {"error": kind, "detail": what was wrong}: 413 body over --max-body-mb (from Content-Length, or as a
-streamed body passes it), 415 media type not accepted, 422 empty or undecodable file (named), too much audio,
-missing field, bad query parameter. One bad file fails its request; no answer carries a traceback.
+Errors are {"error": kind, "detail": what was wrong}: 408 headers slower than --header-timeout or a body silent for
+--body-timeout, 413 body over --max-body-mb (from Content-Length, or as a streamed body passes it), 415 media type not
+accepted, 422 empty or undecodable file (named), too much audio, missing field, bad query parameter, 503 to a
+connection past --max-connections as it opens. 408, 413 and 503 close the connection. One bad file fails its request;
+no answer carries a traceback.
 
 Concurrent requests share forward passes: decoded files queue for one worker, which takes the oldest, waits up to
 --max-wait-ms for more until it holds --max-batch model inputs (audio windows or images), and runs the model in a
 thread, so the server keeps accepting meanwhile. --max-batch 1 turns batching off. SIGTERM (or Ctrl-C) stops
-accepting, answers every request already received (for up to --drain-seconds), and exits with status 0."""
+accepting, answers every request already received (for up to --drain-seconds), and exits with status 0: a body
+still arriving is read on, but one silent for 1 s gets 408 and half-sent heads are dropped, so stalled clients do not
+hold up the exit."""
 
 import argparse
 import asyncio
@@ -45,16 +49,18 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
+import h11
 import onnxruntime as ort
 import torch
 import uvicorn
-from audio_data import BadClip, read_audio
+from audio_data import AUDIO_EXTENSIONS, BadClip, read_audio
 from audio_model import TASK as AUDIO_TASK
 from audio_model import load_model as load_audio_model
 from detection_data import IMAGE_EXTENSIONS, MAX_PIXELS, eval_transform, make_collate, open_rgb, to_original_coordinates
@@ -71,11 +77,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-AUDIO_MEDIA_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/flac", "audio/x-flac", "audio/ogg")
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+# What training reads (audio_data.AUDIO_EXTENSIONS, all decoded by soundfile), by media type.
+AUDIO_MEDIA_TYPES = tuple(f"audio/{kind}" for kind in "wav x-wav wave flac x-flac ogg mpeg aiff x-aiff".split())
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 MAX_FILES = 64  # parts per multipart request: each is held, decoded, until its request is answered
+CLOSE = {"connection": "close"}  # for answers given before the body was read whole: the rest would not be waited for
+DRAIN_STALL_SECONDS = 1.0  # during the drain, a body silent this long is given up on (a sending client gets its answer)
 # The contract of export_model.py: input and output names of an exported model, per task.
 ONNX_AUDIO = (["waveform"], ["logits"])
 ONNX_DETECTION = (["images"], ["boxes", "scores", "labels", "num_detections"])
@@ -116,10 +125,15 @@ def parse_args(argv=None):
         default=30.0,
         help="on SIGTERM, how long requests in flight may take to finish (default 30)",
     )
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers, then 408 (default 10)")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds a body may send nothing, then 408 (default 10)")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections past this get 503 (default 512)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     args = p.parse_args(argv)
-    if args.max_batch < 1 or args.threads < 1:
-        p.error("--max-batch and --threads must be at least 1")
+    if min(args.max_batch, args.threads, args.max_connections) < 1:
+        p.error("--max-batch, --threads and --max-connections must be at least 1")
+    if min(args.header_timeout, args.body_timeout) <= 0:
+        p.error("--header-timeout and --body-timeout must be above 0")
     return args
 
 
@@ -129,18 +143,30 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     task = load_task(args.model_dir, device, args)
     batcher = Batcher(task.forward, args.max_batch, args.max_wait_ms / 1000)
-    app = build_app(task, batcher, max_body=round(args.max_body_mb * 2**20), decode_threads=args.threads)
+    max_body = round(args.max_body_mb * 2**20)
+    app = BodyGuard(build_app(task, batcher, max_body, args.threads), max_body, args.body_timeout)
     print(
         f"serving {task.config['task']} model {task.config.get('model')} ({task.backend}, {device}, {args.threads} threads) from "
         f"{args.model_dir}; forward passes of up to {args.max_batch} inputs, gathered for up to {args.max_wait_ms:g} ms",
         flush=True,
     )
-    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_seconds, log_level="info")
+    protocol = partial(GuardedH11, args.max_connections, args.header_timeout, app.drain)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, http=protocol, timeout_graceful_shutdown=args.drain_seconds, log_level="info"
+    )
     # uvicorn drains on SIGTERM and Ctrl-C, puts back the handlers it found and raises the signal again. These make a
     # completed drain end with status 0 (a clean stop, as orchestrators expect), not death by signal or a traceback.
     for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, lambda *_: sys.exit(0))
+        signal.signal(stop, exit_at_once)
     uvicorn.Server(config).run()
+
+
+def exit_at_once(*_):
+    """Status 0 without the interpreter's teardown: after a drain nothing is left to tidy, and unloading torch took
+    2 s on a busy machine."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- models: PyTorch or onnxruntime
@@ -251,7 +277,7 @@ class AudioFile:
 
 
 class AudioTask:
-    media_types, suffixes = AUDIO_MEDIA_TYPES, AUDIO_SUFFIXES
+    media_types, suffixes = AUDIO_MEDIA_TYPES, AUDIO_EXTENSIONS
 
     def __init__(self, config: dict, forward, backend: str, max_seconds: float):
         self.config, self.forward, self.backend = config, forward, backend
@@ -534,7 +560,6 @@ def build_app(task, batcher: Batcher, max_body: int, decode_threads: int) -> Fas
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(Exception, internal_error)
-    app.add_middleware(BodyLimit, max_bytes=max_body)
     return app
 
 
@@ -578,12 +603,24 @@ def require_media_type(task, declared: str | None, name: str):
     )
 
 
-class BodyLimit:
-    """413 for a body over max_bytes: at once from its Content-Length, or as soon as a streamed (chunked) body passes
-    it. An oversized upload is never read whole."""
+class BodyGuard:
+    """Request bodies read within limits. 413 for one over max_bytes: at once from its Content-Length, or as soon as a
+    streamed (chunked) body passes it, so an oversized upload is never read whole. 408 when a body stalls: nothing of
+    it arrives for `timeout` seconds, or for DRAIN_STALL_SECONDS once drain() is called."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.draining = False
+        self.reads: set[asyncio.Timeout] = set()  # the deadlines of body reads under way
+
+    def drain(self):
+        """SIGTERM: from now on, a silent body only holds up the exit for DRAIN_STALL_SECONDS."""
+        if self.draining:
+            return
+        self.draining = True
+        soon = asyncio.get_running_loop().time() + DRAIN_STALL_SECONDS
+        for read in self.reads:
+            read.reschedule(min(read.when(), soon))
 
     def too_large(self) -> RequestError:
         return RequestError(
@@ -596,18 +633,83 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and int(declared) > self.max_bytes:
             err = self.too_large()
-            return await error_response(err.status, err.error, err.detail)(scope, receive, send)
-        received = 0
+            return await error_response(err.status, err.error, err.detail, CLOSE)(scope, receive, send)
+        received, complete = 0, False
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
+        async def guarded_receive():
+            # Raised from inside the endpoint, so its RequestError handler answers.
+            nonlocal received, complete
+            if complete:
+                return await receive()  # after the body only a disconnect can come, whenever: nothing to time
+            message = await self.next_part(receive)
             received += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if received > self.max_bytes:
-                raise self.too_large()  # from inside the endpoint, answered by its RequestError handler
+                raise self.too_large()
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, guarded_receive, send)
+
+    async def next_part(self, receive):
+        try:
+            async with asyncio.timeout(min(self.timeout, DRAIN_STALL_SECONDS) if self.draining else self.timeout) as read:
+                self.reads.add(read)
+                return await receive()
+        except TimeoutError:
+            stall = f"{DRAIN_STALL_SECONDS:g} s once shutting down" if self.draining else f"{self.timeout:g} s (--body-timeout)"
+            detail = f"the body stopped arriving: nothing for {stall}"
+            raise RequestError(408, "request_timeout", detail) from None
+        finally:
+            self.reads.discard(read)
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with the guards an ASGI app cannot add, since they act before it is called:
+    a cap on open connections, and a deadline for each request's head. on_drain is called as SIGTERM starts the drain."""
+
+    def __init__(self, max_connections: int, head_timeout: float, on_drain, **uvicorn_args):
+        super().__init__(**uvicorn_args)
+        self.max_connections, self.head_timeout, self.on_drain = max_connections, head_timeout, on_drain
+        self.head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.refuse(503, "too_many_connections", f"{self.max_connections} connections are open (--max-connections)")
+        else:
+            self.expect_head()
+
+    def expect_head(self):
+        detail = f"the request head did not arrive within {self.head_timeout:g} s (--header-timeout)"
+        self.head_deadline = self.loop.call_later(self.head_timeout, self.refuse, 408, "request_timeout", detail)
+
+    def data_received(self, data: bytes):
+        if self.head_deadline is None and self.conn.their_state is h11.IDLE:
+            self.expect_head()  # the next request on a kept-alive connection has begun
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is in
+            self.stop_head_clock()
+
+    def stop_head_clock(self):
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def connection_lost(self, exc):
+        self.stop_head_clock()
+        super().connection_lost(exc)
+
+    def shutdown(self):
+        self.on_drain()  # uvicorn calls this on every connection as the drain begins
+        super().shutdown()
+
+    def refuse(self, status: int, error: str, detail: str):
+        """Answer before any request was read, and close. Written raw: no request means no h11 cycle to answer in."""
+        self.logger.warning("%s:%d - %d %s", *self.client, status, detail)
+        body = json.dumps({"error": error, "detail": detail}).encode()
+        head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        self.transport.write(f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+        self.transport.close()
 
 
 def error_response(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -615,7 +717,7 @@ def error_response(status: int, error: str, detail: str, headers: dict | None = 
 
 
 async def bad_request(request: Request, err: RequestError) -> JSONResponse:
-    return error_response(err.status, err.error, err.detail)
+    return error_response(err.status, err.error, err.detail, CLOSE if err.status in (408, 413) else None)
 
 
 async def invalid_parameters(request: Request, err: RequestValidationError) -> JSONResponse:

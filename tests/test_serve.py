@@ -1,11 +1,13 @@
 """scripts/serve.py as a user runs it: real uvicorn processes on 127.0.0.1, spoken to over HTTP. Answers equal what
 predict_audio.py and predict_detection.py give for the same files, concurrent requests share forward passes, bad
-requests get JSON 4xx errors and leave the server working, exported ONNX models are served, and SIGTERM lets the
-requests in flight finish before the process exits 0."""
+requests get JSON 4xx errors and leave the server working, exported ONNX models are served, SIGTERM lets the
+requests in flight finish before the process exits 0, and stalled clients are cut off: heads and bodies by timeouts,
+connections past the cap at once, and on SIGTERM without holding up the exit."""
 
 import asyncio
 import json
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from detection_model import model_config as detection_config_for
 from detection_model import save_model as save_detector
 from PIL import Image
 
-from benchmarks.serve_load import load_test
+from benchmarks.serve_load import Stallers, load_test
 
 RATE = 8000  # the test models' sample rate; clips are 1 s, so windows are 8000 samples every 4000
 LABELS = ["dog", "siren", "drill"]
@@ -184,7 +186,15 @@ def servers(models, tmp_path_factory):
         ),
         "detection": Server(models.detection, logs / "detection.log", "--max-body-mb", "1"),
         "audio_onnx": Server(models.audio_onnx, logs / "audio_onnx.log", "--max-wait-ms", "200"),
-        "detection_onnx": Server(models.detection_onnx, logs / "detection_onnx.log"),
+        "detection_onnx": Server(
+            models.detection_onnx, logs / "detection_onnx.log", "--header-timeout", "1", "--body-timeout", "1"
+        ),
+        # Stalls are cut only by the cap and by SIGTERM here; a request waits up to 2 s for company in its forward pass.
+        "guarded": Server(
+            models.audio_onnx,
+            logs / "guarded.log",
+            *"--max-connections 10 --max-wait-ms 2000 --header-timeout 60 --body-timeout 60 --drain-seconds 30".split(),
+        ),
     }
     yield started
     for server in started.values():  # SIGTERM to all first, so that they shut down side by side
@@ -492,6 +502,128 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(servers, models):
         httpx.get(server.url + "/health")
 
 
+# ----------------------------------------------------------------------------- odd files
+def wav_claiming(rate: int, path: Path) -> bytes:
+    """path's 16-bit WAV with its header's sample rate (and byte rate) rewritten to rate."""
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"fmt " and data[24:28] == struct.pack("<I", RATE)
+    data[24:32] = struct.pack("<II", rate, 2 * rate)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("rate", [100, 10**9])
+def test_a_wav_claiming_an_impossible_sample_rate_gets_422(servers, models, tmp_path, rate):
+    server = servers["audio"].wait_ready()
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(200, dtype=np.float32), RATE, subtype="PCM_16")  # 2 s at 100 Hz, 0.2 us at 1 GHz
+    answer = httpx.post(server.predict, content=wav_claiming(rate, short), headers={"content-type": "audio/wav"}, timeout=60)
+    assert answer.status_code == 422 and answer.json()["error"] == "undecodable_file", answer.text
+    assert str(rate) in answer.json()["detail"]
+
+
+def test_a_wav_at_an_odd_but_possible_rate_is_answered_at_once(servers, models):
+    """16001 Hz to the model's 8000 Hz: an exact resampler would build a 8000 x 16001 kernel (seconds, 0.5 GB)."""
+    server = servers["audio"].wait_ready()
+    began = time.monotonic()
+    answer = httpx.post(server.predict, content=wav_claiming(16001, models.wav), headers={"content-type": "audio/wav"})
+    assert answer.status_code in (200, 422) and time.monotonic() - began < 5, answer.text
+
+
+def test_audio_files_of_every_suffix_training_reads_are_accepted(servers, models, tmp_path):
+    server = servers["audio"].wait_ready()
+    aiff = tmp_path / "clip.aiff"
+    sf.write(aiff, 0.3 * np.sin(np.arange(RATE) / 5), RATE, format="AIFF")
+    answer = httpx.post(server.predict, files=[("files", (aiff.name, aiff.read_bytes(), "application/octet-stream"))])
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["path"] == "clip.aiff", answer.text
+    assert httpx.post(server.predict, **raw(aiff, "audio/aiff")).status_code == 200
+
+
+# ----------------------------------------------------------------------------- stalled clients
+HALF_HEAD = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"
+
+
+def half_body(data: bytes, media_type: str) -> bytes:
+    head = f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {media_type}\r\nContent-Length: {len(data)}\r\n\r\n"
+    return head.encode() + data[: len(data) // 2]
+
+
+def stall(server: Server, sent: bytes) -> socket.socket:
+    """A connection that sends `sent`, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10)
+    sock.sendall(sent)
+    return sock
+
+
+def until_closed(sock: socket.socket, seconds: float) -> bytes:
+    """All the server sends until it closes the connection; socket.timeout if it has not within `seconds`."""
+    sock.settimeout(seconds)
+    with sock:
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def status_and_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_stalled_head_or_body_gets_408_and_is_closed(servers, models):
+    server = servers["detection_onnx"].wait_ready()  # --header-timeout 1 --body-timeout 1
+    began = time.monotonic()
+    head, body = stall(server, HALF_HEAD), stall(server, half_body(models.grey.read_bytes(), "image/png"))
+    for sock, flag in ((head, "--header-timeout"), (body, "--body-timeout")):
+        status, answer = status_and_json(until_closed(sock, 10))
+        assert (status, answer["error"]) == (408, "request_timeout") and flag in answer["detail"], answer
+    assert time.monotonic() - began < 4  # 1 s, and the time to notice on a busy machine
+    assert httpx.post(server.predict, **raw(models.grey, "image/png")).status_code == 200
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_connections_past_the_cap_get_503_at_once(servers, models):
+    server = servers["guarded"].wait_ready()  # --max-connections 10
+    idle = [stall(server, b"") for _ in range(10)]
+    time.sleep(0.5)  # for the server to accept them all
+    status, answer = status_and_json(until_closed(stall(server, b""), 2))  # answered without sending a thing
+    assert (status, answer["error"]) == (503, "too_many_connections"), answer
+    for sock in idle:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/health").status_code != 200:
+        assert time.monotonic() < deadline, "the closed connections still count"
+        time.sleep(0.1)
+
+
+def test_sigterm_with_stalled_clients_answers_what_was_received_and_exits_at_once(servers, models):
+    """SIGTERM with 3 half-sent heads, 3 half-sent bodies and a whole request waiting for company in its forward
+    pass: the whole one is answered, the stalled ones dropped (408 for a body), and the process exits 0 within
+    seconds of --drain-seconds 30, with no traceback in its log."""
+    server = servers["guarded"].wait_ready()
+    heads = [stall(server, HALF_HEAD) for _ in range(3)]
+    bodies = [stall(server, half_body(models.wav.read_bytes(), "audio/wav")) for _ in range(3)]
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(httpx.post(server.predict, **raw(models.wav, "audio/wav"))))
+    client.start()
+    deadline = time.monotonic() + 20
+    while server.health()["in_flight"] < 4:  # 3 bodies being read, the whole request being answered
+        assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(0.05)
+    began = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=15) == 0
+    assert time.monotonic() - began < 6
+    client.join(timeout=10)
+    assert answers and answers[0].status_code == 200
+    for sock in bodies:
+        assert status_and_json(until_closed(sock, 5))[0] == 408
+    for sock in heads:
+        assert until_closed(sock, 5) == b""
+    log = server.log.read_text()
+    assert "Finished server process" in log and "Traceback" not in log and "Cancel" not in log
+
+
 def test_load_test_helper_is_bounded_and_counts_errors(servers, models):
     server = servers["detection"].wait_ready()
     report = load_test(server.url, [models.jpg, models.grey], clients=4, requests=12, processes=2)
@@ -500,3 +632,15 @@ def test_load_test_helper_is_bounded_and_counts_errors(servers, models):
     assert (refused["errors"], refused["error_kinds"]) == (4, {"415": 4})
     with pytest.raises(ValueError, match="loopback"):
         load_test("http://example.com:8000", [models.jpg])
+
+
+def test_stalled_connections_of_the_load_test_are_replaced_and_counted(servers, models):
+    server = servers["detection_onnx"].wait_ready()  # --header-timeout 1 --body-timeout 1
+    with Stallers(server.url, models.grey.read_bytes(), "image/png", 4) as stallers:
+        report = load_test(server.url, [models.grey], clients=2, requests=8, processes=1)
+        time.sleep(2.5)  # every stalled connection cut at least once, then its replacement
+    cut = stallers.report(time.perf_counter())
+    assert report["errors"] == 0 and stallers.opened >= 8
+    assert cut["stalled_cut"] >= 4 and cut["stalled_statuses"].keys() == {"408"} and 0.8 < cut["stalled_held_s"] < 3
+    with pytest.raises(ValueError, match="loopback"):
+        Stallers("http://example.com:8000", b"", "image/png", 1)
