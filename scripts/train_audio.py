@@ -64,7 +64,7 @@ from audio_model import (
 )
 from gather_folds import CV_FILE, describe, fold_problem, write_cv_metrics
 
-from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
+from shared.checkpoint import Checkpoints, GracefulStop, RunFolder, refuse_other_checkpoint
 from shared.metrics import load_metric
 from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
@@ -89,25 +89,12 @@ ALL_FOLDS = "all"
 # places to vary a clip's window, while the training cache stays at most this many times the clip length per clip.
 TRAIN_SPAN = 3
 
-# The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
-ORDER_AND_SCHEDULE_ARGS = (
-    "model",
-    "batch_size",
-    "nominal_batch_size",
-    "epochs",
-    "seed",
-    "lr",
-    "weight_decay",
-    "warmup_epochs",
-    "schedule",
-    "label_smoothing",
-    "clip_grad",
-    "mixup",
-    "class_weights",
-    "fold",
-    "val_fold",
-    "val_fraction",
-)
+# The arguments that fix what is trained, in which order and by which recipe: a resumed run must have the same ones.
+RECIPE_ARGS = (
+    "model", "nominal_batch_size", "epochs", "seed", "lr", "weight_decay", "warmup_epochs", "schedule", "label_smoothing",
+    "clip_grad", "mixup", "class_weights", "fold", "val_fold", "val_fraction", "no_augment", "freq_mask", "time_mask",
+    "time_shift", "speed", "gain_db", "noise_prob", "noise_volume", "sync_bn",
+)  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -305,6 +292,8 @@ def train_one_run(args, more_runs_follow: bool = False, stop: GracefulStop | Non
     data, config, weights = read_data_and_model_config(args)
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    fingerprint = run_fingerprint(accelerator, args, plan, data, config)
+    refuse_other_checkpoint(run, args.resume, fingerprint)  # before anything is decoded or written
     accelerator.init_trackers(TASK, config=flat_config(args))
     clips, noise = decode_clips(accelerator, args, data, config)
     if args.eval_only:
@@ -316,7 +305,7 @@ def train_one_run(args, more_runs_follow: bool = False, stop: GracefulStop | Non
         accelerator,
         run,
         keep=args.keep_checkpoints,
-        fingerprint=run_fingerprint(args, plan, data, config),
+        fingerprint=fingerprint,
         modules={"model": model},
         states={"optimizer": optimizer, "scheduler": scheduler},
     )
@@ -468,17 +457,28 @@ def build_training(accelerator, args, plan, clips, config, weights):
     return model, optimizer, scheduler, criterion, loaders, start_note
 
 
-def run_fingerprint(args, plan, data, config) -> dict:
-    """Anything here that differs on --resume would skip the wrong samples or jump the schedule."""
+def run_fingerprint(accelerator, args, plan, data, config) -> dict:
+    """Anything here that differs on --resume would train on other data, in another order or by another recipe."""
     return {
         "task": TASK,
         "labels": config["labels"],
         "processes": plan.processes,
-        "files": files_fingerprint({name: split.names for name, split in data.splits.items()}),
+        "batch_size": plan.batch_size,  # what --batch-size auto found
+        "mixed_precision": accelerator.mixed_precision,
+        **files_fingerprint({**{n: clip_items(s) for n, s in data.splits.items()}, "noise": list(map(Path, data.noise_files))}),
         "protocol": data.protocol,
         **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},
-        **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
+        **{k: getattr(args, k) for k in RECIPE_ARGS},
     }
+
+
+def clip_items(split) -> list[tuple]:
+    """Each clip as files_fingerprint takes it: its file (by content) and window, or its row of a Hub dataset (by the
+    dataset's fingerprint), and its class."""
+    if hasattr(split.sources, "fingerprint"):  # a Hub dataset's HubAudio
+        return [(split.sources.fingerprint(), i, t) for i, t in enumerate(split.targets.tolist())]
+    where = [(Path(s),) if isinstance(s, str) else (Path(s.path), s.start, s.frames) for s in split.sources]
+    return [(*w, t) for w, t in zip(where, split.targets.tolist(), strict=True)]
 
 
 def print_start(accelerator, args, plan, data, clips, config, model, train_dl, start_note):

@@ -70,7 +70,7 @@ from detection_model import (
 )
 from torchvision.transforms.v2 import functional as TF
 
-from shared.checkpoint import Checkpoints, RunFolder
+from shared.checkpoint import Checkpoints, RunFolder, refuse_other_checkpoint
 from shared.metrics import load_metric
 from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
@@ -123,8 +123,8 @@ HYP = {
     "max_det": 100,  # detections per image
 }
 
-# The arguments that fix the sample order and the schedule: a resumed run must have the same ones.
-ORDER_AND_SCHEDULE_ARGS = ("model", "batch_size", "nominal_batch_size", "epochs", "seed", "multi_scale", "val_fraction")
+# The arguments that fix what is trained, in which order and by which recipe (with HYP): a resumed run must have the same.
+RECIPE_ARGS = ("model", "nominal_batch_size", "epochs", "seed", "multi_scale", "val_fraction", "freeze", "no_augment", "sync_bn")
 
 
 def parse_args(argv=None):
@@ -214,6 +214,8 @@ def main(argv=None):
     config, weights = model_config_for(args, data, hyp)
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    fingerprint = run_fingerprint(accelerator, args, plan, data, config, hyp)
+    refuse_other_checkpoint(run, args.resume, fingerprint)  # before anything is written
     accelerator.init_trackers(TASK, config=flat_config(args))
     report_data(accelerator, args, data, config)
     if args.eval_only:
@@ -226,7 +228,7 @@ def main(argv=None):
         accelerator,
         run,
         keep=args.keep_checkpoints,
-        fingerprint=run_fingerprint(args, plan, data, config, hyp),
+        fingerprint=fingerprint,
         modules={"model": model, "ema": ema},
         states={"optimizer": optimizer, "scheduler": scheduler},
     )
@@ -302,16 +304,24 @@ def build_training(accelerator, args, plan, data, config, weights, hyp):
     return model, ema, optimizer, scheduler, datasets, loaders, start_note
 
 
-def run_fingerprint(args, plan, data, config, hyp) -> dict:
-    """Anything here that differs on --resume would skip the wrong samples or jump the schedule."""
+def run_fingerprint(accelerator, args, plan, data, config, hyp) -> dict:
+    """Anything here that differs on --resume would train on other data, in another order or by another recipe: each
+    image counts by its file's content (or its Hub dataset's fingerprint and row) and by its boxes and classes."""
+    hub = {split: dataset._fingerprint for split, dataset in data.hub.items()}
+    images = {
+        split: [(hub.get(split), s.source if split in hub else Path(s.source), s.boxes, s.labels) for s in samples]
+        for split, samples in data.splits.items()
+    }
     return {
         "task": TASK,
         "labels": config["labels"],
         "processes": plan.processes,
+        "batch_size": plan.batch_size,  # what --batch-size auto found
+        "mixed_precision": accelerator.mixed_precision,
         "hyp": hyp,
         "img_size": config["img_size"],
-        "files": files_fingerprint({split: [str(s.source) for s in samples] for split, samples in data.splits.items()}),
-        **{k: getattr(args, k) for k in ORDER_AND_SCHEDULE_ARGS},
+        **files_fingerprint(images),
+        **{k: getattr(args, k) for k in RECIPE_ARGS},
     }
 
 

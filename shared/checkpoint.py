@@ -233,6 +233,17 @@ class Checkpoints:
             self.accelerator.print(f"discarded this run's newer checkpoints {', '.join(p.name for p in newer)}")
 
 
+def refuse_other_checkpoint(run: RunFolder, resume: str | None, fingerprint: dict):
+    """What Checkpoints.resume refuses, refused from progress.json alone: a script calls this before it decodes data
+    or writes anything (logs/, data_report.json), so that a refused --resume leaves the folder as it was."""
+    if resume is None:
+        return
+    checkpoints = Checkpoints(None, run, keep=1, fingerprint=fingerprint, modules={}, states={})
+    path = checkpoints._find(resume)
+    if path is not None:
+        checkpoints._refuse_other_runs(path, _read_progress(path))
+
+
 def _read_progress(path: Path) -> dict | None:
     try:
         return json.loads((Path(path) / PROGRESS).read_text())
