@@ -24,8 +24,8 @@ accelerate_configs/slurm_folds_array.sbatch, then scripts/gather_folds.py OUTPUT
 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py scripts/gather_folds.py
-    shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
-    shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
+    shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/preemption.py
+    shared/results.py shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
     shared/metrics/classification/classification.py
 """
 
@@ -36,6 +36,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
+from shared.preemption import end_with_the_launcher
+
+end_with_the_launcher()  # first: a SIGTERM during the imports, data scan and decoding below ends the run too
 
 import numpy as np
 import torch
@@ -291,7 +294,7 @@ def train_one_run(args, more_runs_follow: bool = False, stop: GracefulStop | Non
     group of a DDP launch for the next run in this process (the folds of --fold all), which share one stop."""
     data, config, weights = read_data_and_model_config(args)
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
-    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite, data=args.data)
     fingerprint = run_fingerprint(accelerator, args, plan, data, config)
     refuse_other_checkpoint(run, args.resume, fingerprint)  # before anything is decoded or written
     accelerator.init_trackers(TASK, config=flat_config(args))

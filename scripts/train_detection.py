@@ -18,8 +18,8 @@ ground_truth_{split}.json (COCO, for re-checking with pycocotools), curves.png, 
 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_detection.py scripts/detection_data.py scripts/detection_model.py
-    shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/results.py
-    shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
+    shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/preemption.py
+    shared/results.py shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
     shared/metrics/coco_map/coco_map.py
 """
 
@@ -31,6 +31,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
+from shared.preemption import end_with_the_launcher
+
+end_with_the_launcher()  # first: a SIGTERM during the imports, data scan and decoding below ends the run too
 
 import numpy as np
 import torch
@@ -213,7 +216,7 @@ def main(argv=None):
     data = load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
     config, weights = model_config_for(args, data, hyp)
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
-    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite, data=args.data)
     fingerprint = run_fingerprint(accelerator, args, plan, data, config, hyp)
     refuse_other_checkpoint(run, args.resume, fingerprint)  # before anything is written
     accelerator.init_trackers(TASK, config=flat_config(args))

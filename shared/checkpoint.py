@@ -10,9 +10,9 @@ run's main process while it lives. A checkpoint is OUTPUT_DIR/checkpoints/step_<
 
 The .pt files hold plain tensors, numbers and containers and are read with torch.load(weights_only=True),
 which refuses anything else; nothing on the load path unpickles arbitrary objects. A checkpoint is written
-under a temporary name and renamed when complete, so a kill while saving leaves the previous one as it was."""
+under a temporary name and renamed when complete, and renamed again before it is deleted, so a kill while saving or
+pruning leaves the others as they were, and a step_* folder that cannot be read was changed afterwards."""
 
-import ctypes
 import fcntl
 import json
 import os
@@ -23,6 +23,7 @@ import signal
 import socket
 import time
 import uuid
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -34,28 +35,40 @@ from safetensors.torch import load_file, save_file
 PROGRESS = "progress.json"
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
+# Everything either training script writes at the top of OUTPUT_DIR (fold_K/: a run of --fold all), as fnmatch
+# patterns: --overwrite deletes these and nothing else.
+RUN_OUTPUTS = (
+    RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "results.csv", "metrics.json", "cv_metrics.json", "*.json.tmp",
+    "model", "checkpoints", "logs", "fold_[0-9]*", "curves.png", "confusion_matrix.png", "labels.png",
+    "val_predictions.png", "predictions_*.json", "ground_truth_*.json",
+)  # fmt: skip
+# Written before the first epoch, so all a run stopped on bad data leaves: a fresh run may take their place.
+BEFORE_TRAINING = (RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "*.json.tmp", "logs", "labels.png")
 
 
 class RunFolder:
     """The output folder of one run. A fresh run never writes into a folder that holds another run:
-    it stops unless the user says --resume (continue that run) or --overwrite (delete it first)."""
+    it stops unless the user says --resume (continue that run) or --overwrite (delete it first). --overwrite deletes
+    only run outputs, and nothing at all when the folder holds anything else or `data` (the --data path)."""
 
-    def __init__(self, accelerator: Accelerator, directory: Path, *, resume: str | None, overwrite: bool):
+    def __init__(
+        self, accelerator: Accelerator, directory: Path, *, resume: str | None, overwrite: bool, data: str | Path | None = None
+    ):
         self.directory = Path(directory)
         self._lock = None
         run_id = None
         if accelerator.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._lock = _hold_lock(self.directory)
-            run_id = self._claim(resume, overwrite)
+            run_id = self._claim(resume, overwrite, data)
         # Every process must name the same run, and only the main process has read the folder.
         self.run_id = broadcast_object_list([run_id])[0] if accelerator.num_processes > 1 else run_id
 
-    def _claim(self, resume: str | None, overwrite: bool) -> str:
-        held = self.held_run()
-        if held and overwrite:
+    def _claim(self, resume: str | None, overwrite: bool, data: str | Path | None) -> str:
+        if overwrite:
+            self._refuse_to_delete_others(data)
             self._clear()
-            held = []
+        held = self.held_run()
         if held and resume is None:
             raise SystemExit(
                 f"{self.directory} already holds a run ({', '.join(held)}). Continue it with --resume, "
@@ -64,26 +77,67 @@ class RunFolder:
         run_file = self.directory / RUN_FILE
         if resume is not None and run_file.is_file():
             return json.loads(run_file.read_text())["run_id"]
-        if held:  # results without a run.json: written by an older version, which cannot be resumed
+        if held:  # outputs without a run.json (a model/ copied in, an older version's run): nothing to resume
             raise SystemExit(f"{self.directory} holds a run ({', '.join(held)}) that --resume cannot continue; use --overwrite")
         run_id = uuid.uuid4().hex[:12]
-        run_file.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+        tmp = run_file.with_suffix(".json.tmp")  # renamed when complete: a kill never leaves half a run.json
+        tmp.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+        os.replace(tmp, run_file)
         return run_id
 
     def held_run(self) -> list[str]:
-        """What in the folder shows that a run has trained there (a run.json alone is a run that stopped
-        before its first epoch, on bad data say: a fresh run may take its place)."""
-        marks = ["metrics.json", "results.csv"]
-        held = [m for m in marks if (self.directory / m).exists()]
-        if any((self.directory / "checkpoints").glob("step_*")):
-            held.append("checkpoints/")
-        return held
+        """The run outputs in the folder that show a run got past its start (see BEFORE_TRAINING)."""
+        return [_shown(p, self.directory) for p in _run_outputs(self.directory) if not _matches(p.name, BEFORE_TRAINING)]
+
+    def _refuse_to_delete_others(self, data: str | Path | None):
+        """Checked before anything is deleted: the data trained on, and files no run writes, are never deleted."""
+        if data is not None and Path(data).exists() and _inside(Path(data), self.directory):
+            raise SystemExit(
+                f"--overwrite refused: --data {data} lies inside --output-dir {self.directory}, which --overwrite clears. "
+                "Nothing was deleted; pick an --output-dir outside the data."
+            )
+        others = _not_run_outputs(self.directory)
+        if others:
+            names = [_shown(p, self.directory) for p in others]
+            listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            raise SystemExit(
+                f"--overwrite refused: {self.directory} holds files no run writes: {listed}. --overwrite deletes only run "
+                "outputs (run.json, results.csv, model/, checkpoints/, ...). Nothing was deleted; move those files "
+                "elsewhere, or pick another --output-dir."
+            )
 
     def _clear(self):
-        for entry in self.directory.iterdir():
-            if entry.name == LOCK_FILE:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in _run_outputs(self.directory):
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch(name, pattern) for pattern in patterns)
+
+
+def _run_outputs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if _matches(p.name, RUN_OUTPUTS))
+
+
+def _not_run_outputs(directory: Path) -> list[Path]:
+    """Entries of the folder no run writes, also inside its fold_K/ runs."""
+    found = []
+    for entry in sorted(directory.iterdir()):
+        if not _matches(entry.name, RUN_OUTPUTS):
+            found.append(entry)
+        elif entry.name.startswith("fold_") and entry.is_dir():
+            found += _not_run_outputs(entry)
+    return found
+
+
+def _shown(path: Path, folder: Path) -> str:
+    return f"{path.relative_to(folder)}{'/' if path.is_dir() else ''}"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _hold_lock(directory: Path):
@@ -132,10 +186,10 @@ class Checkpoints:
         if acc.is_main_process:
             record = {**progress, "run_id": self.run_id, "fingerprint": self.fingerprint}
             (tmp / PROGRESS).write_text(json.dumps(record, indent=2) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
+            _discard(final)
             os.replace(tmp, final)
             for old in self.completed()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         acc.wait_for_everyone()
         return final
 
@@ -149,12 +203,12 @@ class Checkpoints:
         torch.save(states, folder / "state.pt")
 
     def completed(self) -> list[Path]:
-        """This run's finished checkpoints, oldest first. Interrupted saves and other runs' checkpoints are
-        ignored, so pruning and "latest" never touch them."""
+        """This run's finished checkpoints, oldest first. Interrupted saves and other runs' checkpoints are ignored,
+        so pruning and "latest" never touch them; an unreadable step_* folder stops the run, named."""
         found = []
         for path in self.directory.glob("step_*"):
             progress = _read_progress(path)
-            if progress is not None and progress.get("run_id") == self.run_id:
+            if progress["run_id"] == self.run_id:
                 found.append((progress["step"], path))
         return [path for _, path in sorted(found)]
 
@@ -183,7 +237,7 @@ class Checkpoints:
             found = self.completed()
             return found[-1] if found else None
         path = Path(resume)
-        if _read_progress(path) is None:
+        if not (path / PROGRESS).is_file():
             raise SystemExit(
                 f"--resume {path}: not a checkpoint folder (no {PROGRESS}); "
                 f"pass one of {self.directory}/step_* or plain --resume for the latest"
@@ -228,7 +282,7 @@ class Checkpoints:
     def _discard_newer_than(self, step: int):
         newer = [p for p in self.completed() if _read_progress(p)["step"] > step]
         for path in newer:
-            shutil.rmtree(path)
+            _discard(path)
         if newer:
             self.accelerator.print(f"discarded this run's newer checkpoints {', '.join(p.name for p in newer)}")
 
@@ -244,11 +298,30 @@ def refuse_other_checkpoint(run: RunFolder, resume: str | None, fingerprint: dic
         checkpoints._refuse_other_runs(path, _read_progress(path))
 
 
-def _read_progress(path: Path) -> dict | None:
+def _read_progress(path: Path) -> dict:
+    """A step_* folder gets its name only when its save is complete, so a progress.json that cannot be read was
+    changed afterwards (or written by another version): stop and name it, rather than fall back to an older one."""
+    file = Path(path) / PROGRESS
     try:
-        return json.loads((Path(path) / PROGRESS).read_text())
-    except (OSError, ValueError):
-        return None
+        progress = json.loads(file.read_text())
+        missing = [k for k in ("run_id", "step", "epoch", "batch_in_epoch") if k not in progress]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(
+            f"checkpoint {path} is damaged: {file} cannot be read ({err}). Checkpoints are named step_* only once "
+            "complete, so it was changed after it was saved. Delete the folder (or restore the file), then run again."
+        ) from None
+    return progress
+
+
+def _discard(checkpoint: Path):
+    """Rename, then delete: a kill half way through never leaves a damaged step_* folder."""
+    doomed = checkpoint.with_name(f".discarded_{checkpoint.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    if checkpoint.exists():
+        os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _safe_load(path: Path):
@@ -288,31 +361,16 @@ def _set_rng_state(saved: dict):
 
 
 class GracefulStop:
-    """SIGTERM (preemption) or a first Ctrl-C asks the run to save a checkpoint and exit; a second Ctrl-C aborts."""
+    """SIGTERM (preemption) or a first Ctrl-C asks the run to save a checkpoint and exit; a second Ctrl-C aborts.
+    Before it is installed SIGTERM ends the process at once; shared.preemption, called first by each training
+    script, has a one-process `accelerate launch` send it to the script when the launcher dies."""
 
     def __init__(self):
         self.requested = False
         signal.signal(signal.SIGTERM, self._request)
         signal.signal(signal.SIGINT, self._request)
-        _term_when_the_accelerate_launcher_dies()
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-
-
-def _term_when_the_accelerate_launcher_dies():
-    """A single-process `accelerate launch` runs the script as a child and does not pass SIGTERM on: when
-    the launcher is killed the script would be orphaned and never checkpoint. Ask the kernel to send us
-    SIGTERM when that parent dies (Linux). Other parents (a shell, torchrun) are left alone, so `nohup` works."""
-    if "WORLD_SIZE" in os.environ:  # torchrun and the multi-process launcher forward signals themselves
-        return
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return
-    names = [os.path.basename(part) for part in parent[:3]]
-    if b"accelerate.commands.launch" in parent or (b"accelerate" in names and b"launch" in parent):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
