@@ -342,6 +342,39 @@ def speech_section(results: dict) -> list[str]:
     ]
 
 
+def chaos_section(results: dict) -> list[str]:
+    """The audio run SIGKILLed again and again (benchmarks/chaos.py); none in a run made without it."""
+    chaos = results.get("chaos")
+    if chaos is None:
+        return []
+    return [
+        f"## kill -9 at random moments: {chaos['kills']} kills, each followed by the same command plus --resume",
+        "",
+        f"`{chaos['command']}`, against the same command run once uninterrupted ({chaos['reference_wall']:.0f} s: "
+        + ", ".join(f"{event} at {at:.1f} s" for event, at in chaos["reference_timeline"].items())
+        + "). Each kill aims at a moment of that run, one drawn uniformly in each of equal slices of its span from the "
+        "start of decoding to metrics.json, as the progress reached then plus the time since, and SIGKILLs the process "
+        "group; a start that resumes past that progress is killed that long after it resumed.",
+        "",
+        "| start | aimed at | landed in | resumed from | s |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {r['aimed']} | {r['landed']} | {r['resume']} | {r['seconds']:.1f} |" for n, r in enumerate(chaos["records"])),
+        "",
+        chaos_verdict(chaos),
+        "",
+    ]
+
+
+def chaos_verdict(chaos: dict) -> str:
+    if not chaos["finished"]:
+        return "**The run did not finish**: see the last start's log."
+    return (
+        f"All starts took {chaos['killed_wall']:.0f} s. Against the uninterrupted run: max abs weight difference "
+        f"(model/ and the last checkpoint) **{chaos['max_weight_difference']:g}**; results.csv rows (timing columns "
+        f"aside) equal: **{chaos['results_equal']}**; metrics.json (throughput aside) equal: **{chaos['metrics_equal']}**."
+    )
+
+
 def compile_row(results: dict) -> list[str]:
     """The torch.compile probe's row of the step table; none in a --quick run, which does not probe."""
     probe = results.get("compile")
@@ -414,11 +447,12 @@ SECTIONS = (
     export_section,
     peer_section,
     speech_section,
+    chaos_section,
     commands_section,
 )
 
 
-PEER_ONLY_SECTIONS = (header, peer_section, speech_section, commands_section)  # run.py --only peer
+PEER_ONLY_SECTIONS = (header, peer_section, speech_section, chaos_section, commands_section)  # run.py --only peer|chaos
 
 
 def render(results: dict) -> str:

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --quick --output /tmp/RESULTS_quick.md  # smoke run, a few minutes
     .venv/bin/python benchmarks/run.py --only peer --peer-epochs 20 --peer-scale 0.5 --output /tmp/RESULTS_peer.md
                                                                                # the peer comparisons only, ~30 min
+    .venv/bin/python benchmarks/run.py --only chaos --output /tmp/RESULTS_chaos.md  # kill -9 x 20 only, a few minutes
 
 One process tree: this script writes the benchmark data once (benchmarks/.work/), then runs
 scripts/train_audio.py, scripts/train_detection.py and the baselines in benchmarks/ one after the
@@ -17,9 +18,10 @@ exact commands and the machine) is rendered from that file by benchmarks/report.
 
 Modules: training_runs.py (the subprocess runs and the decode cache), resnet_steps.py (in-process step
 tables, the 4 s ceiling, profiles, torch.compile), coco_timing.py, serving.py (serve.py under load, export_model.py
-parity and latency), compute.py, datagen.py, report.py; after those, the comparisons with the tools users would
-pick instead on held-out data: peer.py with peer_ultralytics.py and heldout_detection.py (ultralytics, in its own
-venv benchmarks/.peer-venv), speech_comparison.py with heldout_speech.py (the walk-through's audio pipeline)."""
+parity and latency), compute.py, datagen.py, chaos.py (an audio run SIGKILLed 20 times), report.py; after those,
+the comparisons with the tools users would pick instead on held-out data: peer.py with peer_ultralytics.py and
+heldout_detection.py (ultralytics, in its own venv benchmarks/.peer-venv), speech_comparison.py with heldout_speech.py
+(the walk-through's audio pipeline)."""
 
 import argparse
 import contextlib
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 import audio_loaders
+import chaos
 import coco_timing
 import compute
 import datagen
@@ -69,6 +72,7 @@ FULL = {
     "coco_reps": 3,
     "knob_steps": 5,
     "compile": True,
+    "chaos_kills": 20,
     "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
     "serve_requests": 512,
     "peer": {"train": 800, "val": 150, "test": 250, "size": 320, "epochs": [20, 50]},
@@ -86,6 +90,7 @@ QUICK = {
     "coco_reps": 1,
     "knob_steps": 2,
     "compile": False,
+    "chaos_kills": 3,
     "serve_clients": 16,
     "serve_requests": 64,
     "only_s1_complete": True,
@@ -101,7 +106,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny data, one repetition, no --compile probe: a smoke run")
     p.add_argument("--work-dir", type=Path, default=HERE / ".work", help="benchmark data, caches and run folders")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every run (launchkit's default here)")
-    p.add_argument("--only", choices=["all", "peer"], default="all", help="peer: only the comparisons with the peer tools")
+    p.add_argument(
+        "--only",
+        choices=["all", "peer", "chaos"],
+        default="all",
+        help="peer: only the comparisons with the peer tools; chaos: only the kill -9 run",
+    )
     p.add_argument("--peer-epochs", type=int, nargs="+", help="the detection comparison's epoch counts (default 20 50)")
     p.add_argument("--peer-scale", type=float, default=1.0, help="scale the held-out detection set's image counts")
     return p.parse_args(argv)
@@ -268,7 +278,10 @@ def main(argv=None):
     results["commands"] = []
     if args.only == "all":
         measure_launchkit(args, cfg, work, started, results)
-    compare_with_peers(args, cfg, work, results)
+    if args.only in ("all", "chaos"):  # after the 10-minute budget, before the long peer runs
+        results["chaos"] = chaos.benchmark(work, cfg["chaos_kills"])
+    if args.only in ("all", "peer"):
+        compare_with_peers(args, cfg, work, results)
     results["load"].append(os.getloadavg()[0])
     results["wall"] = time.perf_counter() - started
 
