@@ -37,6 +37,9 @@ def build_once(array: Path, build: Callable[[Callable[[bytes], None]], dict]) ->
         if record is None:
             if damage:
                 print(f"cache entry {array} is damaged ({damage}); building it again", flush=True)
+            # Temporary files of a build that was killed (kill -9 leaves them): only the lock holder builds this entry.
+            for stale in [*array.parent.glob(f".{array.name}.*"), *array.parent.glob(f".{manifest.name}.*")]:
+                stale.unlink(missing_ok=True)
             record = _build(array, manifest, build)
     return record
 

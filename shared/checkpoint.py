@@ -38,9 +38,9 @@ LOCK_FILE = ".lock"
 # Everything either training script writes at the top of OUTPUT_DIR (fold_K/: a run of --fold all), as fnmatch
 # patterns: --overwrite deletes these and nothing else.
 RUN_OUTPUTS = (
-    RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "results.csv", "metrics.json", "cv_metrics.json", "*.json.tmp",
-    "model", "checkpoints", "logs", "fold_[0-9]*", "curves.png", "confusion_matrix.png", "labels.png",
-    "val_predictions.png", "predictions_*.json", "ground_truth_*.json",
+    RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "results.csv", "metrics.json", "cv_metrics.json",
+    "*.json.tmp", "results.csv.tmp", "model", "checkpoints", "logs", "fold_[0-9]*", "curves.png", "confusion_matrix.png",
+    "labels.png", "val_predictions.png", "predictions_*.json", "ground_truth_*.json",
 )  # fmt: skip
 # Written before the first epoch, so all a run stopped on bad data leaves: a fresh run may take their place.
 BEFORE_TRAINING = (RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "*.json.tmp", "logs", "labels.png")
@@ -190,6 +190,9 @@ class Checkpoints:
             os.replace(tmp, final)
             for old in self.completed()[: -self.keep]:
                 _discard(old)
+            # What a kill -9 during an earlier save or prune left (this run holds the folder's lock: none is in use).
+            for leftover in [*self.directory.glob(".tmp_step_*"), *self.directory.glob(".discarded_step_*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 

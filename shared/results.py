@@ -1,6 +1,7 @@
 """results.csv (a row per epoch) and TensorBoard scalars, written by the main process."""
 
 import csv
+import os
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -15,9 +16,15 @@ class ResultsLog:
         """On resume, drop rows of epochs the checkpoint had not finished, so no epoch appears twice."""
         if self.accelerator.is_main_process and self.path.exists():
             rows = [r for r in self.rows() if int(r["epoch"]) < epoch]
-            self.path.unlink()
-            for row in rows:
-                self._append(row)
+            if not rows:
+                self.path.unlink()
+                return
+            tmp = self.path.with_name(self.path.name + ".tmp")  # renamed when complete: a kill never loses a row
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
 
     def add(self, row: dict, step: int):
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}

@@ -72,3 +72,6 @@ def test_sigkill_while_decoding_mid_epoch_and_in_the_final_test_changes_nothing(
     assert max_weight_difference(tmp_path / "reference", tmp_path / "killed") == 0
     assert results_without_timing(tmp_path / "killed") == results_without_timing(tmp_path / "reference")
     assert metrics_without_timing(tmp_path / "killed") == metrics_without_timing(tmp_path / "reference")
+    # Nothing half-written stays behind: the next save or cache build removes what a kill interrupted.
+    leftovers = [*(tmp_path / "killed" / "checkpoints").glob(".*"), *(tmp_path / "cache_killed").rglob(".*")]
+    assert leftovers == [], leftovers
