@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find_executable_batch_size, set_seed
 
@@ -92,6 +93,37 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
         "--checkpoint-steps", type=int, default=0, help="also save a checkpoint every N optimizer steps (0: only at epoch ends)"
     )
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
+
+
+def add_recipe_args(parser: argparse.ArgumentParser, recipe: dict[str, tuple]):
+    """recipe: {key: (default, help)}, the dict at the top of a training script. Each key becomes a flag (warmup_epochs:
+    --warmup-epochs); --recipe FILE.yaml overrides the defaults, and a flag given overrides both."""
+    g = parser.add_argument_group("recipe (defaults: the RECIPE dict at the top of the script)")
+    g.add_argument(
+        "--recipe", "--hyp", type=Path, default=None, metavar="FILE.yaml", help="YAML of recipe keys (as below, with _)"
+    )
+    for key, (default, text) in recipe.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
+        else:
+            g.add_argument(flag, type=type(default), default=None, help=f"{text} (default {default})")
+
+
+def resolve_recipe(args, recipe: dict[str, tuple], renamed: dict[str, str] | None = None) -> dict:
+    """The recipe in force, also set on args: the script's defaults, then the --recipe file (its old key names in
+    `renamed` still accepted), then the flags given."""
+    values = {key: default for key, (default, _) in recipe.items()}
+    if args.recipe is not None:
+        override = yaml.safe_load(Path(args.recipe).read_text()) or {}
+        override = {(renamed or {}).get(k, k): v for k, v in override.items()}
+        unknown = sorted(set(override) - set(recipe))
+        if unknown:
+            raise SystemExit(f"--recipe {args.recipe}: unknown keys {unknown}; valid keys are {', '.join(recipe)}")
+        values.update(override)
+    values.update({key: getattr(args, key) for key in recipe if getattr(args, key) is not None})
+    vars(args).update(values)
+    return values
 
 
 def _batch_size(value: str):
