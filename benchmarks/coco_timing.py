@@ -1,9 +1,10 @@
 """COCO mAP evaluation time: the same synthetic predictions scored by each backend, by COCOeval directly and
-through launchkit's evaluate module. `import shared` resolves because benchmarks/run.py puts the repository
-on sys.path."""
+through launchkit's evaluate module. `import metrics` resolves because benchmarks/run.py puts scripts/ on
+sys.path."""
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -40,12 +41,12 @@ def synthetic_detections(images: int) -> tuple[list[dict], list[dict]]:
 
 def coco_benchmark(images: int, reps: int) -> dict:
     """Median seconds of each backend over `reps` runs, by COCOeval and through the module, and the mAP."""
-    from shared.metrics import load_metric
-    from shared.metrics.coco_map.coco_map import coco_dicts, evaluate_coco
+    import evaluate
+    from metrics.coco_map.coco_map import coco_dicts, evaluate_coco
 
     predictions, references = synthetic_detections(images)
     gt, results = coco_dicts(predictions, references)
-    metric = load_metric("coco_map")
+    metric = evaluate.load(str(Path(__file__).resolve().parents[1] / "scripts" / "metrics" / "coco_map"))
     out = {"images": images, "detections": len(results)}
     for backend in BACKENDS:
         raw, module = [], []

@@ -112,7 +112,7 @@ def test_ground_truth(data_yaml: Path) -> dict:
 
 def score(gt: dict, predictions: list[dict]) -> dict:
     """pycocotools mAP of test predictions, matched to images by file name."""
-    from shared.metrics.coco_map.coco_map import evaluate_coco
+    from metrics.coco_map.coco_map import evaluate_coco
 
     ids = {Path(im["file_name"]).name: im["id"] for im in gt["images"]}
     results = [

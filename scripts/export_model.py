@@ -83,6 +83,7 @@ from detection_data import (
 )
 from detection_model import TASK as DETECTION_TASK
 from detection_model import load_model as load_detection_model
+from evaluate import load as load_metric
 from predict_audio import find_audio, window_starts, windows
 from predict_detection import find_images
 from torch import nn
@@ -90,7 +91,6 @@ from torch.export.pt2_archive import PT2ArchiveReader
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
-from shared.metrics import load_metric
 from shared.model_io import load_pretrained
 from shared.runtime import write_json
 
@@ -514,7 +514,7 @@ class DetectionTask:
                 "of FCOS detectors only (fcos_tiny, fcos_resnet50_fpn)"
             )
         self.exportable = FCOSWithPostprocess(self.reference, self.size).eval()
-        self.metric = load_metric("coco_map")
+        self.metric = load_metric(str(Path(__file__).resolve().parent / "metrics" / "coco_map"))
 
     def example(self, batch: int) -> torch.Tensor:
         return torch.full((batch, 3, self.size, self.size), PAD_VALUE / 255)

@@ -25,8 +25,8 @@ accelerate_configs/slurm_folds_array.sbatch, then scripts/gather_folds.py OUTPUT
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py scripts/gather_folds.py
     shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/preemption.py
-    shared/results.py shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
-    shared/metrics/classification/classification.py
+    shared/results.py shared/runtime.py shared/schedule.py shared/training.py
+    scripts/metrics/classification/classification.py
 """
 
 import argparse
@@ -65,10 +65,10 @@ from audio_model import (
     save_model,
     use_tiny_map_convs,
 )
+from evaluate import load as load_metric
 from gather_folds import CV_FILE, describe, fold_problem, write_cv_metrics
 
 from shared.checkpoint import Checkpoints, GracefulStop, RunFolder, refuse_other_checkpoint
-from shared.metrics import load_metric
 from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
 from shared.results import ResultsLog
@@ -86,6 +86,7 @@ from shared.runtime import (
 from shared.schedule import build_scheduler
 from shared.training import RunState, TrainingLoop, optimizer_step, parameter_groups
 
+METRIC = Path(__file__).resolve().parent / "metrics" / "classification"  # an evaluate module, loaded by path
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
 ALL_FOLDS = "all"
 # Training clips keep up to TRAIN_SPAN x --clip-seconds of their audio in the cache, for random crops: enough
@@ -730,7 +731,7 @@ def evaluate(model, loader, accelerator, labels: list[str]) -> dict:
         preds.append(pred)
         refs.append(ref)
         losses.append(loss)
-    metric = load_metric("classification")
+    metric = load_metric(str(METRIC))
     result = metric.compute(predictions=torch.cat(preds).tolist(), references=torch.cat(refs).tolist(), labels=labels)
     result["loss"] = torch.cat(losses).mean().item()
     return result

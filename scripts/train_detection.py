@@ -19,8 +19,8 @@ ground_truth_{split}.json (COCO, for re-checking with pycocotools), curves.png, 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_detection.py scripts/detection_data.py scripts/detection_model.py
     shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/preemption.py
-    shared/results.py shared/runtime.py shared/schedule.py shared/training.py shared/metrics/__init__.py
-    shared/metrics/coco_map/coco_map.py
+    shared/results.py shared/runtime.py shared/schedule.py shared/training.py
+    scripts/metrics/coco_map/coco_map.py
 """
 
 import argparse
@@ -71,10 +71,10 @@ from detection_model import (
     save_model,
     set_postprocess,
 )
+from evaluate import load as load_metric
 from torchvision.transforms.v2 import functional as TF
 
 from shared.checkpoint import Checkpoints, RunFolder, refuse_other_checkpoint
-from shared.metrics import load_metric
 from shared.model_io import label_index, load_pretrained, load_weights, start_from, write_model_card
 from shared.plots import plot_curves
 from shared.results import ResultsLog
@@ -92,6 +92,7 @@ from shared.runtime import (
 from shared.schedule import build_scheduler
 from shared.training import RunState, TrainingLoop, optimizer_step, parameter_groups
 
+METRIC = Path(__file__).resolve().parent / "metrics" / "coco_map"  # an evaluate module, loaded by path
 MAP_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
 
 # The recipe in one place; --hyp FILE.yaml overrides any of these keys.
@@ -354,7 +355,7 @@ def describe_cache(cache) -> str:
 
 
 def train(accelerator, args, loop, model, ema, optimizer, scheduler, datasets, loaders, results, config, hyp):
-    model_dir, metric = args.output_dir / "model", load_metric("coco_map")
+    model_dir, metric = args.output_dir / "model", load_metric(str(METRIC))
     warmup_steps = round(hyp["warmup_epochs"] * math.ceil(len(loaders["train"]) / accelerator.gradient_accumulation_steps))
     for epoch in loop.epochs():
         model.train()
@@ -452,7 +453,7 @@ def evaluate_saved_model(accelerator, args, plan, data, config, weights, hyp):
 
 def score_splits(accelerator, args, model, datasets, loaders, config) -> dict:
     """mAP on val and test; the predictions as COCO results beside a COCO ground truth, so anyone can re-check."""
-    metric, scores = load_metric("coco_map"), {}
+    metric, scores = load_metric(str(METRIC)), {}
     for split in ("val", "test"):
         if split not in loaders:
             continue

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import evaluate
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,11 @@ def caches_in_a_folder_of_the_session(tmp_path_factory):
     """The decode caches of every run the tests start (and of the scripts' default --cache-dir) go to a folder of this
     test session, not to the user's ~/.cache."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
+def load_metric(name: str):
+    """One of the evaluate modules the training scripts load by path (scripts/metrics/NAME)."""
+    return evaluate.load(str(REPO / "scripts" / "metrics" / name))
 
 
 def free_port() -> int:

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from shared.metrics import load_metric
+from conftest import load_metric
 
 
 @pytest.fixture(scope="module")

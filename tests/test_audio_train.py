@@ -15,10 +15,8 @@ import soundfile as sf
 import torch
 from audio_data import CachedClips, load_audio_data
 from audio_model import load_model
-from conftest import REPO, run_script, script_env
+from conftest import REPO, load_metric, run_script, script_env
 from safetensors.torch import load_file
-
-from shared.metrics import load_metric
 
 FAST = ["--sample-rate", 8000, "--n-mels", 32, "--workers", 0]
 NOT_COMPARABLE = {"seconds", "train_samples_per_second"}

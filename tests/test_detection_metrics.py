@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import load_metric
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from shared.metrics import load_metric
 
 
 def random_detections(seed=0, images=40, classes=4):
