@@ -72,7 +72,7 @@ class RunFolder:
         if held and resume is None:
             raise SystemExit(
                 f"{self.directory} already holds a run ({', '.join(held)}). Continue it with --resume, "
-                "start it again from scratch with --overwrite (deletes it), or pick another --output-dir."
+                "start it again from scratch with --overwrite (deletes its outputs), or pick another --output-dir."
             )
         run_file = self.directory / RUN_FILE
         if resume is not None and run_file.is_file():
@@ -260,8 +260,8 @@ class Checkpoints:
                 f"  {k}: {_short(saved.get(k))} in the checkpoint, {_short(self.fingerprint.get(k))} now" for k in differ
             )
             raise SystemExit(
-                f"--resume refused: {path} was written by a run with other settings that fix the sample order "
-                f"or the schedule:\n{lines}\nResume with the original arguments (see {self.directory.parent / 'args.json'}), "
+                f"--resume refused: {path} was written with other settings or data, which would change what is "
+                f"trained:\n{lines}\nResume with the original arguments (see {self.directory.parent / 'args.json'}), "
                 "or start a new run with --overwrite or another --output-dir."
             )
 
