@@ -25,73 +25,40 @@ SAMPLED_BYTES = 4096
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, nominal_batch_size: int):
     """Flags with the same meaning in every training script."""
     g = parser.add_argument_group("run and hardware")
-    g.add_argument(
-        "--output-dir",
-        required=True,
-        type=Path,
-        help="where args.json, results.csv, metrics.json, model/, checkpoints/ and logs/ go",
-    )
+    g.add_argument("--output-dir", required=True, type=Path, help="the run's folder: args.json, results.csv, model/, ...")
     g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     g.add_argument(
         "--batch-size",
         type=_batch_size,
         default=batch_size,
-        help=f"samples per device per forward pass (default {batch_size}); 'auto' takes the largest that fits "
-        "in GPU memory, halving from --nominal-batch-size",
+        help=f"per device per forward pass (default {batch_size}); auto: the largest that fits the GPU",
     )
     g.add_argument(
         "--nominal-batch-size",
         type=int,
         default=nominal_batch_size,
-        help="effective batch per optimizer step; gradient accumulation steps = nominal / (batch size x processes) "
-        f"(default {nominal_batch_size})",
+        help=f"per optimizer step, by gradient accumulation over batches and processes (default {nominal_batch_size})",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation (default 0)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes per device")
-    g.add_argument(
-        "--mixed-precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="overrides the accelerate config; fp16 needs a GPU, bf16 runs on recent GPUs and CPUs",
-    )
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, order and augmentation (default 0)")
+    workers = min(4, os.cpu_count() or 1)
+    g.add_argument("--workers", type=int, default=workers, help=f"DataLoader workers per device (default {workers})")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="overrides accelerate's; fp16 needs a GPU")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (small per-device batches)")
+    g.add_argument("--no-augment", action="store_true", help="no training augmentation (equivalence checks, debugging)")
     g.add_argument(
-        "--sync-bn", action="store_true", help="SyncBatchNorm across processes (helps when the per-device batch is small)"
-    )
-    g.add_argument(
-        "--no-augment", action="store_true", help="turn off all training augmentation (for equivalence checks and debugging)"
-    )
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="PATH",
-        help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints, or from PATH",
+        "--resume", nargs="?", const="latest", metavar="PATH", help="continue from the latest checkpoint, or from PATH"
     )
     g.add_argument(
         "--weights",
         type=Path,
-        default=None,
         metavar="MODEL_DIR",
-        help="start from the model/ folder of an earlier run (or a .safetensors file): the whole model when the labels "
-        "are the same, otherwise everything but the class layer",
+        help="start from an earlier run's model/ (or a .safetensors): all of it, or all but the class layer",
     )
-    g.add_argument(
-        "--eval-only",
-        action="store_true",
-        help="score the --weights model on the data's val and test splits (labels matched by name) and stop",
-    )
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete the run already in OUTPUT_DIR and start from scratch (without it, a folder that holds a run "
-        "is only reused with --resume)",
-    )
-    g.add_argument(
-        "--checkpoint-steps", type=int, default=0, help="also save a checkpoint every N optimizer steps (0: only at epoch ends)"
-    )
+    g.add_argument("--eval-only", action="store_true", help="score --weights on the val and test splits, then stop")
+    g.add_argument("--overwrite", action="store_true", help="delete the run's outputs in OUTPUT_DIR and start again")
+    g.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N optimizer steps (default 0: off)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
 
 
