@@ -11,7 +11,6 @@ labels/a/x.txt); with several inputs it is relative to the folder that holds the
 --output-dir are replaced only with --overwrite."""
 
 import argparse
-import os
 import shutil
 import sys
 from collections import Counter
@@ -19,21 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-import numpy as np
 import torch
-from detection_data import (
-    IMAGE_EXTENSIONS,
-    DetectionDataset,
-    Sample,
-    coco_results,
-    draw_detections,
-    eval_transform,
-    make_collate,
-    probe_all,
-    to_original_coordinates,
-    yolo_lines,
-)
-from detection_model import load_model
+from detection_data import IMAGE_EXTENSIONS, draw_detections, open_rgb, yolo_lines
+from detection_predictor import DetectionPredictor, find_images, image_samples
 from torchvision.transforms.v2 import functional as TF
 
 from shared.runtime import write_json
@@ -61,72 +48,40 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_model(args.model_dir, device, conf=args.conf, iou=args.iou, max_det=args.max_det)
+    thresholds = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det}
+    predictor = DetectionPredictor.load(args.model_dir, device, img_size=args.img_size, **thresholds)
     out = args.output_dir or args.model_dir.parent / "predict"
-    conf = config["conf"] if args.conf is None else args.conf
-    img_size = args.img_size or config["img_size"]
 
     files = find_images(args.inputs)
     stems = dict(zip(files, output_stems(list(files.values())), strict=True))
-    samples, skipped = [], []
-    for file, (size, problems) in zip(files, probe_all(list(files)), strict=False):
-        if size is None:
-            skipped.append({"file": str(file), "problem": problems[0]})
-            continue
-        samples.append(
-            Sample(len(samples), str(file), str(file), size[0], size[1], np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
-        )
+    samples, skipped = image_samples(list(files))
     if not samples:
         raise SystemExit(f"no readable images in {', '.join(map(str, args.inputs))} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    dataset = DetectionDataset(samples, eval_transform(img_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=make_collate(img_size))
-
-    names = config["labels"]
     results = []
     clear_earlier_outputs(out, args.overwrite)
-    with torch.no_grad():
-        for images, targets in loader:
-            outputs = model(images.to(device).float().div_(255))
-            for o, t in zip(outputs, targets, strict=False):
-                sample = samples[t["image_id"]]
-                boxes = to_original_coordinates(o["boxes"].float().cpu(), t)
-                labels, scores = (o["labels"] - 1).cpu(), o["scores"].float().cpu()
-                prediction = {"image_id": sample.image_id, "boxes": boxes, "scores": scores, "labels": labels}
-                results += coco_results([prediction], {sample.image_id: sample.file_name})
-                rows = [
-                    f"{line} {s:.4f}"
-                    for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist(), strict=False)
-                ]
-                stem = stems[Path(sample.source)]
-                label_file = out / "labels" / f"{stem}.txt"
-                label_file.parent.mkdir(parents=True, exist_ok=True)
-                label_file.write_text("".join(r + "\n" for r in rows))
-                if not args.no_draw:
-                    drawn = out / "drawn" / f"{stem}.jpg"
-                    drawn.parent.mkdir(parents=True, exist_ok=True)
-                    image = draw_detections(dataset.load(sample.image_id), boxes, labels, scores, names)
-                    TF.to_pil_image(image).save(drawn, quality=92)
+    for images, meta in predictor.batches(samples, args.batch_size):
+        for (sample, target), found in zip(meta, predictor.detect(images), strict=True):
+            boxes, scores, labels = found = predictor.in_file_pixels(found, target)
+            results += predictor.entries(sample.image_id, sample.file_name, found)
+            rows = [
+                f"{line} {s:.4f}"
+                for line, s in zip(yolo_lines(boxes, labels, sample.width, sample.height), scores.tolist(), strict=False)
+            ]
+            stem = stems[Path(sample.source)]
+            label_file = out / "labels" / f"{stem}.txt"
+            label_file.parent.mkdir(parents=True, exist_ok=True)
+            label_file.write_text("".join(r + "\n" for r in rows))
+            if not args.no_draw:
+                drawn = out / "drawn" / f"{stem}.jpg"
+                drawn.parent.mkdir(parents=True, exist_ok=True)
+                image = draw_detections(open_rgb(sample.source)[0], boxes, labels, scores, predictor.config["labels"])
+                TF.to_pil_image(image).save(drawn, quality=92)
     write_json(out / "predictions.json", results)
     write_json(out / "images.json", {s.image_id: s.file_name for s in samples})
     if skipped:
         write_json(out / "skipped.json", skipped)
         print(f"skipped {len(skipped)} unreadable image(s), listed in {out / 'skipped.json'}")
-    print(f"{len(results)} detections (score >= {conf}) in {len(samples)} images -> {out}")
-
-
-def find_images(inputs: list[Path]) -> dict[Path, Path]:
-    """Every image once, mapped to its path relative to the folder holding all inputs (a file input counts as its
-    folder): distinct files get distinct paths, and the same ones on every run."""
-    for path in inputs:
-        if not path.exists():
-            raise SystemExit(f"{path}: no such file or folder")
-    base = os.path.commonpath([os.path.abspath(path if path.is_dir() else path.parent) for path in inputs])
-    found = {}
-    for path in inputs:
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else [path]
-        for image in images:
-            found.setdefault(os.path.abspath(image), image)
-    return {image: Path(absolute).relative_to(base) for absolute, image in found.items()}
+    print(f"{len(results)} detections (score >= {predictor.conf}) in {len(samples)} images -> {out}")
 
 
 def output_stems(relatives: list[Path]) -> list[Path]:

@@ -41,7 +41,6 @@ hold up the exit."""
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import signal
@@ -60,34 +59,22 @@ import h11
 import onnxruntime as ort
 import torch
 import uvicorn
-from audio_data import AUDIO_EXTENSIONS, BadClip, read_audio
-from audio_model import TASK as AUDIO_TASK
-from audio_model import load_model as load_audio_model
-from detection_data import IMAGE_EXTENSIONS, MAX_PIXELS, eval_transform, make_collate, open_rgb, to_original_coordinates
-from detection_model import TASK as DETECTION_TASK
-from detection_model import load_model as load_detection_model
-from detection_model import set_postprocess
-from fastapi import Depends, FastAPI, Query, Request
+from audio_predictor import AudioPredictor
+from audio_predictor import BadInput as BadAudio
+from detection_predictor import BadInput as BadImage
+from detection_predictor import DetectionPredictor
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
-from predict_audio import file_record, predict, window_starts, windows
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as TF
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-# What training reads (audio_data.AUDIO_EXTENSIONS, all decoded by soundfile), by media type.
-AUDIO_MEDIA_TYPES = tuple(f"audio/{kind}" for kind in "wav x-wav wave flac x-flac ogg mpeg aiff x-aiff".split())
-IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
+PREDICTORS = {predictor.task: predictor for predictor in (AudioPredictor, DetectionPredictor)}
 MAX_FILES = 64  # parts per multipart request: each is held, decoded, until its request is answered
 CLOSE = {"connection": "close"}  # for answers given before the body was read whole: the rest would not be waited for
 DRAIN_STALL_SECONDS = 1.0  # during the drain, a body silent this long is given up on (a sending client gets its answer)
-# The contract of export_model.py: input and output names of an exported model, per task.
-ONNX_AUDIO = (["waveform"], ["logits"])
-ONNX_DETECTION = (["images"], ["boxes", "scores", "labels", "num_detections"])
 
 
 def parse_args(argv=None):
@@ -141,13 +128,14 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    task = load_task(args.model_dir, device, args)
-    batcher = Batcher(task.forward, args.max_batch, args.max_wait_ms / 1000)
+    predictor = load_predictor(args.model_dir, device, args)
+    batcher = Batcher(predictor.forward, args.max_batch, args.max_wait_ms / 1000)
     max_body = round(args.max_body_mb * 2**20)
-    app = BodyGuard(build_app(task, batcher, max_body, args.threads), max_body, args.body_timeout)
+    app = BodyGuard(build_app(predictor, batcher, max_body, args.threads), max_body, args.body_timeout)
     print(
-        f"serving {task.config['task']} model {task.config.get('model')} ({task.backend}, {device}, {args.threads} threads) from "
-        f"{args.model_dir}; forward passes of up to {args.max_batch} inputs, gathered for up to {args.max_wait_ms:g} ms",
+        f"serving {predictor.task} model {predictor.config.get('model')} ({predictor.backend}, {device}, {args.threads} "
+        f"threads) from {args.model_dir}; forward passes of up to {args.max_batch} inputs, gathered for up to "
+        f"{args.max_wait_ms:g} ms",
         flush=True,
     )
     protocol = partial(GuardedH11, args.max_connections, args.header_timeout, app.drain)
@@ -169,9 +157,9 @@ def exit_at_once(*_):
     os._exit(0)
 
 
-# ----------------------------------------------------------------------------- models: PyTorch or onnxruntime
-def load_task(path: Path, device: str, args):
-    """The task of the model at path (config.json says which), with a forward function for its backend."""
+# ----------------------------------------------------------------------------- the model: PyTorch or onnxruntime
+def load_predictor(path: Path, device: str, args):
+    """The predictor of the task config.json names, running model/ with PyTorch or model.onnx with onnxruntime."""
     onnx = path.suffix == ".onnx"
     config_file = path.parent / "config.json" if onnx else path / "config.json"
     if not config_file.is_file():
@@ -179,71 +167,17 @@ def load_task(path: Path, device: str, args):
             f"{config_file} not found: --model-dir must be the model/ folder of a training run, or a model.onnx "
             "with the run's config.json beside it"
         )
-    kind = json.loads(config_file.read_text()).get("task")
-    if kind == AUDIO_TASK:
-        forward, config = onnx_audio(path, args.threads) if onnx else torch_audio(path, device)
-        return AudioTask(config, forward, "onnxruntime" if onnx else "pytorch", args.max_audio_seconds)
-    if kind == DETECTION_TASK:
-        forward, config = onnx_detection(path, args.threads) if onnx else torch_detection(path, device)
-        return DetectionTask(config, forward, "onnxruntime" if onnx else "pytorch")
-    raise SystemExit(f"{config_file}: task {kind!r} is neither {AUDIO_TASK!r} nor {DETECTION_TASK!r}")
+    config = json.loads(config_file.read_text())
+    if config.get("task") not in PREDICTORS:
+        raise SystemExit(f"{config_file}: task {config.get('task')!r} is not one of {', '.join(map(repr, PREDICTORS))}")
+    predictor = PREDICTORS[config["task"]]
+    if not onnx:
+        return predictor.load(path, device, flags=args)
+    return predictor(config, run=onnx_run(path, config, args.threads, predictor), flags=args)
 
 
-def torch_audio(model_dir: Path, device: str):
-    """Loaded as predict_audio.py loads it; forward gives softmax probabilities, one row per window."""
-    model, config = load_audio_model(model_dir, device)
-
-    def forward(segments: torch.Tensor, _options) -> list:
-        return list(predict(model, segments.to(device), batch_size=len(segments)))
-
-    return forward, config
-
-
-def torch_detection(model_dir: Path, device: str):
-    """Built and loaded as predict_detection.py does; conf and iou are set for each forward pass, since
-    requests may ask for their own (one forward pass at a time, so setting them is safe)."""
-    model, config = load_detection_model(model_dir, device)
-
-    @torch.no_grad()
-    def forward(images: torch.Tensor, options: tuple) -> list:
-        set_postprocess(model, *options, config["max_det"])
-        outputs = model(images.to(device).float().div_(255))
-        return [(o["boxes"].float().cpu(), o["scores"].float().cpu(), (o["labels"] - 1).cpu()) for o in outputs]
-
-    return forward, config
-
-
-def onnx_audio(path: Path, threads: int):
-    session, config = onnx_session(path, threads, *ONNX_AUDIO)
-
-    def forward(segments: torch.Tensor, _options) -> list:
-        (logits,) = session.run(["logits"], {"waveform": segments.numpy()})
-        return list(torch.from_numpy(logits).float().softmax(dim=1))
-
-    return forward, config
-
-
-def onnx_detection(path: Path, threads: int):
-    """Score threshold, NMS IoU and max_det are fixed at export; rows past num_detections are padding. A request's
-    conf can only raise the threshold (DetectionTask.options refuses the rest)."""
-    session, config = onnx_session(path, threads, *ONNX_DETECTION)
-
-    def forward(images: torch.Tensor, options: tuple) -> list:
-        conf, _ = options
-        boxes, scores, labels, counts = session.run(ONNX_DETECTION[1], {"images": images.float().div_(255).numpy()})
-        found = []
-        for b, s, c, n in zip(boxes, scores, labels, counts, strict=True):
-            keep = s[:n] > conf  # strictly above, as torchvision's detectors compare with score_thresh
-            found.append(
-                (torch.from_numpy(b[:n][keep]).float(), torch.from_numpy(s[:n][keep]).float(), torch.from_numpy(c[:n][keep]))
-            )
-        return found
-
-    return forward, config
-
-
-def onnx_session(path: Path, threads: int, inputs: list[str], outputs: list[str]):
-    config = json.loads((path.parent / "config.json").read_text())
+def onnx_run(path: Path, config: dict, threads: int, predictor):
+    """The exported model as a function of its input tensor, checked against the contract of export_model.py."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     try:
@@ -251,182 +185,25 @@ def onnx_session(path: Path, threads: int, inputs: list[str], outputs: list[str]
     except Exception as err:  # onnxruntime raises its own types for missing, truncated or invalid files
         raise SystemExit(f"{path}: onnxruntime cannot load it: {err}") from None
     found_in, found_out = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    if found_in != inputs or not set(outputs) <= set(found_out):
+    if found_in != [predictor.input_name] or not set(predictor.output_names) <= set(found_out):
         raise SystemExit(
-            f"{path}: has inputs {found_in} and outputs {found_out}; a {config['task']} model must take {inputs} and "
-            f"give {outputs} (the contract of export_model.py)"
+            f"{path}: has inputs {found_in} and outputs {found_out}; a {config['task']} model must take "
+            f"{[predictor.input_name]} and give {predictor.output_names} (the contract of export_model.py)"
         )
-    return session, config
+
+    def run(inputs: torch.Tensor) -> tuple:
+        outputs = session.run(predictor.output_names, {predictor.input_name: inputs.numpy()})
+        return tuple(torch.from_numpy(o) for o in outputs)
+
+    return run
 
 
-# ----------------------------------------------------------------------------- tasks: decode files, answer records
 class RequestError(Exception):
     """A bad request, answered with its status and {"error": kind, "detail": what was wrong}."""
 
     def __init__(self, status: int, error: str, detail: str):
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
-
-
-@dataclass
-class AudioFile:
-    name: str
-    inputs: torch.Tensor  # the model's inputs: one row per window
-    starts: list[int]
-    length: int
-
-
-class AudioTask:
-    media_types, suffixes = AUDIO_MEDIA_TYPES, AUDIO_EXTENSIONS
-
-    def __init__(self, config: dict, forward, backend: str, max_seconds: float):
-        self.config, self.forward, self.backend = config, forward, backend
-        self.rate = config["sample_rate"]
-        # predict_audio.py's default windows: the training clip, every half clip (an ONNX model takes only that length)
-        self.window = round(config["clip_seconds"] * self.rate)
-        self.hop = max(1, self.window // 2)
-        self.max_seconds = max_seconds
-
-    def contract(self) -> dict:
-        return {
-            "media_types": list(self.media_types),
-            "sample_rate": self.rate,
-            "clip_seconds": self.config["clip_seconds"],
-            "window_seconds": self.window / self.rate,
-            "hop_seconds": self.hop / self.rate,
-            "max_audio_seconds": self.max_seconds,
-            "query": {"top_k": 3},
-        }
-
-    @staticmethod
-    def options(top_k: Annotated[int, Query(ge=1, description="how many labels to list with their probabilities")] = 3) -> dict:
-        return {"top_k": top_k}
-
-    def batch_key(self, options: dict) -> tuple:
-        return ()  # every window can share a forward pass
-
-    def decode(self, files: list[tuple[str, bytes]]) -> list[AudioFile]:
-        """Mono float32 at the model's rate, cut into windows. Reading stops where the request's audio would pass
-        --max-audio-seconds, so a small compressed file cannot expand into hours of samples in memory."""
-        decoded, budget = [], round(self.max_seconds * self.rate)
-        for name, data in files:
-            require_content(name, data)
-            try:
-                wave = read_audio(io.BytesIO(data), self.rate, budget + 1)
-            except BadClip as err:
-                raise RequestError(422, "undecodable_file", f"{name}: {err}") from None
-            budget -= wave.numel()
-            if budget < 0:
-                raise RequestError(
-                    422,
-                    "too_much_audio",
-                    f"{name}: the request holds more than {self.max_seconds:g} s of audio (--max-audio-seconds)",
-                )
-            starts = window_starts(wave.numel(), self.window, self.hop)
-            decoded.append(AudioFile(name, windows(wave, starts, self.window), starts, wave.numel()))
-        return decoded
-
-    def record(self, file: AudioFile, outputs: list, options: dict) -> dict:
-        probs = torch.stack(outputs)
-        return file_record(
-            file.name, probs, file.starts, file.length, self.window, self.rate, self.config["labels"], options["top_k"]
-        )
-
-
-@dataclass
-class ImageFile:
-    name: str
-    index: int  # position in the request: the image_id of its detections
-    inputs: torch.Tensor  # (1, 3, S, S) uint8, resized and padded as predict_detection.py's loader does
-    target: dict  # orig_size and size, to map boxes back to the file's pixels
-
-
-class DetectionTask:
-    media_types, suffixes = IMAGE_MEDIA_TYPES, IMAGE_EXTENSIONS
-
-    def __init__(self, config: dict, forward, backend: str):
-        self.config, self.forward, self.backend = config, forward, backend
-        self.transform, self.collate = eval_transform(config["img_size"]), make_collate(config["img_size"])
-        self.fixed_at_export = backend == "onnxruntime"
-
-    def contract(self) -> dict:
-        return {
-            "media_types": list(self.media_types),
-            "img_size": self.config["img_size"],
-            "max_pixels": MAX_PIXELS,
-            "query": {"conf": self.config["conf"], "iou": self.config["iou"]},
-            "max_det": self.config["max_det"],
-            "postprocess_fixed_at_export": self.fixed_at_export,
-        }
-
-    def options(
-        self,
-        conf: Annotated[
-            float | None, Query(ge=0, le=1, description="keep detections scoring above this (default: the model's)")
-        ] = None,
-        iou: Annotated[float | None, Query(ge=0, le=1, description="NMS IoU threshold (default: the model's)")] = None,
-    ) -> dict:
-        conf = self.config["conf"] if conf is None else conf
-        iou = self.config["iou"] if iou is None else iou
-        if self.fixed_at_export and (iou != self.config["iou"] or conf < self.config["conf"]):
-            raise RequestError(
-                422,
-                "invalid_parameter",
-                f"this ONNX model's NMS (iou {self.config['iou']}) and lowest score (conf {self.config['conf']}) were fixed "
-                "at export: ask for the same iou and a conf at least as high, or serve the PyTorch model/ folder",
-            )
-        return {"conf": conf, "iou": iou}
-
-    def batch_key(self, options: dict) -> tuple:
-        return options["conf"], options["iou"]  # the model applies them to a whole forward pass
-
-    def decode(self, files: list[tuple[str, bytes]]) -> list[ImageFile]:
-        decoded = []
-        for index, (name, data) in enumerate(files):
-            image = decode_image(name, data)
-            resized = self.transform(tv_tensors.Image(TF.pil_to_tensor(image)))
-            inputs, _ = self.collate([(resized, None)])
-            target = {"orig_size": (image.height, image.width), "size": tuple(resized.shape[-2:])}
-            decoded.append(ImageFile(name, index, inputs, target))
-        return decoded
-
-    def record(self, file: ImageFile, outputs: list, options: dict) -> dict:
-        ((boxes, scores, labels),) = outputs
-        boxes = to_original_coordinates(boxes, file.target)
-        detections = [
-            {
-                "image_id": file.index,
-                "file_name": file.name,
-                "category_id": int(c),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": float(s),
-            }
-            for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True)
-        ]
-        height, width = file.target["orig_size"]
-        return {"file_name": file.name, "width": width, "height": height, "detections": detections}
-
-
-def require_content(name: str, data: bytes):
-    if not data:
-        raise RequestError(422, "empty_file", f"{name}: empty file (0 bytes)")
-
-
-def decode_image(name: str, data: bytes) -> Image.Image:
-    """Upright 8-bit RGB, as predict_detection.py reads files. The pixel cap is checked from the header before
-    anything is decoded (detection_data turns PIL's own decompression-bomb check off)."""
-    require_content(name, data)
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Exception:  # UnidentifiedImageError mostly; PIL raises other types for some broken headers
-        raise RequestError(422, "undecodable_file", f"{name}: not an image in a format PIL reads") from None
-    if image.width * image.height > MAX_PIXELS:
-        raise RequestError(422, "too_large", f"{name}: {image.width} x {image.height} pixels, more than {MAX_PIXELS}")
-    try:
-        image.load()
-        return open_rgb(image)[0]
-    except Exception as err:  # truncated or corrupt data: PIL raises many types
-        raise RequestError(422, "undecodable_file", f"{name}: corrupt image ({err})") from None
 
 
 # ----------------------------------------------------------------------------- batching: one worker, one model
@@ -503,7 +280,7 @@ class Batcher:
 
 
 # ----------------------------------------------------------------------------- the HTTP app
-def build_app(task, batcher: Batcher, max_body: int, decode_threads: int) -> FastAPI:
+def build_app(predictor, batcher: Batcher, max_body: int, decode_threads: int) -> FastAPI:
     decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
 
     @asynccontextmanager
@@ -524,8 +301,8 @@ def build_app(task, batcher: Batcher, max_body: int, decode_threads: int) -> Fas
         return {
             "status": "ok",
             "model_loaded": True,  # loaded before the server listens: a server that answers has it
-            "task": task.config["task"],
-            "backend": task.backend,
+            "task": predictor.task,
+            "backend": predictor.backend,
             "in_flight": app.state.in_flight,
             "forward_passes": batcher.forward_passes,
             "inputs": batcher.inputs,
@@ -534,28 +311,30 @@ def build_app(task, batcher: Batcher, max_body: int, decode_threads: int) -> Fas
     @app.get("/v1/model")
     async def model_info():
         return {
-            "task": task.config["task"],
-            "model": task.config.get("model"),
-            "backend": task.backend,
-            "labels": task.config["labels"],
-            "input": {**task.contract(), "max_body_mb": max_body / 2**20, "multipart_field": "files", "max_files": MAX_FILES},
+            "task": predictor.task,
+            "model": predictor.config.get("model"),
+            "backend": predictor.backend,
+            "labels": predictor.config["labels"],
+            "input": predictor.contract() | {"max_body_mb": max_body / 2**20, "multipart_field": "files", "max_files": MAX_FILES},
         }
 
     @app.post("/v1/predict")
-    async def predict_files(request: Request, options: Annotated[dict, Depends(task.options)]):
+    async def predict_files(request: Request, options: Annotated[dict, Depends(predictor.options)]):
         app.state.in_flight += 1
         try:
-            files, multipart = await read_files(request, task)
-            decoded = await asyncio.get_running_loop().run_in_executor(decoder, task.decode, files)
-            results = await batcher.predict([f.inputs for f in decoded], task.batch_key(options))
+            files, multipart = await read_files(request, predictor)
+            decoded = await asyncio.get_running_loop().run_in_executor(decoder, predictor.decode, files)
+            results = await batcher.predict([f.inputs for f in decoded], predictor.batch_key(options))
         finally:
             app.state.in_flight -= 1
-        records = [task.record(f, outputs, options) for f, (outputs, _) in zip(decoded, results, strict=True)]
+        records = [predictor.answer(f, outputs, options) for f, (outputs, _) in zip(decoded, results, strict=True)]
         return JSONResponse(
             {"predictions": records} if multipart else records[0], headers={"X-Batch-Size": str(max(size for _, size in results))}
         )
 
     app.add_exception_handler(RequestError, bad_request)
+    app.add_exception_handler(BadAudio, bad_input)
+    app.add_exception_handler(BadImage, bad_input)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_disconnected)
@@ -563,12 +342,12 @@ def build_app(task, batcher: Batcher, max_body: int, decode_threads: int) -> Fas
     return app
 
 
-async def read_files(request: Request, task) -> tuple[list[tuple[str, bytes]], bool]:
+async def read_files(request: Request, predictor) -> tuple[list[tuple[str, bytes]], bool]:
     """(name, bytes) of each file sent, and whether they came as multipart (answered with a list)."""
     media_type = request.headers.get("content-type", "")
     if media_type.partition(";")[0].strip().lower() != "multipart/form-data":
-        require_media_type(task, media_type, "body")
-        return [("body", await request.body())], False
+        require_media_type(predictor, media_type, "body")
+        return [require_content("body", await request.body())], False
     async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
         parts = form.getlist("files")
         if not parts:
@@ -583,24 +362,30 @@ async def read_files(request: Request, task) -> tuple[list[tuple[str, bytes]], b
                 raise RequestError(
                     422, "missing_field", "the files field holds text; send each file as a file part (with a filename)"
                 )
-            require_media_type(task, part.content_type, part.filename)
-            files.append((part.filename, await part.read()))
+            require_media_type(predictor, part.content_type, part.filename)
+            files.append(require_content(part.filename, await part.read()))
     return files, True
 
 
-def require_media_type(task, declared: str | None, name: str):
+def require_media_type(predictor, declared: str | None, name: str):
     media_type = (declared or "").partition(";")[0].strip().lower()
-    if media_type in task.media_types:
+    if media_type in predictor.media_types:
         return
     # curl -F and many other clients label the files they do not know as application/octet-stream: then the name decides
-    if media_type in ("", "application/octet-stream") and Path(name).suffix.lower() in task.suffixes:
+    if media_type in ("", "application/octet-stream") and Path(name).suffix.lower() in predictor.suffixes:
         return
     raise RequestError(
         415,
         "unsupported_media_type",
-        f"{name}: {media_type or 'no media type'} is not accepted by this {task.config['task']} model; send one of "
-        f"{', '.join(task.media_types)}",
+        f"{name}: {media_type or 'no media type'} is not accepted by this {predictor.task} model; send one of "
+        f"{', '.join(predictor.media_types)}",
     )
+
+
+def require_content(name: str, data: bytes) -> tuple[str, bytes]:
+    if not data:
+        raise RequestError(422, "empty_file", f"{name}: empty file (0 bytes)")
+    return name, data
 
 
 class BodyGuard:
@@ -718,6 +503,11 @@ def error_response(status: int, error: str, detail: str, headers: dict | None = 
 
 async def bad_request(request: Request, err: RequestError) -> JSONResponse:
     return error_response(err.status, err.error, err.detail, CLOSE if err.status in (408, 413) else None)
+
+
+async def bad_input(request: Request, err: ValueError) -> JSONResponse:
+    """A file or query parameter the model cannot take, as its predictor named it."""
+    return error_response(422, err.kind, str(err))
 
 
 async def invalid_parameters(request: Request, err: RequestValidationError) -> JSONResponse:

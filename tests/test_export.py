@@ -17,10 +17,12 @@ from audio_data import fix_length, load_audio_data, read_audio
 from audio_model import build_model as build_audio_model
 from audio_model import model_config as audio_config
 from audio_model import save_model as save_audio_model
+from audio_predictor import AudioPredictor
 from detection_data import Sample
 from detection_model import build_model as build_detector
 from detection_model import model_config as detection_config
 from detection_model import save_model as save_detector
+from detection_predictor import DetectionParity, DetectionPredictor
 
 RATE, SECONDS, SAMPLES = 16000, 0.25, 4000
 IMG_SIZE, MAX_DET = 96, 20
@@ -138,8 +140,8 @@ def test_onnx_takes_any_batch_size(audio_export, detection_export, audio_run, de
     """Batch 3 gives what three batches of 1 give. (The parity check already ran batches of 4 and 2, and the
     latency figures batches of 1 and 32, through both runtimes.)"""
     cases = [
-        (audio_export[0], export_model.AudioTask(audio_run / "model", 1e-3), audio_run),
-        (detection_export[0], export_model.DetectionTask(detection_run / "model"), detection_run),
+        (audio_export[0], AudioPredictor.load(audio_run / "model"), audio_run),
+        (detection_export[0], DetectionPredictor.load(detection_run / "model"), detection_run),
     ]
     for out, task, run in cases:
         _, batches = task.inputs(run, None, 3, None)
@@ -198,12 +200,12 @@ def test_only_a_detection_at_the_score_threshold_may_lack_a_partner():
         "labels": torch.tensor([0, 1]),
     }
     first_only = {k: v[:1] for k, v in pytorch.items()}
-    at_threshold = export_model.DetectionParity(None, config)
+    at_threshold = DetectionParity(None, config)
     at_threshold.add(meta, [pytorch], [first_only])
     assert at_threshold.result()["passed"] and at_threshold.counts["at_cut"] == 1
 
     pytorch["scores"][1] = 0.6
-    missing = export_model.DetectionParity(None, config)
+    missing = DetectionParity(None, config)
     missing.add(meta, [pytorch], [first_only])
     result = missing.result()
     assert not result["passed"] and result["unmatched"] == 1 and result["problem"] == "1 detections without a partner"

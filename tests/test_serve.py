@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import audio_predictor
 import httpx
 import numpy as np
 import predict_audio
@@ -470,9 +471,9 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(servers, models):
     server = servers["audio_onnx"].wait_ready()
     assert httpx.get(server.url + "/v1/model").json()["backend"] == "onnxruntime"
     wave = read_audio(str(models.wav), RATE)
-    starts = predict_audio.window_starts(len(wave), RATE, RATE // 2)
-    probs = StandInAudio()(predict_audio.windows(wave, starts, RATE)).softmax(dim=1)
-    expected = predict_audio.file_record("body", probs, starts, len(wave), RATE, RATE, LABELS, 3)
+    starts = audio_predictor.window_starts(len(wave), RATE, RATE // 2)
+    probs = StandInAudio()(audio_predictor.windows(wave, starts, RATE)).softmax(dim=1)
+    expected = audio_predictor.file_record("body", probs, starts, len(wave), RATE, RATE, LABELS, 3)
 
     data, answers = models.wav.read_bytes(), []
 
