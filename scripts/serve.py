@@ -16,13 +16,10 @@ predict_detection.py load it, or an exported model.onnx with its config.json bes
                     multipart/form-data parts named `files` (curl -F files=@a.wav -F files=@b.wav)
 
 A raw body is answered with one record, a multipart request with {"predictions": [record, ...]}: one record per
-part, in the order sent, also for a single part. A record is what the predict script gives for the file:
-  audio      predict_audio.py's JSON line {"path", "label", "probability", "top": [...], "windows": [...]}, sliding
-             windows over recordings longer than the clip; query parameter top_k (default 3)
-  detection  {"file_name", "width", "height", "detections": [...]}, detections being the predictions.json entries
-             predict_detection.py writes for the image: {"image_id" (the file's position in the request),
-             "file_name", "category_id" (0-based class, names in /v1/model), "bbox": [x, y, w, h] pixels, "score"};
-             query parameters conf and iou (default: the model's)
+part, in the order sent, also for a single part. A record is what the predict script gives for the file (the
+predictor module of the task describes it): predict_audio.py's JSON line (query parameter top_k, default 3), or
+{"file_name", "width", "height", "detections"} holding predict_detection.py's predictions.json entries, image_id
+being the file's position in the request (query parameters conf and iou, default: the model's).
 path and file_name are the part's file name, or "body" for a raw body. The X-Batch-Size header is the largest
 forward pass the request's inputs were part of.
 
@@ -79,39 +76,19 @@ DRAIN_STALL_SECONDS = 1.0  # during the drain, a body silent this long is given 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model-dir",
-        type=Path,
-        required=True,
-        help="the model/ folder of a training run, or a model.onnx with config.json beside it",
-    )
+    p.add_argument("--model-dir", type=Path, required=True, help="a run's model/, or a model.onnx with config.json beside it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=32, help="most model inputs per forward pass; 1: no batching (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a forward pass (default 5)")
     p.add_argument(
-        "--max-batch",
-        type=int,
-        default=32,
-        help="most model inputs (audio windows or images) per forward pass; 1 turns batching off (default 32)",
-    )
-    p.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its forward pass (default 5)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="CPU threads for the model and for decoding (default min(4, cores))",
+        "--threads", type=int, default=min(4, os.cpu_count() or 1), help="for model and decoding (default: cores, 4 at most)"
     )
     p.add_argument("--max-body-mb", type=float, default=25.0, help="larger request bodies are refused with 413 (default 25)")
     p.add_argument(
-        "--max-audio-seconds", type=float, default=600.0, help="most audio in one request, all files together (default 600)"
+        "--max-audio-seconds", type=float, default=600.0, help="most audio in a request, all files together (default 600)"
     )
-    p.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, how long requests in flight may take to finish (default 30)",
-    )
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, time given to requests in flight (default 30)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers, then 408 (default 10)")
     p.add_argument("--body-timeout", type=float, default=10.0, help="seconds a body may send nothing, then 408 (default 10)")
     p.add_argument("--max-connections", type=int, default=512, help="open connections past this get 503 (default 512)")
