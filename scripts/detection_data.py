@@ -10,7 +10,7 @@ import json
 import math
 import os
 import random
-import re
+import shutil
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,10 +22,13 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
+from torchvision.ops import box_area
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
+from shared.model_io import label_index
+from shared.runtime import make_loader, print_summary
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
@@ -580,6 +583,14 @@ def require_boxes(data: DetectionData, report_path: Path):
             )
 
 
+def relabel(data: DetectionData, labels: list[str], root):
+    """Express every box's class as an index into the model's labels."""
+    index = label_index(data.names, labels, root)
+    for sample in (s for samples in data.splits.values() for s in samples):
+        sample.labels = index[sample.labels]
+    data.names = labels
+
+
 def split_off(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
     """A fixed (seed-independent) random validation split, so every run and process agrees on it."""
     order = list(range(len(samples)))
@@ -656,6 +667,46 @@ def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str],
             width=2,
         )
     return tensor
+
+
+def draw_grid(dataset: "DetectionDataset", predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
+    """Validation images with predictions (score >= conf) over the ground truth, as a 4-column grid."""
+    from torchvision.utils import make_grid
+
+    tiles, tile = [], 256
+    for index, pred in list(enumerate(predictions))[:count]:
+        keep = pred["scores"] >= conf
+        truth = dataset.samples[index].boxes
+        image = draw_detections(
+            dataset.load(index), pred["boxes"][keep], pred["labels"][keep], pred["scores"][keep], names, truth
+        )
+        image = F.resize(image, None, max_size=tile)
+        tiles.append(torch.nn.functional.pad(image, (0, tile - image.shape[2], 0, tile - image.shape[1])))
+    F.to_pil_image(make_grid(tiles, nrow=4, padding=4)).save(path)
+
+
+def plot_label_statistics(samples: list[Sample], names: list[str], path: Path):
+    """Boxes per class, box width vs height, and where box centres fall (all normalised by image size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.bincount(np.concatenate([s.labels for s in samples] + [np.zeros(0, np.int64)]), minlength=len(names))
+    wh = np.concatenate([(s.boxes[:, 2:] - s.boxes[:, :2]) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
+    centers = np.concatenate([(s.boxes[:, 2:] + s.boxes[:, :2]) / 2 / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].bar(range(len(names)), counts)
+    axes[0].set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0)
+    axes[0].set_title("boxes per class")
+    axes[1].scatter(wh[:, 0], wh[:, 1], s=3, alpha=0.4)
+    axes[1].set(xlabel="width", ylabel="height", xlim=(0, 1), ylim=(0, 1), title="box size / image size")
+    axes[2].hist2d(centers[:, 0], centers[:, 1], bins=20, range=[[0, 1], [0, 1]], cmap="Blues")
+    axes[2].set(xlabel="x", ylabel="y", title="box centres")
+    axes[2].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:
@@ -814,16 +865,137 @@ def default_cache_dir() -> Path:
     return cache_root() / "detection"
 
 
-def train_transform(img_size: int, hyp: dict):
+def print_start(accelerator, args, plan, data: DetectionData, config: dict, model, train_dl, start_note: str):
+    """The run at a glance: data, model, processes, batch plan, schedule, augmentation and cache."""
+    labels, steps = config["labels"], math.ceil(len(train_dl) / plan.accumulation_steps)
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    cache = train_dl.dataset.cache
+    cached = f"{cache.path} ({cache.path.stat().st_size / 1e6:.0f} MB)" if cache else "off: images decoded as they are read"
+    print_summary(
+        accelerator,
+        "object detection",
+        {
+            "data": data.description,
+            "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
+            "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
+            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
+            "model": f"{config['model']} at {config['img_size']} px, {parameters:.2f} M parameters ({start_note})",
+            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
+            "batch": plan.describe(),
+            "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(args.warmup_epochs * steps)} warmup",
+            "mosaic": describe_mosaic(args),
+            "image cache": cached,
+        },
+    )
+
+
+def image_identities(data: DetectionData) -> dict[str, list]:
+    """Per split, what identifies each image for a run's fingerprint (shared.runtime.files_fingerprint): its file, or
+    its Hub dataset's fingerprint and row, with its boxes and classes."""
+    hub = {split: dataset._fingerprint for split, dataset in data.hub.items()}
+    return {
+        split: [(hub.get(split), s.source if split in hub else Path(s.source), s.boxes, s.labels) for s in samples]
+        for split, samples in data.splits.items()
+    }
+
+
+def detection_datasets(args, data: DetectionData, img_size: int, recipe: dict) -> dict:
+    """A DetectionDataset per split; the training one augmented (unless --no-augment) and read from the image cache."""
+    augment = not args.no_augment and not args.eval_only
+    train_cache = None if args.eval_only else training_image_cache(args, data.splits["train"], data.hub.get("train"), img_size)
+    return {
+        split: DetectionDataset(
+            samples,
+            train_transform(img_size, recipe) if split == "train" and augment else eval_transform(img_size),
+            data.hub.get(split),
+            seed=args.seed,
+            colour_jitter=ColourJitter(recipe["colour"], recipe["photometric"]) if split == "train" and augment else None,
+            mosaic=Mosaic(img_size, recipe, mosaic_epochs(args.epochs, recipe)) if split == "train" and augment else None,
+            cache=train_cache if split == "train" else None,
+        )
+        for split, samples in data.splits.items()
+    }
+
+
+def training_image_cache(args, samples, hub_dataset, img_size: int) -> "ImageCache | None":
+    """Training reads every image once per epoch, or four times with mosaic: decode them once. Not when the cache
+    would take over half the free space of --cache-dir (then the run says so and decodes as it goes)."""
+    if args.no_cache:
+        return None
+    needed, free = image_cache_bytes(samples, img_size), disk_free(args.cache_dir)
+    if needed > free / 2:
+        print(f"image cache off: {len(samples)} training images at {img_size} px take {needed / 1e9:.1f} GB and "
+              f"{args.cache_dir} has {free / 1e9:.1f} GB free; give --cache-dir on a larger disk, or --no-cache to "
+              "silence this")  # fmt: skip
+        return None
+    return ImageCache(samples, hub_dataset, img_size, args.cache_dir, args.workers)
+
+
+def disk_free(folder: Path) -> int:
+    folder = Path(folder).absolute()
+    while not folder.exists():  # the cache folder is made on first use
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def image_loader(dataset, args, plan, config: dict, shuffle: bool):
+    collate = make_collate(config["img_size"], channels_last=shuffle)  # the training loader: see make_collate
+    return make_loader(dataset, batch_size=plan.batch_size, shuffle=shuffle, workers=args.workers, collate_fn=collate)
+
+
+def mosaic_epochs(epochs: int, recipe: dict) -> int:
+    """How many epochs from the start use mosaic: all but the closed last ones (see close_mosaic in the RECIPE)."""
+    if not recipe["mosaic"]:
+        return 0
+    return epochs - min(recipe["close_mosaic"], max(1, round(epochs / 5)))
+
+
+def describe_mosaic(args) -> str:
+    until = 0 if args.no_augment else mosaic_epochs(args.epochs, vars(args))
+    if until <= 0:
+        return "off"
+    return f"probability {args.mosaic:g}, epochs 1-{until} of {args.epochs}"
+
+
+def to_training_batch(accelerator, args, images, targets, img_size: int, state):
+    """uint8 batch -> float images with their colour jitter, targets on the device, multi-scale size."""
+    # The loader's batch is channels-last (the layout the mosaic makes without a transpose per image); transposed here,
+    # on the device, where it is cheap.
+    images = images.contiguous()
+    if args.no_augment:
+        images = images.float().div_(255)
+    else:
+        images = ColourJitter.apply(images, torch.stack([t["colour"] for t in targets]).to(images.device))
+    targets = targets_to_model(targets, accelerator.device)
+    if args.multi_scale:
+        # Seeded by the batch's place in the global order: the same size after a resume and for any process count.
+        global_batch = state.batch_in_epoch * accelerator.num_processes + accelerator.process_index
+        images, targets = rescale_batch(images, targets, random_size(img_size, args.seed, state.epoch, global_batch))
+    return images, targets
+
+
+def random_size(img_size: int, seed: int, epoch: int, global_batch: int) -> int:
+    """A multi-scale size in 0.5-1.5 img_size (a multiple of 32), drawn from the batch's place in the run."""
+    rng = random.Random(hash((seed, epoch, global_batch)))
+    return rng.randrange(int(img_size * 0.5) // 32, int(img_size * 1.5) // 32 + 1) * 32
+
+
+def rescale_batch(images: torch.Tensor, targets: list[dict], size: int):
+    factor = size / images.shape[-1]
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images, [{**t, "boxes": t["boxes"] * factor} for t in targets]
+
+
+def train_transform(img_size: int, recipe: dict):
     """Horizontal flip, scale jitter, then a random img_size crop (padded where the image is smaller, which
     also shifts it); boxes follow every step and too-small leftovers are dropped. Colour jitter runs batched
     on the device (ColourJitter), where it costs almost nothing; per image on uint8 it was the slowest step."""
     return v2.Compose(
         [
-            v2.RandomHorizontalFlip(p=hyp["fliplr"]),
-            v2.ScaleJitter((img_size, img_size), scale_range=(1 - hyp["scale"], 1 + hyp["scale"])),
+            v2.RandomHorizontalFlip(p=recipe["fliplr"]),
+            v2.ScaleJitter((img_size, img_size), scale_range=(1 - recipe["scale"], 1 + recipe["scale"])),
             v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Image: PAD_VALUE, "others": 0}),
-            v2.SanitizeBoundingBoxes(min_size=hyp["min_box_size"]),
+            v2.SanitizeBoundingBoxes(min_size=recipe["min_box_size"]),
         ]
     )
 
@@ -835,7 +1007,7 @@ MIN_VISIBLE = 0.1  # a mosaic keeps a box only if this much of its area is in vi
 class Mosaic:
     """YOLO's 4-image mosaic, in place of train_transform while it is on: the image and three random others of the
     dataset, each scaled to a long side of img_size, meet at a random centre of a 2 img_size canvas; a random
-    scale (1 +- hyp scale) and shift (+- hyp translate) view of it becomes the img_size x img_size sample, then
+    scale (1 +- recipe scale) and shift (+- recipe translate) view of it becomes the img_size x img_size sample, then
     the flip. Boxes are clipped to the part of their own tile in view; boxes left with less than MIN_VISIBLE of
     their area, or thinner than min_box_size, are dropped. Draws come from the generator the dataset seeded, so
     the mosaic is as reproducible as the other augmentations.
@@ -843,13 +1015,13 @@ class Mosaic:
     Only the window of the canvas that the view shows is composed (mosaic_view), and resized once: per sample a
     worker copies the tiles' visible pixels and makes one resize, as YOLO's single warp of its canvas does.
 
-    It is used with probability hyp mosaic for the epochs before until_epoch: YOLO ends training on whole
+    It is used with probability recipe mosaic for the epochs before until_epoch: YOLO ends training on whole
     images (close_mosaic), as the model sees them at evaluation."""
 
-    def __init__(self, img_size: int, hyp: dict, until_epoch: int):
+    def __init__(self, img_size: int, recipe: dict, until_epoch: int):
         self.size, self.until_epoch = img_size, until_epoch
-        self.p, self.scale, self.translate = hyp["mosaic"], hyp["scale"], hyp["translate"]
-        self.fliplr, self.min_box_size = hyp["fliplr"], hyp["min_box_size"]
+        self.p, self.scale, self.translate = recipe["mosaic"], recipe["scale"], recipe["translate"]
+        self.fliplr, self.min_box_size = recipe["fliplr"], recipe["min_box_size"]
 
     def applies(self, epoch: int) -> bool:
         return epoch < self.until_epoch and bool(torch.rand(()) < self.p)
@@ -914,7 +1086,7 @@ def mosaic_view(tiles: list[Tile], centre: list[int], size: int, ratio: float, s
         canvas[0, y0:y1, x0:x1] = tile.image[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].permute(1, 2, 0)
         b = tile.boxes.float() + torch.tensor([ox, oy, ox, oy], dtype=torch.float32)
         visible = torch.stack([b[:, 0].clamp(x0, x1), b[:, 1].clamp(y0, y1), b[:, 2].clamp(x0, x1), b[:, 3].clamp(y0, y1)], 1)
-        keep = area(visible) >= MIN_VISIBLE * area(b)
+        keep = box_area(visible) >= MIN_VISIBLE * box_area(b)
         boxes.append(visible[keep] * (size / window))
         labels.append(tile.labels[keep])
     image = canvas.permute(0, 3, 1, 2)
@@ -935,10 +1107,6 @@ def at_long_side(tile: Tile, size: int) -> Tile:
     nw, nh = max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))
     image = torch.nn.functional.interpolate(tile.image[None], size=(nh, nw), mode="bilinear", antialias=True)[0]
     return Tile(image, tile.boxes.float() * torch.tensor([nw / w, nh / h, nw / w, nh / h]), tile.labels)
-
-
-def area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
 class ColourJitter:
@@ -1011,16 +1179,3 @@ def to_original_coordinates(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     out[:, 0::2] = out[:, 0::2].clamp(0, w0)
     out[:, 1::2] = out[:, 1::2].clamp(0, h0)
     return out
-
-
-def label_statistics(samples: list[Sample], names: list[str]) -> dict:
-    counts = np.bincount(np.concatenate([s.labels for s in samples] + [np.zeros(0, np.int64)]), minlength=len(names))
-    wh = np.concatenate([(s.boxes[:, 2:] - s.boxes[:, :2]) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))])
-    centers = np.concatenate(
-        [((s.boxes[:, 2:] + s.boxes[:, :2]) / 2) / [s.width, s.height] for s in samples] + [np.zeros((0, 2))]
-    )
-    return {"counts": counts, "wh": wh, "centers": centers}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -18,7 +18,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from shared.model_io import load_hub_weights, load_pretrained, save_pretrained
+from shared.model_io import load_hub_weights, load_pretrained, save_pretrained, write_model_card
 
 # Detectors whose training targets need instance masks or keypoints, which boxes-only detection data cannot give.
 NEEDS_MASKS_OR_KEYPOINTS = ("maskrcnn_", "keypointrcnn_")
@@ -30,7 +30,7 @@ def available_models() -> list[str]:
 
 
 TASK = "detection"
-PREDICT_CONF = 0.25  # the score a predict script keeps by default; mAP is computed from HYP["eval_conf"]
+PREDICT_CONF = 0.25  # the score a predict script keeps by default; mAP is computed at the recipe's eval_conf
 # Where each detector family keeps its class layer: new when starting from weights of other labels.
 CLASS_LAYERS = ("head.classification_head.cls_logits", "head.classification_head.module_list", "roi_heads.box_predictor")
 
@@ -70,7 +70,7 @@ def require_supported_model(name: str):
         raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
 
 
-def model_config(model: str, labels: list[str], img_size: int, hyp: dict) -> dict:
+def model_config(model: str, labels: list[str], img_size: int, recipe: dict) -> dict:
     """Everything build_model and a predict script need, saved as model/config.json."""
     return {
         "task": TASK,
@@ -78,8 +78,8 @@ def model_config(model: str, labels: list[str], img_size: int, hyp: dict) -> dic
         "labels": labels,
         "img_size": img_size,
         "conf": PREDICT_CONF,
-        "iou": hyp["eval_iou"],
-        "max_det": hyp["max_det"],
+        "iou": recipe["eval_iou"],
+        "max_det": recipe["max_det"],
     }
 
 
@@ -97,6 +97,23 @@ def load_model(directory: Path, device="cpu", conf: float | None = None, iou: fl
     conf, iou, max_det = (config[k] if v is None else v for k, v in (("conf", conf), ("iou", iou), ("max_det", max_det)))
     set_postprocess(model, conf, iou, max_det)
     return model.to(device).eval(), config
+
+
+def probe_step(config: dict, multi_scale: bool):
+    """One training step on random images at the largest training size, for --batch-size auto."""
+    size = int(config["img_size"] * (1.5 if multi_scale else 1))
+
+    def step(batch_size, device, dtype):
+        model = build_model(config).to(device).train()
+        box = {
+            "boxes": torch.tensor([[4.0, 4.0, size / 2, size / 2]], device=device),
+            "labels": torch.ones(1, dtype=torch.int64, device=device),
+        }
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = sum(model(torch.rand(batch_size, 3, size, size, device=device), [box] * batch_size).values())
+        loss.backward()
+
+    return step
 
 
 def head_parameters(model: nn.Module) -> list[str]:
@@ -218,3 +235,25 @@ def input_size(model: nn.Module, img_size: int) -> int:
     """SSD models resize to a fixed size; the others take --img-size."""
     fixed = getattr(model.transform, "fixed_size", None)
     return max(fixed) if fixed else img_size
+
+
+def write_card(args, model_dir: Path, data_description: str, config: dict, summary: dict):
+    """model/README.md: what the model detects, how well, how it was trained and how to use it."""
+    metrics = {split: {k: summary[split][k] for k in ("map", "map50", "map75")} for split in ("val", "test") if split in summary}
+    usage = f"""```bash
+python scripts/predict_detection.py --model-dir {model_dir} photos/ --conf 0.25   # COCO json, YOLO txt, drawn images
+python scripts/train_detection.py --eval-only --weights {model_dir} --data OTHER.yaml --output-dir runs/eval
+python scripts/export_model.py --model-dir {model_dir} --format onnx              # image -> boxes, scores, labels
+python scripts/serve.py --model-dir {model_dir} --port 8000                       # POST /v1/predict
+```
+Input: RGB images letterboxed to {config["img_size"]} x {config["img_size"]} px (the predict script and the server do it)."""
+    write_model_card(
+        model_dir,
+        pipeline_tag="object-detection",
+        title=f"{config['model']} object detector ({len(config['labels'])} classes)",
+        labels=config["labels"],
+        data=f"{data_description}. Best epoch {summary['best_epoch']} of {args.epochs}, picked by 0.1 mAP50 + 0.9 mAP50-95.",
+        metrics=metrics,
+        arguments={k: v for k, v in vars(args).items() if k != "output_dir"},
+        usage=usage,
+    )

@@ -9,7 +9,9 @@ import torch
 import yaml
 from detection_data import DetectionDataset, from_hub_dataset, label_path, load_data, to_coco, train_transform, write_yolo_labels
 from PIL import Image
-from train_detection import HYP
+from train_detection import RECIPE
+
+HYP = {key: default for key, (default, _) in RECIPE.items()}  # the recipe's defaults
 
 
 def write_image(path, size=(64, 48), mode="RGB", colour=(90, 90, 90), exif_orientation=None):
@@ -280,15 +282,16 @@ def test_image_cache_holds_each_upright_image_scaled_to_img_size_and_is_built_on
 
 
 def test_no_image_cache_when_it_would_fill_the_disk(tmp_path, monkeypatch, capsys):
+    import detection_data
     import train_detection
 
     sample = load_data_sample(tmp_path)
     args = train_detection.parse_args(["--data", "x", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")])
-    monkeypatch.setattr(train_detection, "disk_free", lambda folder: 2 * 3 * 64 * 48 - 1)  # just under twice its size
-    assert train_detection.training_image_cache(args, [sample], None, 224) is None
+    monkeypatch.setattr(detection_data, "disk_free", lambda folder: 2 * 3 * 64 * 48 - 1)  # just under twice its size
+    assert detection_data.training_image_cache(args, [sample], None, 224) is None
     assert "image cache off" in capsys.readouterr().out and not (tmp_path / "c").exists()
-    monkeypatch.setattr(train_detection, "disk_free", lambda folder: 2 * 3 * 64 * 48)
-    assert train_detection.training_image_cache(args, [sample], None, 224) is not None
+    monkeypatch.setattr(detection_data, "disk_free", lambda folder: 2 * 3 * 64 * 48)
+    assert detection_data.training_image_cache(args, [sample], None, 224) is not None
 
 
 def load_data_sample(root):

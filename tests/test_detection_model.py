@@ -16,7 +16,7 @@ from detection_model import (
     set_postprocess,
 )
 from torchvision.ops.misc import FrozenBatchNorm2d
-from train_detection import HYP, load_hyp
+from train_detection import RECIPE, parse_args
 
 
 def config(name: str, classes: int, img_size: int) -> dict:
@@ -95,11 +95,17 @@ def test_models_that_need_masks_or_keypoints_are_refused_and_not_listed():
             build_model(config(name, 3, 96))
 
 
+def load_hyp(path) -> dict:
+    """The recipe in force with --hyp FILE (its old key names, such as lr0, read as the new ones)."""
+    args = parse_args(["--data", "x", "--output-dir", "out", "--hyp", str(path)])
+    return {key: getattr(args, key) for key in RECIPE}
+
+
 def test_hyp_file_overrides_and_rejects_typos(tmp_path):
     good = tmp_path / "hyp.yaml"
     good.write_text("lr0: 0.05\nfliplr: 0.0\n")
     hyp = load_hyp(good)
-    assert hyp["lr0"] == 0.05 and hyp["fliplr"] == 0.0 and hyp["momentum"] == HYP["momentum"]
+    assert hyp["lr"] == 0.05 and hyp["fliplr"] == 0.0 and hyp["momentum"] == RECIPE["momentum"][0]
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr_0: 0.05\n")
     with pytest.raises(SystemExit, match=r"unknown keys \['lr_0'\]"):

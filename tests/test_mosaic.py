@@ -11,13 +11,15 @@ from detection_data import (
     Mosaic,
     Sample,
     Tile,
+    mosaic_epochs,
     mosaic_view,
     train_transform,
 )
 from PIL import Image
 from torchvision import tv_tensors
-from train_detection import HYP, mosaic_epochs
+from train_detection import RECIPE
 
+HYP = {key: default for key, (default, _) in RECIPE.items()}  # the recipe's defaults
 SIZE = 128
 BACKGROUND = (20, 20, 20)  # neither a box colour nor the pad grey
 # Box k is a solid rectangle of COLOURS[k] and has label k, so its pixels say which box (and label) they belong to.
