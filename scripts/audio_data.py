@@ -13,14 +13,21 @@ Layouts (detected in this order, or forced with --format):
 
 A clip is a file path, a Clip (a slice of a longer file: the _silence_ windows of the background noise), or a
 Hub dataset row; read_audio() reads all three, so the cache, the report and export treat them alike.
+
+Also here: train_audio.py's data flags, what training takes from the splits (class weights, the normalisation
+sample, the clips' identity for resume, the data report) and cross-validation over the official folds (--fold all,
+and gather_folds.py).
 """
 
+import argparse
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import posixpath
+import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -32,6 +39,7 @@ import torch
 import torchaudio.functional as AF
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
+from shared.runtime import write_json
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
@@ -44,6 +52,8 @@ PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever 
 MIN_RATE, MAX_RATE = 1000, 384000  # Hz; a header outside this is broken or hostile (a 1 GHz rate asks for terabytes)
 DOWNMIX_BLOCK = 1 << 20  # samples (all channels) read at a time: 4 MB
 MAX_RATIO_TERM = 2560  # the resampling kernel grows with the ratio's terms; 384000 -> 22050 Hz (2560/147) fits
+CV_FILE, CV_METRICS = "cv_metrics.json", ("accuracy", "macro_f1")  # the cross-validation summary of --fold all
+ALL_FOLDS = "all"
 
 
 class DataError(SystemExit):
@@ -154,6 +164,24 @@ def load_audio_data(
     if fmt == "hub":
         return _hub_dataset(root, audio_column, label_column, val_fraction)
     raise DataError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
+
+
+def load_run_data(run: dict, clip_seconds: float | None = None) -> AudioData:
+    """The splits named by a run's arguments: train_audio.py's flags (vars(args)) or the args.json of a run.
+    clip_seconds: the length of the _silence_ windows, when not the run's --clip-seconds."""
+    words = run.get("wanted_words")
+    percentages = run.get("unknown_percentage", 10.0), run.get("silence_percentage", 10.0)
+    return load_audio_data(
+        run["data"],
+        run.get("format"),
+        fold=run.get("fold"),
+        val_fold=run.get("val_fold"),
+        audio_column=run.get("audio_column", "audio"),
+        label_column=run.get("label_column", "label"),
+        val_fraction=run.get("val_fraction", 0.1),
+        keywords=KeywordTask(tuple(words), *percentages) if words else None,
+        clip_seconds=clip_seconds or run.get("clip_seconds"),
+    )
 
 
 def official_folds(root: str, fmt: str | None = None) -> list[int]:
@@ -751,3 +779,223 @@ def load_noise(files: list[str], sample_rate: int) -> tuple[torch.Tensor, list[d
 
 def default_cache_dir() -> Path:
     return cache_root() / "audio"
+
+
+# ----------------------------------------------------------------------------- what training takes from the splits
+
+
+def require_every_class(root: str, labels: list[str], train: CachedClips):
+    counts = torch.bincount(torch.from_numpy(train.targets), minlength=len(labels))
+    empty = [labels[i] for i in range(len(labels)) if counts[i] == 0]
+    if empty:
+        raise DataError(
+            f"{root}: class(es) {empty} have no usable training clips; add clips or remove the class "
+            "(data_report.json lists skipped files)"
+        )
+
+
+def normalisation_sample(train: CachedClips, count: int = 256) -> torch.Tensor:
+    """Evenly spaced training clips for the log-mel mean/std: the same on every process, no randomness used. Each
+    clip's first window, the one evaluation sees."""
+    picks = torch.linspace(0, len(train) - 1, min(count, len(train))).long().unique()
+    return torch.stack([train[int(i)][0][: train.num_samples] for i in picks])
+
+
+def class_weights(train: CachedClips, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, 1 on average over the classes (--class-weights)."""
+    counts = torch.bincount(torch.from_numpy(train.targets), minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp_min(1))
+
+
+def clip_items(split: Split) -> list[tuple]:
+    """Each clip as shared.runtime.files_fingerprint takes it: its file (by content) and window, or its row of a Hub
+    dataset (by the dataset's fingerprint), and its class."""
+    if isinstance(split.sources, HubAudio):
+        return [(split.sources.fingerprint(), i, t) for i, t in enumerate(split.targets.tolist())]
+    where = [(Path(s),) if isinstance(s, str) else (Path(s.path), s.start, s.frames) for s in split.sources]
+    return [(*w, t) for w, t in zip(where, split.targets.tolist(), strict=True)]
+
+
+# ----------------------------------------------------------------------------- cross-validation over official folds
+
+
+def fold_problem(run: Path) -> str | None:
+    """Why a fold's folder does not hold a finished run with test metrics; None when it does."""
+    if not run.is_dir():
+        return "missing: no such folder"
+    metrics = run / "metrics.json"
+    if not metrics.is_file():
+        return "unfinished: no metrics.json yet (continue it with --resume)"
+    if "test" not in json.loads(metrics.read_text()):
+        return "no test metrics in metrics.json (trained with a layout that has no test fold?)"
+    return None
+
+
+def write_cv_metrics(output_dir: Path, folds: list[int], *, allow_missing: bool = False) -> dict:
+    """OUTPUT_DIR/cv_metrics.json from the test metrics of OUTPUT_DIR/fold_K for the given folds; stops naming the
+    folds that are not finished, unless allow_missing (then they are listed in the summary)."""
+    output_dir = Path(output_dir)
+    problems = {f"fold_{k}": fold_problem(output_dir / f"fold_{k}") for k in folds}
+    absent = {name: why for name, why in problems.items() if why}
+    if absent and (not allow_missing or len(absent) == len(folds)):
+        listing = "\n".join(f"  {output_dir / name}: {why}" for name, why in absent.items())
+        hint = "" if len(absent) == len(folds) else "; or pass --allow-missing to summarise the others"
+        raise SystemExit(f"{len(absent)} of {len(folds)} folds have no finished run:\n{listing}\nFinish them{hint}.")
+    per_fold = []
+    for k in folds:
+        if problems[f"fold_{k}"] is None:
+            test = json.loads((output_dir / f"fold_{k}" / "metrics.json").read_text())["test"]
+            per_fold.append({"fold": k, "run": f"fold_{k}", **{m: test[m] for m in CV_METRICS}})
+    summary = {
+        "split": "test",
+        "folds": per_fold,
+        "mean": {m: statistics.mean(f[m] for f in per_fold) for m in CV_METRICS},
+        "std": {m: statistics.stdev(f[m] for f in per_fold) if len(per_fold) > 1 else None for m in CV_METRICS},
+        "std_kind": "sample standard deviation over folds (n - 1 in the denominator); null for a single fold",
+        "missing": absent,
+    }
+    write_json(output_dir / CV_FILE, summary)
+    return summary
+
+
+def describe_cv(summary: dict, path: Path) -> str:
+    def spread(metric):
+        std = summary["std"][metric]
+        return f"{summary['mean'][metric]:.4f}" + ("" if std is None else f" +- {std:.4f}")
+
+    missing = f" ({len(summary['missing'])} missing: {', '.join(summary['missing'])})" if summary["missing"] else ""
+    return (
+        f"{len(summary['folds'])} folds{missing}: test accuracy {spread('accuracy')}, "
+        f"test macro-F1 {spread('macro_f1')} (mean +- sample std); written to {path}"
+    )
+
+
+# ----------------------------------------------------------------------------- the data flags of train_audio.py
+
+
+def add_data_args(parser: argparse.ArgumentParser, train_span: int):
+    """What --data holds and how its clips are read."""
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", required=True, help="dataset folder, a save_to_disk folder, or a Hugging Face dataset id")
+    d.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="layout of --data (default: detected). urbansound8k: metadata/UrbanSound8K.csv + audio/fold*/; "
+        "esc50: meta/esc50.csv + audio/; speech_commands: <label>/ + validation_list.txt + testing_list.txt "
+        "(+ _background_noise_/); folders: <label>/*.wav, optionally under train/ val/ test/; hub: a Hub dataset",
+    )
+    d.add_argument(
+        "--fold",
+        type=fold_choice,
+        help="UrbanSound8K/ESC-50: the official fold used as the test set (default: the first fold); 'all' trains "
+        "every fold in turn into OUTPUT_DIR/fold_K/ and writes OUTPUT_DIR/cv_metrics.json (cross-validation)",
+    )
+    d.add_argument("--val-fold", type=int, help="UrbanSound8K/ESC-50: the validation fold (default: the one before --fold)")
+    d.add_argument(
+        "--wanted-words",
+        type=word_list,
+        metavar="W1,W2,...",
+        help="Speech Commands: these words + _unknown_ (the others) + _silence_ (noise windows), e.g. yes,no,up,down,"
+        "left,right,on,off,stop,go for the 12-class task (default: every word folder is a class)",
+    )
+    for kind, what in (("unknown", "clips of the other words"), ("silence", "clip-long windows of the noise files")):
+        d.add_argument(
+            f"--{kind}-percentage",
+            type=float,
+            default=10.0,
+            help=f"with --wanted-words: _{kind}_ clips per split ({what}, drawn with a fixed seed), in percent of its "
+            "wanted-word clips (default 10; 0 drops the class)",
+        )
+    d.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="no validation split (folders, Hub): fraction of each class held out for it, and for test in plain "
+        "class folders; fixed seed (default 0.1)",
+    )
+    d.add_argument("--audio-column", default="audio", help="Hub data: column holding the audio (default audio)")
+    d.add_argument("--label-column", default="label", help="Hub data: column holding the class (default label)")
+    d.add_argument("--sample-rate", type=int, default=16000, help="clips are resampled to this rate in Hz (default 16000)")
+    d.add_argument(
+        "--clip-seconds",
+        type=float,
+        help="clips are cut or zero-padded to this length (default: 4 for UrbanSound8K, 5 for ESC-50, 1 otherwise). "
+        f"Validation, test and predict take each clip's start; training takes a random window of the first "
+        f"{train_span} x this length of longer clips (a new place every epoch)",
+    )
+    d.add_argument(
+        "--cache-dir", type=Path, default=default_cache_dir(), help=f"decoded waveforms (default {default_cache_dir()})"
+    )
+
+
+def fold_choice(value: str):
+    if value == ALL_FOLDS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a fold number or '{ALL_FOLDS}'") from None
+
+
+def word_list(value: str) -> list[str]:
+    words = [w.strip() for w in value.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError(f"{value!r}: name the words to classify, comma-separated (e.g. yes,no)")
+    return words
+
+
+def cross_validate(args, train_fold):
+    """--fold all: each official fold in turn is the test fold (validation: the fold before it), trained by
+    train_fold(fold_args) as `--fold K --output-dir OUTPUT_DIR/fold_K` would be; then OUTPUT_DIR/cv_metrics.json.
+    With --resume a finished fold is kept and an interrupted one continues. train_fold returns False when its run was
+    stopped (preempted): the folds after it wait for the same command plus --resume."""
+    refuse_with_all_folds(args)
+    folds, stopped = official_folds(args.data, args.format), False
+    # Every process reads the same finished folds and agrees on stops, so all skip and stop alike; the launchers
+    # set RANK, and no collective is needed to know the main process before the first fold's Accelerator exists.
+    main_process = os.environ.get("RANK", "0") == "0"
+    if args.overwrite and main_process:
+        (args.output_dir / CV_FILE).unlink(missing_ok=True)
+    for number, fold in enumerate(folds, start=1):
+        fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "output_dir": args.output_dir / f"fold_{fold}"})
+        if args.resume and not args.overwrite and fold_problem(fold_args.output_dir) is None:
+            if main_process:
+                print(f"fold {fold}: finished earlier, kept ({fold_args.output_dir / 'metrics.json'})")
+            continue
+        if main_process:
+            print(f"fold {fold} ({number} of {len(folds)}) as the test fold, into {fold_args.output_dir}")
+        stopped = not train_fold(fold_args)
+        if stopped:
+            break
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # end_training's last step, which the folds skipped
+    if main_process and not stopped:
+        print(describe_cv(write_cv_metrics(args.output_dir, folds), args.output_dir / CV_FILE))
+
+
+def refuse_with_all_folds(args):
+    if args.val_fold is not None:
+        raise SystemExit("--val-fold with --fold all: each fold's validation is the fold before it; drop --val-fold")
+    if args.eval_only:
+        raise SystemExit("--fold all trains a model per fold; to score one model, use --eval-only with --fold K")
+    if args.resume not in (None, "latest"):
+        raise SystemExit(
+            f"--resume {args.resume} with --fold all: each fold resumes from its own newest checkpoint; use plain --resume"
+        )
+
+
+def data_report(args, data: AudioData, clips: dict[str, CachedClips], noise_skipped: list[dict]) -> dict:
+    """What data_report.json holds: what was used, and every clip skipped with the reason."""
+    skipped = [{"split": name, **s} for name, c in clips.items() for s in c.skipped]
+    skipped += [{"split": "background_noise", **s} for s in noise_skipped]
+    return {
+        "data": str(args.data),
+        "format": data.format,
+        "notes": data.notes,
+        "protocol": data.protocol,
+        "labels": data.labels,
+        "clips": {name: len(c) for name, c in clips.items()},
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "cache_dir": str(args.cache_dir),
+    }

@@ -6,13 +6,14 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio.transforms as T
 import torchvision
 from torch import nn
 
-from shared.model_io import load_hub_weights, load_pretrained, save_pretrained
+from shared.model_io import load_hub_weights, load_pretrained, save_pretrained, write_model_card
 
 TASK = "audio-classification"
 
@@ -30,6 +31,11 @@ def frontend_config(sample_rate: int, clip_seconds: float, n_mels: int) -> dict:
         "f_min": 0.0,
         "f_max": sample_rate / 2,
     }
+
+
+def clip_samples(config: dict) -> int:
+    """Samples in one clip (or predict window) of the model."""
+    return round(config["clip_seconds"] * config["sample_rate"])
 
 
 def pcm_to_float(waves: torch.Tensor) -> torch.Tensor:
@@ -263,3 +269,53 @@ def load_model(directory: Path, device="cpu") -> tuple[AudioClassifier, dict]:
     if torch.device(device).type == "cpu":
         use_tiny_map_convs(model)
     return model.to(device).eval(), config
+
+
+def plot_confusion_matrix(summary: dict, path: Path, what: str):
+    """The confusion matrix of the test split in a metrics.json summary (or val, when there is no test split). Rows are
+    true classes, normalised to recall; the counts are written in the cells of small matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown, labels = "test" if "test" in summary else "val", summary["labels"]
+    matrix = np.asarray(summary[shown]["confusion_matrix"])
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix: {shown}, {what}")
+    if len(labels) <= 30:
+        for i, j in np.ndindex(matrix.shape):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_card(args, model_dir: Path, data, config: dict, summary: dict):
+    """model/README.md: what the model is, what it was trained on, how well it did and how to use it."""
+    metrics = {split: {k: summary[split][k] for k in ("accuracy", "macro_f1")} for split in ("val", "test") if split in summary}
+    usage = f"""```bash
+python scripts/predict_audio.py --model-dir {model_dir} recording.wav          # JSON lines, sliding windows
+python scripts/train_audio.py --eval-only --weights {model_dir} --data OTHER --output-dir runs/eval
+python scripts/export_model.py --model-dir {model_dir} --format onnx           # waveform -> logits, with a parity report
+python scripts/serve.py --model-dir {model_dir} --port 8000                    # POST /v1/predict
+```
+Input: mono float waveforms at {config["sample_rate"]} Hz, {config["clip_seconds"]} s per window (the log-mel frontend is part
+of the model)."""
+    write_model_card(
+        model_dir,
+        pipeline_tag="audio-classification",
+        title=f"{config['model']} audio classifier ({len(config['labels'])} classes)",
+        labels=config["labels"],
+        data=f"`{args.data}` ({data.format}): "
+        + "; ".join(data.notes)
+        + f". Best epoch {summary['best_epoch']} of {args.epochs}.",
+        metrics=metrics,
+        arguments={k: v for k, v in vars(args).items() if k not in ("output_dir", "cache_dir")},
+        usage=usage,
+    )

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 
+import audio_augment
 import make_demo_audio
 import numpy as np
 import pytest
@@ -234,7 +235,7 @@ def test_training_clips_are_cropped_at_random_places_and_evaluation_clips_at_the
     starts = [set(), set()]
     torch.manual_seed(0)
     for _ in range(20):  # twenty epochs' draws
-        windows = train_audio.random_windows(waves, lengths, RATE)
+        windows = audio_augment.random_windows(waves, lengths, RATE)
         for i in range(2):
             start = int(torch.nonzero(waves[i] == windows[i, 0])[0])
             assert torch.equal(windows[i], waves[i, start : start + RATE]) and start + RATE <= lengths[i]
@@ -244,13 +245,13 @@ def test_training_clips_are_cropped_at_random_places_and_evaluation_clips_at_the
     evaluation = CachedClips(split, RATE, RATE, tmp_path / "cache")
     assert evaluation[0][0].shape == (RATE,) and torch.equal(evaluation[0][0], train[0][0][:RATE])
     args = train_audio.parse_args(["--data", "x", "--output-dir", "y", "--no-augment"])
-    assert torch.equal(train_audio.augment_waveforms(waves, lengths, RATE, torch.zeros(0), args), waves[:, :RATE])
+    assert torch.equal(audio_augment.augment_waveforms(waves, lengths, RATE, torch.zeros(0), args), waves[:, :RATE])
 
 
 def test_time_shift_moves_the_content_and_fills_with_zeros():
     wave = torch.linspace(0.1, 0.9, RATE).repeat(16, 1)
     torch.manual_seed(1)
-    shifted = train_audio.time_shift(wave, 0.1)
+    shifted = audio_augment.time_shift(wave, 0.1)
     seen = set()
     for row in shifted:
         zeros = int((row == 0).sum())
@@ -262,7 +263,7 @@ def test_time_shift_moves_the_content_and_fills_with_zeros():
             assert torch.equal(row[: RATE - zeros], wave[0, zeros:]) and (row[RATE - zeros :] == 0).all()
             seen.add(-zeros)
     assert len(seen) > 8 and any(s > 0 for s in seen) and any(s < 0 for s in seen)
-    assert torch.equal(train_audio.time_shift(wave, 0), wave)
+    assert torch.equal(audio_augment.time_shift(wave, 0), wave)
 
 
 def test_speed_perturbation_scales_pitch_and_tempo_together():
@@ -271,9 +272,9 @@ def test_speed_perturbation_scales_pitch_and_tempo_together():
     t = torch.arange(RATE, dtype=torch.float64)
     ramp, tone = ((t + 1) / RATE).repeat(32, 1), torch.sin(2 * torch.pi * 500 * t / RATE).repeat(32, 1)
     torch.manual_seed(2)
-    read_at = train_audio.speed_perturb(ramp, 0.2)
+    read_at = audio_augment.speed_perturb(ramp, 0.2)
     torch.manual_seed(2)
-    pitched = train_audio.speed_perturb(tone, 0.2)
+    pitched = audio_augment.speed_perturb(tone, 0.2)
     speeds = (read_at[:, 101] - read_at[:, 100]) * RATE
     assert ((speeds > 0.8 - 1e-9) & (speeds < 1.2 + 1e-9)).all() and speeds.std() > 0.05  # drawn per clip
     for row, speed, tone_row in zip(read_at, speeds, pitched, strict=True):
@@ -282,4 +283,4 @@ def test_speed_perturbation_scales_pitch_and_tempo_together():
         assert playing.sum() == min(RATE, int((RATE - 1) / speed) + 1) and not playing[playing.sum() :].any()  # then silence
         peak = torch.fft.rfft(tone_row[playing]).abs().argmax() * RATE / playing.sum()
         assert abs(peak / 500 - speed) < 0.01, (peak, speed)
-    assert torch.equal(train_audio.speed_perturb(tone, 0), tone)
+    assert torch.equal(audio_augment.speed_perturb(tone, 0), tone)
