@@ -55,7 +55,7 @@ def run_script(script: str, *args, nproc: int = 1, env: dict | None = None, chec
         run_env = script_env(**(env or {}))
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", path]
-        run_env = script_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **(env or {}))
+        run_env = script_env(**{"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})})
     proc = subprocess.run(cmd + [str(a) for a in args], env=run_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(
