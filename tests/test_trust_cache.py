@@ -71,13 +71,15 @@ def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(tmp_path
         (tmp_path / "cache" / f".{name}.{socket.gethostname()}.{os.getpid()}").symlink_to(victim)
     assert len(CachedClips(split, RATE, 1000, tmp_path / "cache")) == 1
     assert victim.read_text() == "precious"
-    # Even a name guessed right is not opened: exclusive creation fails on whatever is there.
+    # Even a name guessed right is not written through: the builder, holding the entry's lock, removes what stands at
+    # its temporary names (a killed build's leftovers, or a planted link) and creates its own exclusively.
     monkeypatch.setattr(shared.cache.secrets, "token_hex", lambda n: "guessed")
-    (tmp_path / "other" / ".x.u8.guessed").parent.mkdir()
-    (tmp_path / "other" / ".x.u8.guessed").symlink_to(victim)
-    with pytest.raises(FileExistsError):
-        build_once(tmp_path / "other" / "x.u8", lambda write: write(b"attack") or {})
-    assert victim.read_text() == "precious"
+    planted = tmp_path / "other" / ".x.u8.guessed"
+    planted.parent.mkdir()
+    planted.symlink_to(victim)
+    build_once(tmp_path / "other" / "x.u8", lambda write: write(b"attack") or {})
+    assert victim.read_text() == "precious" and (tmp_path / "other" / "x.u8").read_bytes() == b"attack"
+    assert not planted.is_symlink()
 
 
 def test_large_entries_are_sampled_on_open_and_checked_in_full_when_asked(tmp_path, monkeypatch, capsys):
