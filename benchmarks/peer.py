@@ -175,21 +175,21 @@ def plot_curves(runs: list[dict], path: Path):
 
 
 def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
-    """Images/s that one worker of train_detection.py's training loader delivers (mosaic, as `--hyp` with `mosaic: 1.0`,
+    """Images/s that one worker of train_detection.py's training loader delivers (mosaic, as `--recipe` with `mosaic: 1.0`,
     and every per-image augmentation; colour jitter is not in it: launchkit applies it batched on the device). The
     image cache is built before the clock starts, as it is once per data set and image size."""
     from types import SimpleNamespace
 
     import audio_loaders
     import train_detection
-    from detection_data import load_data
+    from detection_data import detection_datasets, image_loader, load_data
 
     argv = ["--data", str(data_yaml), "--output-dir", "/nonexistent", "--img-size", str(img_size), "--workers", "1"]
-    args = train_detection.parse_args(argv)
-    hyp = {**train_detection.load_hyp(None), "mosaic": 1.0}  # the same work as the peer's loader, whose mosaic is on
-    datasets = train_detection.detection_datasets(args, load_data(str(data_yaml)), img_size, hyp)
+    args = train_detection.parse_args(argv)  # the recipe resolved into args
+    recipe = {**vars(args), "mosaic": 1.0}  # the same work as the peer's loader, whose mosaic is on
+    datasets = detection_datasets(args, load_data(str(data_yaml)), img_size, recipe)
     plan, config = SimpleNamespace(batch_size=16), {"img_size": img_size}
-    loader = train_detection.image_loader(datasets["train"], args, plan, config, shuffle=True)
+    loader = image_loader(datasets["train"], args, plan, config, shuffle=True)
     return audio_loaders.rate(loader, images)
 
 
