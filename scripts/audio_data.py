@@ -654,11 +654,6 @@ def fix_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
     return torch.nn.functional.pad(wave[:num_samples], (0, max(0, num_samples - wave.shape[-1])))
 
 
-def fix_span(wave: torch.Tensor, num_samples: int, span: int) -> torch.Tensor:
-    """At most the first span samples, and at least num_samples (short clips padded with silence)."""
-    return fix_length(wave, min(max(wave.shape[-1], num_samples), span))
-
-
 def within_full_scale(waves: torch.Tensor) -> torch.Tensor:
     """Scale each clip (along the last dim) whose peak exceeds full scale down to a peak of 1.0. Float files
     may hold samples beyond +-1 that int16 would clip; training clips and predict_audio.py windows both pass
@@ -680,7 +675,8 @@ class _DecodeJob(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             wave = read_audio(self.sources[i], self.sample_rate, self.span)
-            return i, to_pcm16(fix_span(wave, self.num_samples, self.span)), None
+            # At most the first span samples, and at least num_samples (short clips padded with silence).
+            return i, to_pcm16(fix_length(wave, min(max(wave.shape[-1], self.num_samples), self.span))), None
         except BadClip as err:
             return i, None, str(err)
 
@@ -755,11 +751,8 @@ def require_usable_splits(clips: dict[str, CachedClips], report_path: Path):
     when evaluation finds nothing to evaluate."""
     for name, split in clips.items():
         if not len(split):
-            why = (
-                f"all {len(split.skipped)} of its clips were skipped as unreadable or empty"
-                if split.skipped
-                else "it has no clips"
-            )
+            skipped = f"all {len(split.skipped)} of its clips were skipped as unreadable or empty"
+            why = skipped if split.skipped else "it has no clips"
             raise DataError(
                 f"the {name} split has no usable clips: {why}. {report_path} lists every skipped file with the reason; "
                 "repair or replace those files."
