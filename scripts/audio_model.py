@@ -146,27 +146,13 @@ def _weights_file(path: Path, url: str) -> dict:
 
 
 def _one_channel_stem(model: nn.Module):
-    for parent in model.modules():
-        for child_name, conv in parent.named_children():
-            if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
-                stem = nn.Conv2d(
-                    1,
-                    conv.out_channels,
-                    conv.kernel_size,
-                    conv.stride,
-                    conv.padding,
-                    conv.dilation,
-                    conv.groups,
-                    conv.bias is not None,
-                    conv.padding_mode,
-                )
-                with torch.no_grad():
-                    stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-                    if conv.bias is not None:
-                        stem.bias.copy_(conv.bias)
-                setattr(parent, child_name, stem)
-                return
-    raise SystemExit(f"{type(model).__name__}: found no 3-channel first convolution to turn into a 1-channel stem")
+    """The first 3-channel convolution takes one channel, its RGB filters summed; changed in place, so the parameter
+    names (and a saved model) stay torchvision's."""
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+    if stem is None:
+        raise SystemExit(f"{type(model).__name__}: found no 3-channel first convolution to turn into a 1-channel stem")
+    stem.in_channels = 1
+    stem.weight = nn.Parameter(stem.weight.detach().sum(dim=1, keepdim=True))
 
 
 def _replace_last_linear(model: nn.Module, num_classes: int):

@@ -148,10 +148,10 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
             split.targets = index[split.targets]
         data.labels = config["labels"]
     else:
-        # Resolved here, so that args.json, the fingerprint and the model card hold the lengths used.
         args.clip_seconds = args.clip_seconds or audio_data.DEFAULT_CLIP_SECONDS[data.format]
         model_name = weights[1].get("model", args.model) if weights else args.model
         config = audio_model.model_config(model_name, data.labels, args.sample_rate, args.clip_seconds, args.n_mels)
+    # Resolved here, as they follow the data: args.json, the fingerprint and the model card hold the values used.
     num_samples = audio_model.clip_samples(config)
     frames = num_samples // config["hop_length"] + 1
     args.freq_mask = 0 if args.no_augment else args.n_mels // 8 if args.freq_mask is None else args.freq_mask
