@@ -87,7 +87,8 @@ def resolve_recipe(args, recipe: dict[str, tuple], renamed: dict[str, str] | Non
         unknown = sorted(set(override) - set(recipe))
         if unknown:
             raise SystemExit(f"--recipe {args.recipe}: unknown keys {unknown}; valid keys are {', '.join(recipe)}")
-        values.update(override)
+        # As the flags are: YAML reads 1e-3 as a string and 2000 as an int where the default is a float.
+        values.update({k: v if isinstance(values[k], bool) else type(values[k])(v) for k, v in override.items()})
     values.update({key: getattr(args, key) for key in recipe if getattr(args, key) is not None})
     vars(args).update(values)
     return values

@@ -244,13 +244,16 @@ STEP_GUARD_SNIPPET = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
-from shared.training import RunState, TrainingLoop
+from shared.checkpoint import GracefulStop
+from shared.training import EpochLosses, RunState, agree
 acc = Accelerator(cpu=True)
-loop = TrainingLoop(acc, None, RunState(epoch=2, step=6), epochs=5, checkpoint_steps=0)
-loop.after_backward({{"loss": torch.tensor(1.0)}}, 4)
+state = RunState(epoch=2, step=6)
+losses = EpochLosses(acc, state)
+losses.add({{"loss": torch.tensor(1.0)}}, 4)
 nan_here = acc.process_index == acc.num_processes - 1
+losses.add({{"loss": torch.tensor(float("nan") if nan_here else 2.0)}}, 4)
 try:
-    loop.after_backward({{"loss": torch.tensor(float("nan") if nan_here else 2.0)}}, 4)
+    agree(acc, GracefulStop(), losses, epoch=state.epoch, step=state.step + 1)  # as the script does before a step
 except SystemExit as err:
     os.write(1, f"rank {{acc.process_index}} stopped: {{err}}\\n".encode())  # one write: the two ranks share the pipe
     raise
