@@ -31,7 +31,7 @@ demo: demo-data
 	@echo "detection metrics:"; $(PY) -c "import json;m=json.load(open('$(OUT)/demo_detection/metrics.json'));s=m.get('test',m['val']);print({k:round(s[k],4) for k in ('map','map50')})"
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q --timeout 600 --durations=15
+	$(PY) -m pytest tests -q -n 2 --dist loadfile --timeout 600 --durations=15
 
 train-audio: $(STAMP)
 	@test -n "$(DATA)" || (echo "usage: make train-audio DATA=path/or/hub-id [CONFIG=accelerate_configs/X.yaml] [OUT=runs] [ARGS='--epochs 30']"; exit 2)

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from audio_data import AUDIO_EXTENSIONS, BadClip, KeywordTask, fix_length, load_audio_data, read_audio, within_full_scale
+from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, load_run_data, read_audio, within_full_scale
 from audio_model import TASK, load_model
 from torch import nn
 
@@ -209,7 +209,7 @@ class AudioPredictor:
             source = {"source": "files", "paths": [str(f) for f in files]}
         else:
             run = run_args(run_dir)
-            named = self.val_clips(run, limit)
+            named = val_clips(run, self.rate, self.window, limit)
             source = {"source": f"val split of {run['data']}"}
         source["count"] = len(named)
         batches = (
@@ -225,26 +225,17 @@ class AudioPredictor:
             except BadClip as err:
                 print(f"skipped {path}: {err}", file=sys.stderr)
 
-    def val_clips(self, run: dict, limit: int | None) -> list[tuple[str, torch.Tensor]]:
-        """Decoded as training decodes them (first clip_seconds, padded, within full scale); unreadable clips are left out."""
-        data = load_audio_data(
-            run["data"],
-            run.get("format"),
-            fold=run.get("fold"),
-            val_fold=run.get("val_fold"),
-            audio_column=run.get("audio_column", "audio"),
-            label_column=run.get("label_column", "label"),
-            val_fraction=run.get("val_fraction", 0.1),
-            keywords=keyword_task_of(run),
-            clip_seconds=run.get("clip_seconds"),
-        )
-        split, clips = data.splits["val"], []
-        for name, source in zip(split.names[:limit], split.sources, strict=False):
-            try:
-                clips.append((name, within_full_scale(fix_length(read_audio(source, self.rate, self.window), self.window))))
-            except BadClip as err:
-                print(f"skipped {name}: {err}", file=sys.stderr)
-        return clips
+
+def val_clips(run: dict, rate: int, window: int, limit: int | None) -> list[tuple[str, torch.Tensor]]:
+    """The run's val split (from its args.json: a --wanted-words run's _unknown_ and _silence_ included), decoded as
+    training decodes it (first window samples, padded, within full scale); unreadable clips are left out."""
+    split, clips = load_run_data(run).splits["val"], []
+    for name, source in zip(split.names[:limit], split.sources, strict=False):
+        try:
+            clips.append((name, within_full_scale(fix_length(read_audio(source, rate, window), window))))
+        except BadClip as err:
+            print(f"skipped {name}: {err}", file=sys.stderr)
+    return clips
 
 
 def run_args(run_dir: Path) -> dict:
@@ -252,13 +243,6 @@ def run_args(run_dir: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"{path} not found: without the run's args.json the val split is unknown; pass --inputs FILE...")
     return json.loads(path.read_text())
-
-
-def keyword_task_of(run: dict) -> KeywordTask | None:
-    """The 12-class Speech Commands task of a run with --wanted-words: its val split has _unknown_ and _silence_."""
-    if not run.get("wanted_words"):
-        return None
-    return KeywordTask(tuple(run["wanted_words"]), run["unknown_percentage"], run["silence_percentage"])
 
 
 class LogitParity:

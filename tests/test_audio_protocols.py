@@ -192,20 +192,21 @@ def test_silence_clips_are_slices_of_the_noise_and_decode_as_such(commands, tmp_
 
 
 def test_export_checks_a_keyword_run_on_its_own_val_split(commands, tmp_path):
-    """export_model.py's parity inputs are the run's val split as the run saw it: with --wanted-words, the words'
-    clips plus _unknown_ and _silence_ (a window of the noise, decoded as such), not every word of the folder."""
-    import export_model
+    """export_model.py's parity inputs (audio_predictor.val_clips of the run's args.json) are the run's val split as
+    the run saw it: with --wanted-words, the words' clips plus _unknown_ and _silence_ (a window of the noise, decoded
+    as such), not every word of the folder."""
+    from audio_predictor import val_clips
 
     run = {"data": str(commands), "format": None, "clip_seconds": 1.0}
     (tmp_path / "args.json").write_text(json.dumps(run | {"wanted_words": list(WANTED), "unknown_percentage": 100,
                                                           "silence_percentage": 50}))  # fmt: skip
-    clips = dict(export_model.val_clips(tmp_path, RATE, RATE, None))
+    clips = dict(val_clips(json.loads((tmp_path / "args.json").read_text()), RATE, RATE, None))
     expected = load_audio_data(str(commands), keywords=KeywordTask(WANTED, 100, 50)).splits["val"]
     assert list(clips) == expected.names and any(SILENCE in name or "_background_noise_" in name for name in clips)
     silence = next(c for c, t in zip(expected.sources, expected.targets, strict=True) if t == 3)
     assert torch.equal(clips[expected.names[expected.sources.index(silence)]], read_audio(silence, RATE, RATE))
     (tmp_path / "args.json").write_text(json.dumps(run))  # the same folder without the task: every word
-    assert len(export_model.val_clips(tmp_path, RATE, RATE, None)) == len(WANTED + OTHERS)
+    assert len(val_clips(run, RATE, RATE, None)) == len(WANTED + OTHERS)
 
 
 def test_keyword_task_without_silence_or_with_a_missing_word(commands):
