@@ -51,6 +51,9 @@ CACHE_VERSION = 3  # bump when the cached representation changes
 PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever machine wrote it
 MIN_RATE, MAX_RATE = 1000, 384000  # Hz; a header outside this is broken or hostile (a 1 GHz rate asks for terabytes)
 DOWNMIX_BLOCK = 1 << 20  # samples (all channels) read at a time: 4 MB
+# Decoding costs CPU per channel: a 196 kB Ogg file claiming 255 channels took 18 s of CPU. Microphone arrays and
+# third-order ambisonics stay well below this.
+MAX_CHANNELS = 64
 MAX_RATIO_TERM = 2560  # the resampling kernel grows with the ratio's terms; 384000 -> 22050 Hz (2560/147) fits
 CV_FILE, CV_METRICS = "cv_metrics.json", ("accuracy", "macro_f1")  # the cross-validation summary of --fold all
 ALL_FOLDS = "all"
@@ -594,7 +597,7 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 
 
 def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torch.Tensor:
-    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; 1-384 kHz; any channels), or a Clip slice
+    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; 1-384 kHz; up to 64 channels), or a Clip slice
     of one, as mono float32 at sample_rate: all of it, or only its first num_samples. Training, predict_audio.py
     and serve.py all read through here. Raises BadClip for empty, corrupt or unreadable input, or an odd rate."""
     path, start, limit = (source.path, source.start, source.frames) if isinstance(source, Clip) else (source, 0, math.inf)
@@ -603,6 +606,8 @@ def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torc
             rate = f.samplerate
             if not MIN_RATE <= rate <= MAX_RATE:
                 raise BadClip(f"sample rate {rate} Hz outside {MIN_RATE}-{MAX_RATE} Hz; a broken header, or resample the file")
+            if f.channels > MAX_CHANNELS:
+                raise BadClip(f"{f.channels} channels, more than {MAX_CHANNELS}; a broken header, or mix it down first")
             orig, new = _resample_ratio(rate, sample_rate)
             # Only the frames the clip needs, so a 1 s clip of a long recording does not decode all of it; 10 ms
             # more lets the resampler see the same neighbours at the cut as in the whole file. A Clip ends where

@@ -235,6 +235,9 @@ def test_many_channels_are_downmixed_a_block_at_a_time(tmp_path, monkeypatch):
     (tmp_path / "b.wav").write_bytes(header)
     with pytest.raises(audio_data.BadClip, match="unreadable: .*[Tt]oo many channels"):
         read_audio(tmp_path / "b.wav", RATE)
+    sf.write(tmp_path / "c.wav", np.zeros((100, 65)), RATE, subtype="PCM_16")  # one more than is decoded
+    with pytest.raises(audio_data.BadClip, match="65 channels, more than 64"):
+        read_audio(tmp_path / "c.wav", RATE)
 
 
 # ----------------------------------------------------------------------------- splits left empty by decoding
