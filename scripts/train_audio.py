@@ -45,8 +45,10 @@ from shared.model_io import label_index, load_pretrained, load_weights, start_fr
 from shared.plots import plot_curves
 from shared.results import ResultsLog
 from shared.runtime import (
+    SPELLINGS,
     add_common_args,
     add_recipe_args,
+    familiar_spellings,
     files_fingerprint,
     flat_config,
     make_loader,
@@ -99,7 +101,7 @@ TRAIN_SPAN = 3
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=SPELLINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
     audio_data.add_data_args(parser, TRAIN_SPAN)
     m = parser.add_argument_group("model and features")
     m.add_argument("--model", default="resnet18", help="any torchvision classification model name (default resnet18)")
@@ -110,7 +112,7 @@ def parse_args(argv=None):
     m.add_argument("--time-mask", type=int, help="SpecAugment: widest time mask in frames (default 1/10 of them; 0: off)")
     add_common_args(parser, epochs=30, batch_size=32, nominal_batch_size=64)
     add_recipe_args(parser, RECIPE)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(familiar_spellings(argv))
     resolve_recipe(args, RECIPE)
     if args.schedule not in SCHEDULES:
         parser.error(f"--schedule {args.schedule}: one of {', '.join(SCHEDULES)}")

@@ -74,8 +74,10 @@ from shared.model_io import load_pretrained, load_weights, start_from
 from shared.plots import plot_curves
 from shared.results import ResultsLog
 from shared.runtime import (
+    SPELLINGS,
     add_common_args,
     add_recipe_args,
+    familiar_spellings,
     files_fingerprint,
     flat_config,
     resolve_recipe,
@@ -84,7 +86,7 @@ from shared.runtime import (
     write_args_json,
     write_json,
 )
-from shared.schedule import build_scheduler
+from shared.schedule import build_scheduler, warmup_momentum
 from shared.training import (
     EpochLosses,
     RunState,
@@ -139,7 +141,7 @@ RUN_IDENTITY = ("model", "nominal_batch_size", "epochs", "seed", "val_fraction",
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=SPELLINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data")
     d.add_argument("--data", required=True, help="YOLO data.yaml, COCO instances .json, or a Hub dataset id (with --format hub)")
     d.add_argument(
@@ -158,7 +160,7 @@ def parse_args(argv=None):
     # 16, not YOLO's 64: four times the optimizer steps per epoch (400 images: 25 instead of 7). On the held-out
     # set at 50 epochs: validation mAP50-95 0.517 with 16 and 0.163 with 64, test 0.182 and 0.046 (yolov8n: 0.098).
     add_common_args(parser, epochs=30, batch_size=16, nominal_batch_size=16)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(familiar_spellings(argv))
     resolve_recipe(args, RECIPE, RENAMED)
     return args
 
@@ -378,16 +380,6 @@ def make_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
     if args.optimizer == "AdamW":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
     raise SystemExit(f"--optimizer {args.optimizer!r}: use SGD or AdamW")
-
-
-def warmup_momentum(optimizer, step: int, warmup_steps: int, start: float, end: float):
-    """Ramp SGD momentum (or Adam's beta1) from start to end over the warmup, as the YOLO recipe does."""
-    value = end if step >= warmup_steps else start + (end - start) * step / warmup_steps
-    for group in optimizer.param_groups:
-        if "momentum" in group:
-            group["momentum"] = value
-        elif "betas" in group:
-            group["betas"] = (value, group["betas"][1])
 
 
 def stop_message(where: str, step: int) -> str:

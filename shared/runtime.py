@@ -22,6 +22,28 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find
 SAMPLED_BYTES = 4096
 
 
+# Spellings people bring from the Hugging Face examples and torchvision's references, read as this project's flags.
+ALIASES = {"--resume_from_checkpoint": "--resume", "--checkpointing_steps": "--checkpoint-steps", "--test-only": "--eval-only",
+           "--wd": "--weight-decay"}  # fmt: skip
+SPELLINGS = (
+    "Also accepted: every flag with underscores (--output_dir, --mixed_precision, --nominal_batch_size, ...), "
+    + ", ".join(f"{alias} for {ours}" for alias, ours in ALIASES.items())
+    + "."
+)
+
+
+def familiar_spellings(argv: list[str] | None) -> list[str]:
+    """argv (default: the command line's) with the spellings of SPELLINGS turned into this project's flags."""
+    tokens = []
+    for token in sys.argv[1:] if argv is None else argv:
+        token = str(token)
+        flag, equals, value = token.partition("=")
+        if flag.startswith("--"):
+            token = ALIASES.get(flag, flag).replace("_", "-") + equals + value
+        tokens.append(token)
+    return tokens
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, nominal_batch_size: int):
     """Flags with the same meaning in every training script."""
     g = parser.add_argument_group("run and hardware")

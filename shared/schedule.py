@@ -30,3 +30,13 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int, shape: st
         return final_lr_ratio + (1 - final_lr_ratio) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_momentum(optimizer, step: int, warmup_steps: int, start: float, end: float):
+    """Ramp SGD momentum (or Adam's beta1) from start to end over the warmup, as the YOLO recipe does."""
+    value = end if step >= warmup_steps else start + (end - start) * step / warmup_steps
+    for group in optimizer.param_groups:
+        if "momentum" in group:
+            group["momentum"] = value
+        elif "betas" in group:
+            group["betas"] = (value, group["betas"][1])

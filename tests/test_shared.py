@@ -64,7 +64,7 @@ def test_warmup_then_cosine_counts_optimizer_steps():
     assert lrs[10] == pytest.approx(0.1)
     assert lrs[55] == pytest.approx(0.001 + 0.099 * 0.5, rel=1e-2)  # half-way through the cosine
     assert lrs[-1] == pytest.approx(0.001, rel=0.05)
-    from train_detection import warmup_momentum
+    from shared.schedule import warmup_momentum
 
     warmup_momentum(opt, 5, 10, 0.8, 0.9)
     assert opt.param_groups[0]["momentum"] == pytest.approx(0.85)
@@ -293,3 +293,21 @@ def test_processes_agree_on_the_batch_and_draw_their_own_augmentation(tmp_path):
     assert "rank 0 uses 32" in out.stdout and "rank 1 uses 32" in out.stdout
     draws = {line.split()[1]: line.split()[-1] for line in out.stdout.splitlines() if " draws " in line}
     assert len(draws) == 2 and draws["0"] != draws["1"], out.stdout
+
+
+def test_the_spellings_users_bring_are_read_as_ours(tmp_path):
+    """Hugging Face's underscore flags and torchvision's names, in both scripts; a misspelling still fails."""
+    import train_audio
+    import train_detection
+
+    familiar = [
+        "--data", "d", "--output_dir", tmp_path, "--mixed_precision", "bf16", "--checkpointing_steps", "5",
+        "--resume_from_checkpoint", "--test-only", "--wd", "0.05", "--warmup_epochs=2",
+    ]  # fmt: skip
+    for script in (train_audio, train_detection):
+        args = script.parse_args(familiar)
+        assert (args.output_dir, args.mixed_precision, args.checkpoint_steps) == (tmp_path, "bf16", 5)
+        assert (args.resume, args.eval_only, args.weight_decay, args.warmup_epochs) == ("latest", True, 0.05, 2.0)
+    assert "--output_dir" in train_audio.parse_args.__globals__["SPELLINGS"]
+    with pytest.raises(SystemExit):
+        train_detection.parse_args(["--data", "d", "--output_dir", tmp_path, "--weight_decy", "0.1"])
