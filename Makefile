@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The stamp names the requirements' content: make reinstalls when the pins change, not when a checkout touches the file.
+STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 DATA ?=
 CONFIG ?= accelerate_configs/cpu.yaml
 OUT ?= runs
@@ -13,12 +14,11 @@ LAUNCH = $(VENV)/bin/accelerate launch --config_file $(CONFIG)
 
 install: $(STAMP)
 
-# Reinstall only when requirements.txt changes.
-$(STAMP): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+# Installs only when the pins changed; with .venv in place and every pin satisfied, pip needs no index.
+$(STAMP):
+	test -x $(PY) || ($(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip)
 	$(PY) -m pip install -r requirements.txt
-	touch $(STAMP)
+	rm -f $(VENV)/.installed* && touch $(STAMP)
 
 demo-data: $(STAMP)
 	$(PY) scripts/make_demo_audio.py --output demo_data/speech_commands --layout speech_commands
