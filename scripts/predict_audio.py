@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from audio_data import BadClip, read_audio
 from audio_model import load_model
 from audio_predictor import AudioPredictor, file_record, find_audio, predict
+from tqdm.auto import tqdm
 
 
 def parse_args(argv=None):
@@ -43,10 +45,11 @@ def main(argv=None):
     # The model is run here, not by the predictor, so that --batch-size splits a long file's windows.
     model, config = load_model(args.model_dir, device)
     predictor = AudioPredictor(config, window_seconds=args.window, hop_seconds=args.hop)
-    files = list(find_audio(args.paths))
+    files, started = list(find_audio(args.paths)), time.perf_counter()
     failed = []
     with output_stream(args.output) as out:
-        for path in files:
+        # On stderr, so the JSON lines on stdout stay clean; TQDM_DISABLE=1 silences it.
+        for path in tqdm(files, desc="predicting", unit="file", file=sys.stderr, dynamic_ncols=True):
             try:
                 clip = predictor.prepare(str(path), read_audio(str(path), predictor.rate))
             except BadClip as err:
@@ -58,6 +61,8 @@ def main(argv=None):
             )
             out.write(json.dumps(record) + "\n")
             out.flush()
+    seconds = time.perf_counter() - started
+    print(f"{len(files) - len(failed)} of {len(files)} files labelled, {len(failed)} skipped, {seconds:.1f} s", file=sys.stderr)
     if failed:
         print(f"skipped {len(failed)} unreadable file(s):\n  " + "\n  ".join(failed), file=sys.stderr)
         sys.exit(1)

@@ -13,6 +13,7 @@ labels/a/x.txt); with several inputs it is relative to the folder that holds the
 import argparse
 import shutil
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from detection_data import IMAGE_EXTENSIONS, draw_detections, open_rgb, yolo_lines
 from detection_predictor import DetectionPredictor, find_images, image_samples
 from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from shared.runtime import write_json
 
@@ -57,9 +59,11 @@ def main(argv=None):
     samples, skipped = image_samples(list(files))
     if not samples:
         raise SystemExit(f"no readable images in {', '.join(map(str, args.inputs))} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    results = []
+    results, started = [], time.perf_counter()
     clear_earlier_outputs(out, args.overwrite)
+    bar = tqdm(total=len(samples), desc="predicting", unit="image", dynamic_ncols=True)  # TQDM_DISABLE=1 silences it
     for images, meta in predictor.batches(samples, args.batch_size):
+        bar.update(len(meta))
         for (sample, target), found in zip(meta, predictor.detect(images), strict=True):
             boxes, scores, labels = found = predictor.in_file_pixels(found, target)
             results += predictor.entries(sample.image_id, sample.file_name, found)
@@ -81,7 +85,9 @@ def main(argv=None):
     if skipped:
         write_json(out / "skipped.json", skipped)
         print(f"skipped {len(skipped)} unreadable image(s), listed in {out / 'skipped.json'}")
-    print(f"{len(results)} detections (score >= {predictor.conf}) in {len(samples)} images -> {out}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    print(f"{len(results)} detections (score >= {predictor.conf}) in {len(samples)} images, {seconds:.1f} s -> {out}")
 
 
 def output_stems(relatives: list[Path]) -> list[Path]:

@@ -64,6 +64,7 @@ from shared.training import (
     EpochLosses,
     RunState,
     agree,
+    evaluation_bar,
     is_best,
     mid_epoch_progress,
     next_epoch,
@@ -272,7 +273,7 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
         accelerator.print(
             f"epoch {epoch + 1}: train loss {train_row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
             f"val accuracy {val['accuracy']:.4f}, val macro-F1 {val['macro_f1']:.4f}, "
-            f"{train_row['train_samples_per_second']:.0f} clips/s"
+            f"{train_row['train_samples_per_second']:.0f} clips/s, lr {row['lr']:.2e}, {train_row['seconds']:.0f} s"
         )
         checkpoints.save(next_epoch(state))
         # Every process computed the same metrics, so all take this branch alike (no collective is skipped).
@@ -375,7 +376,7 @@ def evaluate(model, loader, accelerator, metric, labels: list[str]) -> dict:
     Every process computes the (identical) metrics, so all agree on which epoch is best without a broadcast."""
     model.eval()
     preds, refs, losses = [], [], []
-    for waves, targets, _ in loader:
+    for waves, targets, _ in evaluation_bar(accelerator, loader):
         with accelerator.autocast():
             logits = model(waves)
         loss = F.cross_entropy(logits.float(), targets, reduction="none")

@@ -91,6 +91,7 @@ from shared.training import (
     EpochLosses,
     RunState,
     agree,
+    evaluation_bar,
     is_best,
     mid_epoch_progress,
     next_epoch,
@@ -306,7 +307,8 @@ def main(argv=None):
         results.add({**row, **{f"val_{k}": val[k] for k in MAP_KEYS}, "fitness": fitness}, step=state.step)
         accelerator.print(
             f"epoch {epoch + 1}: loss {train_row['train_loss']:.4f}, val mAP50 {val['map50']:.4f}, mAP50-95 {val['map']:.4f}"
-            f"{' (best)' if improved else ''}, {train_row['train_samples_per_second']:.1f} images/s"
+            f"{' (best)' if improved else ''}, {train_row['train_samples_per_second']:.1f} images/s, lr {row['lr']:.2e}, "
+            f"{train_row['seconds']:.0f} s"
         )
         checkpoints.save(next_epoch(state))
         # Before the stop check, as every process sees the same fitness: all leave here together.
@@ -393,7 +395,7 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
     epoch without a broadcast. Boxes are mapped back to the pixels of the original image files."""
     model.eval()
     predictions = []
-    for images, targets in loader:
+    for images, targets in evaluation_bar(accelerator, loader):
         with accelerator.autocast():
             outputs = model(images.float().div_(255))
         batch = [

@@ -103,6 +103,12 @@ def progress_bar(accelerator: Accelerator, loader, state: RunState, epochs: int)
     )
 
 
+def evaluation_bar(accelerator: Accelerator, loader, desc: str = "evaluating") -> tqdm:
+    """The main process's bar over an evaluation's batches, cleared when it ends (TQDM_DISABLE=1 silences it)."""
+    quiet = {} if accelerator.is_local_main_process else {"disable": True}
+    return tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, **quiet)
+
+
 def untrained_batches(accelerator: Accelerator, loader, state: RunState):
     """The epoch's batches after those a resumed run already trained on. The sampler is seeded by (seed, epoch):
     the same order for any process count and after a resume."""

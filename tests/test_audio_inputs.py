@@ -6,6 +6,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import struct
 import time
 
@@ -375,5 +376,7 @@ def test_a_file_with_an_odd_rate_is_listed_as_skipped(tmp_path, fake_model, caps
     out = tmp_path / "pred.jsonl"
     with pytest.raises(SystemExit) as stopped:
         predict_audio.main([str(good), str(odd), "--model-dir", "m", "--output", str(out)])
-    assert stopped.value.code == 1 and f"{odd}: sample rate 999 Hz outside 1000-384000 Hz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and f"{odd}: sample rate 999 Hz outside 1000-384000 Hz" in err
     assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [str(good)]
+    assert re.search(r"1 of 2 files labelled, 1 skipped, [0-9.]+ s", err), err  # the closing summary
