@@ -397,7 +397,7 @@ def finish(accelerator, args, state, model, loaders, results, data, config, metr
     accelerator.unwrap_model(model).load_state_dict(load_pretrained(model_dir)[0])
     summary = {
         "task": audio_model.TASK,
-        "best_epoch": state.best_epoch,
+        "best_epoch": state.best_epoch + 1,  # counted from 1, as the console, pictures and card count
         "labels": config["labels"],
         "train_samples_per_second": results.mean("train_samples_per_second"),
         "val": state.best_val,
@@ -409,7 +409,7 @@ def finish(accelerator, args, state, model, loaders, results, data, config, metr
         write_json(args.output_dir / "metrics.json", summary)
         plot_curves(results.path, args.output_dir / "curves.png")
         audio_model.write_card(args, model_dir, data, config, summary)
-        audio_model.plot_confusion_matrix(summary, args.output_dir / "confusion_matrix.png", f"best epoch {state.best_epoch}")
+        audio_model.plot_confusion_matrix(summary, args.output_dir / "confusion_matrix.png", f"best epoch {state.best_epoch + 1}")
     line = f"best epoch {state.best_epoch + 1}: val accuracy {state.best_val['accuracy']:.4f}"
     if "test" in summary:
         line += f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}"

@@ -329,7 +329,7 @@ def main(argv=None):
     ema.module.load_state_dict(load_pretrained(model_dir)[0])
     summary = {
         "task": TASK,
-        "best_epoch": state.best_epoch,
+        "best_epoch": state.best_epoch + 1,  # counted from 1, as the console, pictures and card count
         "labels": config["labels"],
         "train_samples_per_second": results.mean("train_samples_per_second"),
         **score_splits(accelerator, args, ema.module, datasets, loaders, config, metric),

@@ -7,26 +7,39 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 NOT_CURVES = {"epoch", "step", "seconds"}
 
 
 def plot_curves(results_csv: Path, out_png: Path):
-    """One panel per numeric column of results.csv against the epoch."""
+    """A panel per numeric column of results.csv against the epoch, counted from 1 as the console counts it (the csv's
+    `epoch` column is the 0-based index a resumed run keeps); train_X and val_X share a panel, and a column that is
+    -1 throughout (COCO's "no such objects", e.g. map_large on small images) is left out."""
     with Path(results_csv).open(newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    epochs = [int(r["epoch"]) for r in rows]
+    epochs = [int(r["epoch"]) + 1 for r in rows]
     columns = [c for c in rows[0] if c not in NOT_CURVES and _numeric(rows[0][c])]
-    cols = min(4, len(columns))
-    nrows = -(-len(columns) // cols)
+    columns = [c for c in columns if any(float(r[c]) != -1 for r in rows)]
+    panels: dict[str, list[str]] = {}
+    for column in columns:
+        name = column.removeprefix("train_").removeprefix("val_")
+        paired = f"train_{name}" in columns and f"val_{name}" in columns
+        panels.setdefault(name if paired else column, []).append(column)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, column in zip(axes.flat, columns, strict=False):
-        ax.plot(epochs, [float(r[column]) for r in rows], marker=".")
-        ax.set_title(column)
+    for ax, (title, shown) in zip(axes.flat, panels.items(), strict=False):
+        for column in shown:
+            ax.plot(epochs, [float(r[column]) for r in rows], marker=".", label=column)
+        if len(shown) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(title)
         ax.set_xlabel("epoch")
-    for ax in list(axes.flat)[len(columns) :]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)

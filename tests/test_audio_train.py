@@ -66,6 +66,7 @@ def test_learns_well_above_chance_on_the_official_fold(us8k_run):
     test_clips = sum(1 for r in csv.DictReader((root / "metadata" / "UrbanSound8K.csv").open()) if r["fold"] == "1")
     assert sum(c["support"] for c in metrics["test"]["per_class"].values()) == test_clips
     assert "accumulation steps" in proc.stdout and "optimizer steps" in proc.stdout
+    assert 1 <= metrics["best_epoch"] <= 6 and f"best epoch {metrics['best_epoch']}:" in proc.stdout  # one count, from 1
     print(
         f"\nUS8K-layout test accuracy {metrics['test']['accuracy']:.3f}, "
         f"{metrics['train_samples_per_second']:.0f} clips/s, {seconds:.0f} s wall"
