@@ -9,7 +9,6 @@ records, serve.py answers with them, export_model.py exports the model and check
 
 import copy
 import io
-import json
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,16 +19,10 @@ from audio_data import AUDIO_EXTENSIONS, BadClip, fix_length, load_run_data, rea
 from audio_model import TASK, load_model
 from torch import nn
 
+from shared.model_io import BadInput, run_args
+
 # What training reads (AUDIO_EXTENSIONS, all decoded by soundfile), by media type.
 MEDIA_TYPES = tuple(f"audio/{kind}" for kind in "wav x-wav wave flac x-flac ogg mpeg aiff x-aiff".split())
-
-
-class BadInput(ValueError):
-    """A file or setting this model cannot take; kind names the problem for a client (serve.py answers 422)."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
 
 
 def find_audio(paths):
@@ -236,13 +229,6 @@ def val_clips(run: dict, rate: int, window: int, limit: int | None) -> list[tupl
         except BadClip as err:
             print(f"skipped {name}: {err}", file=sys.stderr)
     return clips
-
-
-def run_args(run_dir: Path) -> dict:
-    path = run_dir / "args.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: without the run's args.json the val split is unknown; pass --inputs FILE...")
-    return json.loads(path.read_text())
 
 
 class LogitParity:

@@ -9,7 +9,6 @@ writes its detections, serve.py answers with them, export_model.py exports the m
   record        boxes back in the pixels of the image file, as COCO results (bbox [x, y, w, h])"""
 
 import io
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -42,16 +41,10 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms.v2 import functional as TF
 
+from shared.model_io import BadInput, run_args
+
 MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 MIN_IOU, MAX_SCORE_DIFF, MAX_MAP_DIFF, MAX_CORNER_DIFF = 0.99, 1e-3, 1e-4, 1e-3  # export parity; corners in pixels
-
-
-class BadInput(ValueError):
-    """A file or setting this model cannot take; kind names the problem for a client (serve.py answers 422)."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
 
 
 def find_images(inputs: list[Path]) -> dict[Path, Path]:
@@ -253,13 +246,6 @@ def decode_image(name: str, data: bytes) -> Image.Image:
         return open_rgb(image)[0]
     except Exception as err:  # truncated or corrupt data: PIL raises many types
         raise BadInput("undecodable_file", f"{name}: corrupt image ({err})") from None
-
-
-def run_args(run_dir: Path) -> dict:
-    path = run_dir / "args.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: without the run's args.json the val split is unknown; pass --inputs FILE...")
-    return json.loads(path.read_text())
 
 
 class FCOSWithPostprocess(nn.Module):

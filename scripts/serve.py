@@ -56,8 +56,6 @@ import onnxruntime as ort
 import torch
 import uvicorn
 from audio_predictor import AudioPredictor
-from audio_predictor import BadInput as BadAudio
-from detection_predictor import BadInput as BadImage
 from detection_predictor import DetectionPredictor
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,6 +64,8 @@ from http_guards import CLOSE, BodyGuard, GuardedH11, RequestError, error_respon
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+
+from shared.model_io import BadInput
 
 PREDICTORS = {predictor.task: predictor for predictor in (AudioPredictor, DetectionPredictor)}
 MAX_FILES = 64  # parts per multipart request: each is held, decoded, until its request is answered
@@ -299,8 +299,7 @@ def build_app(predictor, batcher: Batcher, max_body: int, decode_threads: int) -
         )
 
     app.add_exception_handler(RequestError, bad_request)
-    app.add_exception_handler(BadAudio, bad_input)
-    app.add_exception_handler(BadImage, bad_input)
+    app.add_exception_handler(BadInput, bad_input)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_disconnected)

@@ -70,6 +70,7 @@ from shared.training import (
     next_epoch,
     parameter_groups,
     progress_bar,
+    stop_message,
     untrained_batches,
 )
 
@@ -364,10 +365,6 @@ def print_start(accelerator, args, plan, data, clips, config, model, steps_per_e
             "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total",
         },
     )
-
-
-def stop_message(where: str, step: int) -> str:
-    return f"stopped {where}, optimizer step {step}; checkpoint saved. Continue with the same command plus --resume."
 
 
 @torch.no_grad()

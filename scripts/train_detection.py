@@ -97,6 +97,7 @@ from shared.training import (
     next_epoch,
     parameter_groups,
     progress_bar,
+    stop_message,
     untrained_batches,
 )
 
@@ -382,10 +383,6 @@ def make_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
     if args.optimizer == "AdamW":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
     raise SystemExit(f"--optimizer {args.optimizer!r}: use SGD or AdamW")
-
-
-def stop_message(where: str, step: int) -> str:
-    return f"stopped {where}, optimizer step {step}; checkpoint saved. Continue with the same command plus --resume."
 
 
 @torch.no_grad()

@@ -154,3 +154,19 @@ metrics:
 {args}
 """
     (Path(directory) / "README.md").write_text(card)
+
+
+class BadInput(ValueError):
+    """A file or setting a model/ cannot take at prediction; kind names the problem for a client (serve.py: 422)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+def run_args(run_dir: Path) -> dict:
+    """The args.json of the run that wrote a model/ (its data and splits, for checks on the run's own val split)."""
+    path = run_dir / "args.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: without the run's args.json the val split is unknown; pass --inputs FILE...")
+    return json.loads(path.read_text())

@@ -135,3 +135,7 @@ def next_epoch(state: RunState) -> dict:
     """Move to the start of the next epoch; returns what its checkpoint holds."""
     state.epoch, state.batch_in_epoch, state.loss_sums, state.loss_samples = state.epoch + 1, 0, {}, 0
     return dataclasses.asdict(state)
+
+
+def stop_message(where: str, step: int) -> str:
+    return f"stopped {where}, optimizer step {step}; checkpoint saved. Continue with the same command plus --resume."
