@@ -3,6 +3,7 @@ its manifest, written last: the task's record of what the array holds, the array
 chunks. An entry found damaged (truncated, overwritten, its manifest garbled) is built again, with a message saying
 what was wrong."""
 
+import contextlib
 import fcntl
 import json
 import os
@@ -29,6 +30,8 @@ def build_once(array: Path, build: Callable[[Callable[[bytes], None]], dict]) ->
     manifest = array.with_suffix(".json")
     record, _ = _checked(array, manifest)
     if record is not None:  # complete and intact: no lock needed
+        with contextlib.suppress(OSError):  # marked used, for scripts/manage_cache.py prune (a read-only cache stays)
+            os.utime(manifest)
         return record
     array.parent.mkdir(parents=True, exist_ok=True)
     with open(array.with_suffix(".lock"), "a", opener=_not_through_symlinks) as lock:  # "a": never truncate it
