@@ -31,18 +31,16 @@ def save_pretrained(directory: Path, model: torch.nn.Module, config: dict):
 
 def load_pretrained(directory: Path):
     """Return (state_dict, config) or stop with a message naming what is missing."""
-    directory = Path(directory)
-    weights, config = directory / "model.safetensors", directory / "config.json"
+    weights, config = Path(directory) / "model.safetensors", Path(directory) / "config.json"
     for f in (weights, config):
         if not f.is_file():
             raise SystemExit(
-                f"{f} not found: --model-dir must be the model/ folder of a training run "
-                "(it holds model.safetensors and config.json)."
+                f"{f} not found: --model-dir must be the model/ folder of a training run (model.safetensors, config.json)."
             )
-    return read_safetensors(weights), json.loads(config.read_text())
+    return _read_safetensors(weights), json.loads(config.read_text())
 
 
-def read_safetensors(path: Path) -> dict:
+def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(path)
     except SafetensorError as err:
@@ -78,7 +76,7 @@ def load_weights(path: Path, *, need_config: bool = False) -> tuple[dict, dict]:
     beside = path.with_name("config.json")
     if need_config and not beside.is_file():
         raise SystemExit(f"--weights {path}: no config.json beside it, so the model and its labels are unknown")
-    return read_safetensors(path), json.loads(beside.read_text()) if beside.is_file() else {}
+    return _read_safetensors(path), json.loads(beside.read_text()) if beside.is_file() else {}
 
 
 def start_from(

@@ -1,4 +1,4 @@
-"""Accelerator setup, the command-line flags every training script shares, and the run summary."""
+"""Accelerator setup, the command-line flags every training script shares, the data's fingerprint and the run summary."""
 
 import argparse
 import hashlib
@@ -8,8 +8,6 @@ import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,6 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find
 
 # files_fingerprint reads this much at each file's start, middle and end: enough to tell a replaced file, cheap for 100k.
 SAMPLED_BYTES = 4096
-
-
 # Spellings people bring from the Hugging Face examples and torchvision's references, read as this project's flags.
 ALIASES = {"--resume_from_checkpoint": "--resume", "--checkpointing_steps": "--checkpoint-steps", "--test-only": "--eval-only",
            "--wd": "--weight-decay"}  # fmt: skip
@@ -36,11 +32,8 @@ def familiar_spellings(argv: list[str] | None) -> list[str]:
     """argv (default: the command line's) with the spellings of SPELLINGS turned into this project's flags."""
     tokens = []
     for token in sys.argv[1:] if argv is None else argv:
-        token = str(token)
-        flag, equals, value = token.partition("=")
-        if flag.startswith("--"):
-            token = ALIASES.get(flag, flag).replace("_", "-") + equals + value
-        tokens.append(token)
+        flag, equals, value = str(token).partition("=")
+        tokens.append(ALIASES.get(flag, flag).replace("_", "-") + equals + value if flag.startswith("--") else str(token))
     return tokens
 
 
@@ -84,6 +77,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
 
 
+def _batch_size(value: str):
+    if value != "auto" and (not value.isdigit() or int(value) < 1):
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
+    return value if value == "auto" else int(value)
+
+
 def add_recipe_args(parser: argparse.ArgumentParser, recipe: dict[str, tuple]):
     """recipe: {key: (default, help)}, the dict at the top of a training script. Each key becomes a flag (warmup_epochs:
     --warmup-epochs); --recipe FILE.yaml overrides the defaults, and a flag given overrides both."""
@@ -92,11 +91,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, recipe: dict[str, tuple]):
         "--recipe", "--hyp", type=Path, default=None, metavar="FILE.yaml", help="YAML of recipe keys (as below, with _)"
     )
     for key, (default, text) in recipe.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
-        else:
-            g.add_argument(flag, type=type(default), default=None, help=f"{text} (default {default})")
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        g.add_argument("--" + key.replace("_", "-"), **kind, default=None, help=f"{text} (default {default})")
 
 
 def resolve_recipe(args, recipe: dict[str, tuple], renamed: dict[str, str] | None = None) -> dict:
@@ -116,17 +112,9 @@ def resolve_recipe(args, recipe: dict[str, tuple], renamed: dict[str, str] | Non
     return values
 
 
-def _batch_size(value: str):
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class BatchPlan:
-    """What setup_accelerator decided: samples per device per forward pass, processes, accumulation steps."""
+    """Samples per device per forward pass, processes, accumulation steps: what setup_accelerator decided."""
 
     batch_size: int
     processes: int
@@ -146,7 +134,7 @@ class BatchPlan:
 def setup_accelerator(args, probe_step=None) -> tuple[Accelerator, BatchPlan]:
     """The Accelerator (device, precision, processes) and the batch plan: gradient accumulation follows from the
     process count so the effective batch stays --nominal-batch-size. probe_step(batch_size, device, dtype) runs
-    one training step, for --batch-size auto; it is probed on the real device and precision."""
+    one training step, for --batch-size auto."""
     # accelerate's multi-GPU launcher does not pass a config's use_cpu on, and PartialState does not
     # read ACCELERATE_USE_CPU: settle "CPU or not" once, from the flag or the environment.
     cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -165,8 +153,9 @@ def setup_accelerator(args, probe_step=None) -> tuple[Accelerator, BatchPlan]:
             "fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16 (or the preset accelerate_configs/cpu.yaml)."
         )
     batch = largest_batch_size(accelerator, args.nominal_batch_size, probe_step) if args.batch_size == "auto" else args.batch_size
-    per_step = batch * accelerator.num_processes
-    plan = BatchPlan(batch, accelerator.num_processes, max(1, round(args.nominal_batch_size / per_step)))
+    plan = BatchPlan(
+        batch, accelerator.num_processes, max(1, round(args.nominal_batch_size / (batch * accelerator.num_processes)))
+    )
     accelerator.gradient_accumulation_steps = plan.accumulation_steps
     if plan.effective_batch_size != args.nominal_batch_size:
         accelerator.print(
@@ -178,8 +167,8 @@ def setup_accelerator(args, probe_step=None) -> tuple[Accelerator, BatchPlan]:
 
 
 def largest_batch_size(accelerator: Accelerator, start: int, probe_step) -> int:
-    """--batch-size auto: the largest batch, halving from start, for which one training step fits in GPU memory
-    (accelerate's find_executable_batch_size), agreed by all processes. A CPU has no memory limit to probe."""
+    """--batch-size auto: the largest batch, halving from start, for which one training step fits in GPU memory,
+    agreed by all processes. A CPU has no memory limit to probe."""
     if accelerator.device.type == "cpu":
         return start
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
@@ -203,19 +192,16 @@ def smallest_over_processes(value: int) -> int:
 
 
 def seed_per_process(accelerator: Accelerator, seed: int):
-    """Call once the weights exist (drawn identically on every process): from here on each process draws its
-    own augmentation (seed + process index), the same on every run and restored on resume."""
+    """Once the weights exist (drawn alike everywhere): each process draws its own augmentation, restored on resume."""
     set_seed(seed, device_specific=True)
 
 
 def _refuse_impossible_launch(cpu: bool):
     """Stop, with the fix, when the launch asks for hardware this machine does not have."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cpu:
-        return
-    gpus = torch.cuda.device_count()
-    if world_size > 1 and gpus == 0:
+    world_size, local_rank, gpus = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")), 0
+    if not cpu:
+        gpus = torch.cuda.device_count()
+    if not cpu and world_size > 1 and gpus == 0:
         raise SystemExit(
             f"{world_size} processes were launched for GPUs, but this machine has none. "
             "To train with several CPU processes add --cpu (or set ACCELERATE_USE_CPU=true), e.g. "
@@ -236,56 +222,49 @@ def flat_config(args) -> dict:
 
 def files_fingerprint(groups: dict[str, list]) -> dict[str, str]:
     """{"<group> files": "<count> items, <hash>"} for each group (a split, the noise files), for a run's fingerprint.
-    An item is a tuple of parts, or one part, hashed in order: a Path by its content (its path relative to the folder
-    all the groups' files share, its size, its first, middle and last SAMPLED_BYTES), a NumPy array by its bytes,
-    anything else (a class index, a Hub dataset's fingerprint) by its text.
-
-    Content, not place or time: the same data under another path, or copied to node-local scratch by a `cp -r` that
-    gives every file a new modification time, is the same data; a file replaced under its name is not, even with its
-    size and time kept. Three small reads per file keep 100k files to seconds; an edit that keeps the size and misses
-    all three blocks goes unseen."""
+    An item is a tuple of parts, or one part: a Path by its content (its path relative to the folder all the files
+    share, its size, its first, middle and last SAMPLED_BYTES), a NumPy array by its bytes, anything else by its text.
+    Content, not place or time: the same data copied to node-local scratch (new paths, new times) is the same data; a
+    file replaced under its name is not, even with its size and time kept."""
     items = {name: [item if isinstance(item, tuple) else (item,) for item in group] for name, group in groups.items()}
-    absolute = {p: os.path.abspath(p) for group in items.values() for item in group for p in item if isinstance(p, Path)}
-    root = len(os.path.commonpath(absolute.values())) if absolute else 0
-    # Each file read once, however many items name it, by 16 threads that overlap the waits of a cold disk or a
-    # network file system (each takes a run of files: a task per file costs more than a warm read).
-    files, run = list(absolute.values()), max(1, -(-len(absolute) // 16))
+    files = sorted({os.path.abspath(p) for group in items.values() for item in group for p in item if isinstance(p, Path)})
+    root = len(os.path.commonpath(files)) if files else 0
+    # 16 threads overlap the waits of a cold disk or a network file system, each on a run of files (a task per file
+    # costs more than a warm read); each file is read once, however many items name it.
+    run = max(1, -(-len(files) // 16))
     with ThreadPoolExecutor(16) as pool:
-        read = pool.map(partial(_file_identities, root=root), [files[i : i + run] for i in range(0, len(files), run)])
-        content = dict(zip(absolute, chain.from_iterable(read), strict=True))
+        read = pool.map(
+            lambda start: [_file_identity(path, root) for path in files[start : start + run]], range(0, len(files), run)
+        )
+        content = dict(zip(files, (identity for part in read for identity in part), strict=True))
     fingerprint = {}
     for name, group in items.items():
         h = hashlib.sha1()
         for item in group:
-            h.update(b"\x1f".join(content[p] if isinstance(p, Path) else _value_bytes(p) for p in item) + b"\n")
+            h.update(b"\x1f".join(_item_bytes(part, content) for part in item) + b"\n")
         fingerprint[f"{name} files"] = f"{len(group)} items, {h.hexdigest()[:16]}"
     return fingerprint
 
 
-def _file_identities(paths: list[str], root: int) -> list[bytes]:
-    """Each file's path after its first root characters, its size, and a hash of its first, middle and last
-    SAMPLED_BYTES."""
-    found = []
-    for path in paths:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            starts = (0, (size - SAMPLED_BYTES) // 2, size - SAMPLED_BYTES)
-            blocks = b"".join(os.pread(f.fileno(), SAMPLED_BYTES, max(0, start)) for start in starts)
-        found.append(os.fsencode(path[root:]) + f"|{size}|".encode() + hashlib.sha1(blocks).digest())
-    return found
+def _file_identity(path: str, root: int) -> bytes:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        starts = (0, (size - SAMPLED_BYTES) // 2, size - SAMPLED_BYTES)
+        blocks = b"".join(os.pread(f.fileno(), SAMPLED_BYTES, max(0, start)) for start in starts)
+    return os.fsencode(path[root:]) + f"|{size}|".encode() + hashlib.sha1(blocks).digest()
 
 
-def _value_bytes(value) -> bytes:
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype}{value.shape}".encode() + value.tobytes()
-    return str(value).encode()
+def _item_bytes(part, content: dict) -> bytes:
+    if isinstance(part, Path):
+        return content[os.path.abspath(part)]
+    if isinstance(part, np.ndarray):
+        return f"{part.dtype}{part.shape}".encode() + part.tobytes()
+    return str(part).encode()
 
 
 def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_last=False, generator=None):
-    """A DataLoader with the settings that keep the device fed.
-
-    generator: pass a torch.Generator so that starting an iteration (which draws a worker seed) leaves the
-    global RNG alone; then a resumed run's augmentation draws the same numbers as an uninterrupted one."""
+    """A DataLoader that keeps the device fed. A torch.Generator keeps the global RNG (augmentation) untouched when an
+    iteration starts, so a resumed run draws the same numbers as an uninterrupted one."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -299,48 +278,38 @@ def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_
     )
 
 
-def environment_facts(accelerator: Accelerator) -> dict:
-    import accelerate
-
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "device": str(accelerator.device),
-        "distributed_type": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision,
-        "command": " ".join(sys.argv),
-    }
-    for name in ("torchvision", "torchaudio"):
-        if name in sys.modules:
-            facts[name] = sys.modules[name].__version__
-    return facts
-
-
 def write_args_json(args, accelerator: Accelerator, plan: BatchPlan, **extra):
-    """Every argument as resolved, plus processes, accumulation and library versions."""
+    """Every argument as resolved, the batch plan, library versions and the command line."""
     if not accelerator.is_main_process:
         return
+    versions = {
+        name: sys.modules[name].__version__
+        for name in ("torch", "accelerate", "torchvision", "torchaudio")
+        if name in sys.modules
+    }
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record.update(
         batch_size=plan.batch_size,
         num_processes=plan.processes,
         accumulation_steps=plan.accumulation_steps,
         effective_batch_size=plan.effective_batch_size,
+        python=platform.python_version(),
+        **versions,
+        device=str(accelerator.device),
+        distributed_type=str(accelerator.distributed_type),
+        mixed_precision=accelerator.mixed_precision,
+        command=" ".join(sys.argv),
     )
-    record.update(environment_facts(accelerator), **extra)
-    write_json(args.output_dir / "args.json", record)
+    write_json(args.output_dir / "args.json", {**record, **extra})
 
 
 def write_json(path: Path, obj):
     """Write through a temporary file so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
 def print_summary(accelerator: Accelerator, title: str, rows: dict):
     width = max(len(k) for k in rows)
-    lines = [title] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]
-    accelerator.print("\n".join(lines))
+    accelerator.print("\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
