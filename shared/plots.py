@@ -1,9 +1,11 @@
-"""Training curves from results.csv as a PNG file (matplotlib, no display needed)."""
+"""Training curves from results.csv as a PNG file (matplotlib, no display needed), and the run's pictures to trackers."""
 
 import csv
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -52,3 +54,17 @@ def _numeric(value: str) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def log_pictures(accelerator, pictures: list[Path], step: int):
+    """The run's PNGs to every tracker that takes pictures: as images (TensorBoard, W&B, ...), as files (MLflow)."""
+    pictures = [p for p in pictures if p.is_file()]
+    images = {p.stem: [np.asarray(Image.open(p).convert("RGB"))] for p in pictures}
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images(images, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images(images, step=step)
+        elif hasattr(tracker, "log_artifact"):
+            for picture in pictures:
+                tracker.log_artifact(str(picture), artifact_path="pictures")

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find_executable_batch_size, set_seed
 
 # files_fingerprint reads this much at each file's start, middle and end: enough to tell a replaced file, cheap for 100k.
 SAMPLED_BYTES = 4096
+# Accelerate's trackers: each logs where its own settings say (MLflow: MLFLOW_TRACKING_URI, W&B: WANDB_PROJECT, ...).
+TRACKERS = tuple(LOGGER_TYPE_TO_CLASS)
 # Spellings people bring from the Hugging Face examples and torchvision's references, read as this project's flags.
 ALIASES = {"--resume_from_checkpoint": "--resume", "--checkpointing_steps": "--checkpoint-steps", "--test-only": "--eval-only",
            "--wd": "--weight-decay"}  # fmt: skip
@@ -75,6 +78,29 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g.add_argument("--overwrite", action="store_true", help="delete the run's outputs in OUTPUT_DIR and start again")
     g.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N optimizer steps (default 0: off)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep (default 2)")
+    g.add_argument(
+        "--report-to",
+        type=_trackers,
+        default="tensorboard",
+        metavar="TRACKERS",
+        help=f"where to log, comma-separated: {', '.join(TRACKERS)}, all or none (default tensorboard, in OUTPUT_DIR/logs)",
+    )
+    g.add_argument(
+        "--log-every", type=int, default=10, help="log loss, LR, gradient norm and samples/s every N steps (default 10)"
+    )
+    s = parser.add_argument_group("smoke tests (default: all)")
+    s.add_argument("--max-train-steps", type=int, help="end training after N optimizer steps (the schedule is fitted to them)")
+    s.add_argument("--max-train-samples", type=int, help="train on the first N samples of the training split")
+    s.add_argument("--max-eval-samples", type=int, help="evaluate on the first N samples of each evaluation split")
+
+
+def _trackers(value: str):
+    """--report-to as Accelerate's log_with takes it: a list of tracker names, "all", or None for none."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in (*TRACKERS, "all", "none")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: use {', '.join(TRACKERS)}, all or none (comma-separated)")
+    return None if names == ["none"] else "all" if "all" in names else names
 
 
 def _batch_size(value: str):
@@ -145,7 +171,7 @@ def setup_accelerator(args, probe_step=None) -> tuple[Accelerator, BatchPlan]:
         # Shuffling seeded by (seed, epoch) gives every process count the same sample order,
         # so 1 device x 2 accumulation steps sees the same batches as 2 devices x 1 step.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        log_with="tensorboard",
+        log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
