@@ -19,7 +19,7 @@ fold instead: accelerate_configs/slurm_folds_array.sbatch, then scripts/gather_f
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py scripts/audio_augment.py
     shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/preemption.py
-    shared/results.py shared/runtime.py shared/schedule.py shared/training.py
+    shared/runtime.py shared/training.py
     scripts/metrics/classification/classification.py
 """
 
@@ -40,10 +40,9 @@ import torch.nn.functional as F
 from audio_augment import augment_waveforms, mixup_loss
 from evaluate import load as load_metric
 
-from shared.checkpoint import Checkpoints, GracefulStop, RunFolder, refuse_other_checkpoint
+from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.model_io import label_index, load_pretrained, load_weights, start_from
 from shared.plots import plot_curves
-from shared.results import ResultsLog
 from shared.runtime import (
     SPELLINGS,
     add_common_args,
@@ -59,11 +58,12 @@ from shared.runtime import (
     write_args_json,
     write_json,
 )
-from shared.schedule import build_scheduler
 from shared.training import (
     EpochLosses,
+    ResultsLog,
     RunState,
     agree,
+    build_scheduler,
     evaluation_bar,
     is_best,
     mid_epoch_progress,
@@ -165,7 +165,7 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     accelerator, plan = setup_accelerator(args, probe_step(args, config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite, data=args.data)
     fingerprint = run_fingerprint(accelerator, args, plan, data, config)
-    refuse_other_checkpoint(run, args.resume, fingerprint)  # before anything is decoded or written
+    Checkpoints(accelerator, run, keep=1, fingerprint=fingerprint).find(args.resume)  # refused before decoding or writing
     accelerator.init_trackers(audio_model.TASK, config=flat_config(args))
     clips = decode_splits(args, data, config)
     use_noise = data.noise_files and not args.no_augment and not args.eval_only

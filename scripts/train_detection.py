@@ -19,7 +19,7 @@ ground_truth_{split}.json (COCO, for re-checking with pycocotools), curves.png, 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_detection.py scripts/detection_data.py scripts/detection_model.py
     shared/__init__.py shared/cache.py shared/checkpoint.py shared/model_io.py shared/plots.py shared/preemption.py
-    shared/results.py shared/runtime.py shared/schedule.py shared/training.py
+    shared/runtime.py shared/training.py
     scripts/metrics/coco_map/coco_map.py
 """
 
@@ -69,10 +69,9 @@ from detection_model import (
 )
 from evaluate import load as load_metric
 
-from shared.checkpoint import Checkpoints, GracefulStop, RunFolder, refuse_other_checkpoint
+from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.model_io import load_pretrained, load_weights, start_from
 from shared.plots import plot_curves
-from shared.results import ResultsLog
 from shared.runtime import (
     SPELLINGS,
     add_common_args,
@@ -86,11 +85,12 @@ from shared.runtime import (
     write_args_json,
     write_json,
 )
-from shared.schedule import build_scheduler, warmup_momentum
 from shared.training import (
     EpochLosses,
+    ResultsLog,
     RunState,
     agree,
+    build_scheduler,
     evaluation_bar,
     is_best,
     mid_epoch_progress,
@@ -99,6 +99,7 @@ from shared.training import (
     progress_bar,
     stop_message,
     untrained_batches,
+    warmup_momentum,
 )
 
 METRIC = Path(__file__).resolve().parent / "metrics" / "coco_map"  # an evaluate module, loaded by path
@@ -176,7 +177,7 @@ def main(argv=None):
     accelerator, plan = setup_accelerator(args, probe_step(config, args.multi_scale))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite, data=args.data)
     fingerprint = run_fingerprint(accelerator, args, plan, data, config, recipe)
-    refuse_other_checkpoint(run, args.resume, fingerprint)  # before anything is written
+    Checkpoints(accelerator, run, keep=1, fingerprint=fingerprint).find(args.resume)  # refused before anything is written
     accelerator.init_trackers(TASK, config=flat_config(args))
     report_path = args.output_dir / "data_report.json"
     if accelerator.is_main_process:

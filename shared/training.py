@@ -1,10 +1,12 @@
-"""Leaf helpers for the training loop each script writes out: where the run stands (RunState, saved in every
-checkpoint), the epoch's running losses, the one all-reduce before each optimizer step (non-finite losses, stop
-requests), the progress bar, the batches a resume skips, and the best-epoch record. Each does one thing when called;
-the script steps the optimizer, saves checkpoints and leaves its loops itself."""
+"""Leaf helpers for the training loop each script writes out: each does one thing when called; the script steps the
+optimizer, saves checkpoints and leaves its loops itself."""
 
+import csv
 import dataclasses
+import math
+import os
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -35,9 +37,43 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int, shape: str = "cosine", final_lr_ratio: float = 0.01):
+    """Linear warmup from 0, then cosine or linear decay to final_lr_ratio x lr; or torch's one-cycle. Counted in
+    optimizer steps (curves line up across device counts), it is stepped by the loop: prepared, once per process."""
+    if shape == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=max(total_steps, 2),
+            pct_start=max(warmup_steps, 1) / max(total_steps, 2),
+            final_div_factor=1 / (25 * final_lr_ratio) if final_lr_ratio else 1e4,
+        )
+    if shape not in ("cosine", "linear"):
+        raise ValueError(f"unknown schedule {shape!r}: use cosine, linear or onecycle")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
+        return final_lr_ratio + (1 - final_lr_ratio) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_momentum(optimizer, step: int, warmup_steps: int, start: float, end: float):
+    """Ramp SGD momentum (or Adam's beta1) from start to end over the warmup, as the YOLO recipe does."""
+    value = end if step >= warmup_steps else start + (end - start) * step / warmup_steps
+    for group in optimizer.param_groups:
+        if "momentum" in group:
+            group["momentum"] = value
+        elif "betas" in group:
+            group["betas"] = (value, group["betas"][1])
+
+
 class EpochLosses:
-    """The epoch's loss sums (by sample), kept on the device so that no micro-batch waits for the host; a resumed
-    epoch starts from the sums its checkpoint saved. Also counts non-finite losses until agree() reads them."""
+    """The epoch's loss sums (by sample), kept on the device so that no micro-batch waits for the host, from the sums
+    a resumed epoch's checkpoint saved. Also counts non-finite losses until agree() reads them."""
 
     def __init__(self, accelerator: Accelerator, state: RunState):
         self.accelerator, self.state = accelerator, state
@@ -91,27 +127,21 @@ def agree(accelerator: Accelerator, stop: GracefulStop, losses: EpochLosses | No
 
 
 def progress_bar(accelerator: Accelerator, loader, state: RunState, epochs: int) -> tqdm:
-    """The main process's bar over the epoch's batches, starting where a resumed epoch stands."""
-    return tqdm(
-        total=len(loader),
-        initial=state.batch_in_epoch,
-        desc=f"epoch {state.epoch + 1}/{epochs}",
-        unit="batch",
-        dynamic_ncols=True,
-        # Passed only where it is off, so that tqdm's own TQDM_DISABLE=1 silences the main process's bar too.
-        **({} if accelerator.is_local_main_process else {"disable": True}),
-    )
+    """The main process's bar over the epoch's batches, from where a resumed epoch stands. "disable" is passed only
+    where it is off, so that tqdm's own TQDM_DISABLE=1 silences the main process's bar too."""
+    quiet = {} if accelerator.is_local_main_process else {"disable": True}
+    desc = f"epoch {state.epoch + 1}/{epochs}"
+    return tqdm(total=len(loader), initial=state.batch_in_epoch, desc=desc, unit="batch", dynamic_ncols=True, **quiet)
 
 
 def evaluation_bar(accelerator: Accelerator, loader, desc: str = "evaluating") -> tqdm:
-    """The main process's bar over an evaluation's batches, cleared when it ends (TQDM_DISABLE=1 silences it)."""
+    """The main process's bar over an evaluation's batches, cleared when it ends."""
     quiet = {} if accelerator.is_local_main_process else {"disable": True}
     return tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, **quiet)
 
 
 def untrained_batches(accelerator: Accelerator, loader, state: RunState):
-    """The epoch's batches after those a resumed run already trained on. The sampler is seeded by (seed, epoch):
-    the same order for any process count and after a resume."""
+    """The epoch's batches after those a resumed run already trained on (the sampler is seeded by seed and epoch)."""
     loader.set_epoch(state.epoch)
     return accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
 
@@ -139,3 +169,41 @@ def next_epoch(state: RunState) -> dict:
 
 def stop_message(where: str, step: int) -> str:
     return f"stopped {where}, optimizer step {step}; checkpoint saved. Continue with the same command plus --resume."
+
+
+class ResultsLog:
+    """results.csv (a row per epoch) and TensorBoard scalars, written by the main process."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path):
+        self.accelerator, self.path = accelerator, Path(output_dir) / "results.csv"
+
+    def keep_epochs_before(self, epoch: int):
+        """On resume, drop the rows of epochs the checkpoint had not finished (the last rows), so no epoch appears
+        twice. One truncate: a kill never loses a row."""
+        if self.accelerator.is_main_process and self.path.exists():
+            kept = sum(int(row["epoch"]) < epoch for row in self.rows())
+            if kept:
+                os.truncate(self.path, len(b"".join(self.path.read_bytes().splitlines(keepends=True)[: kept + 1])))
+            else:
+                self.path.unlink()
+
+    def add(self, row: dict, step: int):
+        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=step)
+        if self.accelerator.is_main_process:
+            new = not self.path.exists()
+            with self.path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def mean(self, column: str) -> float:
+        """Mean of a column over the epochs logged (e.g. training throughput for metrics.json)."""
+        values = [float(r[column]) for r in self.rows()]
+        return sum(values) / len(values) if values else 0.0
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from conftest import REPO, free_port, script_env
 
 from shared.checkpoint import Checkpoints, RunFolder
-from shared.schedule import build_scheduler
+from shared.training import build_scheduler
 
 SETUP_SNIPPET = """
 import argparse, sys
@@ -64,7 +64,7 @@ def test_warmup_then_cosine_counts_optimizer_steps():
     assert lrs[10] == pytest.approx(0.1)
     assert lrs[55] == pytest.approx(0.001 + 0.099 * 0.5, rel=1e-2)  # half-way through the cosine
     assert lrs[-1] == pytest.approx(0.001, rel=0.05)
-    from shared.schedule import warmup_momentum
+    from shared.training import warmup_momentum
 
     warmup_momentum(opt, 5, 10, 0.8, 0.9)
     assert opt.param_groups[0]["momentum"] == pytest.approx(0.85)
