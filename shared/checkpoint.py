@@ -225,7 +225,10 @@ class Checkpoints:
                 f"{path} has no RNG state for process {acc.process_index}: it was written by fewer processes, "
                 "or the output folder is not on a disk that every machine shares"
             )
-        python_rng, numpy_rng, torch_rng, cuda_rngs = _safe_load(path / f"rng_{acc.process_index}.pt")
+        rng = _safe_load(path / f"rng_{acc.process_index}.pt")
+        if not isinstance(rng, list) or len(rng) != 4:  # a dict: the layout of the versions before 2026-12
+            raise SystemExit(f"{path} was saved by an older version of the scripts; resume it with that version")
+        python_rng, numpy_rng, torch_rng, cuda_rngs = rng
         random.setstate(python_rng)
         np.random.set_state(numpy_rng)
         torch.set_rng_state(torch_rng)
