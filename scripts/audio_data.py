@@ -291,16 +291,12 @@ def _speech_commands(root: Path, keywords: KeywordTask | None, clip_seconds: flo
     else:
         labels, index = words, {word: i for i, word in enumerate(words)}
         parts = {name: [(path, index[word]) for path, word in items] for name, items in by_split.items()}
+    if noise:
+        notes.append(f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/")
     splits = {name: _split(items) for name, items in parts.items() if items or name != "test"}
     _require_nonempty(splits, root)
-    return AudioData(
-        "speech_commands",
-        labels,
-        splits,
-        [str(p) for p in noise],
-        notes=notes + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []),
-        protocol={**asdict(keywords), "words": list(keywords.words)} if keywords else None,  # a list, as JSON reads it back
-    )
+    protocol = {**asdict(keywords), "words": list(keywords.words)} if keywords else None  # a list, as JSON reads it back
+    return AudioData("speech_commands", labels, splits, [str(p) for p in noise], notes, protocol)
 
 
 def _keyword_splits(root: Path, words: list[str], by_split: dict, noise: list[str], task: KeywordTask, clip_seconds: float):
@@ -323,7 +319,12 @@ def _keyword_splits(root: Path, words: list[str], by_split: dict, noise: list[st
         candidates = [path for path, word in items if word not in task.words]
         count = math.ceil(len(wanted) * task.unknown_percentage / 100)  # ceil, as input_data.py: at least one clip
         unknown = [candidates[i] for i in sorted(np.random.default_rng([0, k]).permutation(len(candidates))[:count])]
-        silence = _silence_windows(windows, math.ceil(len(wanted) * task.silence_percentage / 100), clip_seconds, k)
+        # Clip-long windows at random places of random noise files (one shorter than a clip: whole, zero-padded).
+        rng, silence = np.random.default_rng([1, k]), []
+        for _ in range(math.ceil(len(wanted) * task.silence_percentage / 100)):
+            path, frames, rate = windows[int(rng.integers(len(windows)))]
+            length = min(frames, round(clip_seconds * rate))
+            silence.append(Clip(path, int(rng.integers(frames - length + 1)), length))
         parts[name] = wanted + [(p, index[UNKNOWN]) for p in unknown] + [(c, index[SILENCE]) for c in silence]
         counts[name] = f"{len(wanted)}/{len(unknown)}/{len(silence)}"
     note = (
@@ -350,18 +351,6 @@ def _noise_lengths(root: Path, noise: list[str]) -> list[tuple[str, int, int]]:
             "add the data set's _background_noise_/*.wav or pass --silence-percentage 0"
         )
     return found
-
-
-def _silence_windows(noise: list[tuple[str, int, int]], count: int, clip_seconds: float, split_index: int) -> list[Clip]:
-    """`count` clip-long windows at random places of random noise files (a file shorter than a clip is taken whole
-    and padded with zeros when decoded)."""
-    rng = np.random.default_rng([1, split_index])
-    windows = []
-    for _ in range(count):
-        path, frames, rate = noise[int(rng.integers(len(noise)))]
-        length = min(frames, round(clip_seconds * rate))
-        windows.append(Clip(path, int(rng.integers(frames - length + 1)), length))
-    return windows
 
 
 def _list_entries(list_file: Path, root: Path, clips: dict) -> set[str]:
@@ -536,9 +525,8 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 
 
 def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torch.Tensor:
-    """Any soundfile-readable clip (1-384 kHz, up to 64 channels), or a Clip slice of one, as mono float32 at
-    sample_rate: all of it, or only its first num_samples. Training, predict_audio.py and serve.py all read through
-    here. Raises BadClip for empty, corrupt or unreadable input, or an odd rate."""
+    """Any soundfile-readable clip, or a Clip slice of one, as mono float32 at sample_rate (all of it, or its first
+    num_samples); training, predict and serve all read through here. BadClip for unreadable input or an odd rate."""
     path, start, limit = (source.path, source.start, source.frames) if isinstance(source, Clip) else (source, 0, math.inf)
     try:
         with sf.SoundFile(_soundfile_source(path)) as f:
@@ -618,11 +606,9 @@ class _DecodeJob(torch.utils.data.Dataset):
 
 
 class CachedClips(torch.utils.data.Dataset):
-    """int16 waveforms of one split, decoded once into CACHE/<key>.pcm (clips one after another, a memory map) and
-    reused by later runs and other processes: every process of every machine may construct it at once, one decodes
-    and the others wait (shared.cache.build_once). Each clip keeps its first num_samples, or with span > num_samples
-    (the training split, for random crops) up to its first span samples. Items: (int16 waveform zero-padded to the
-    split's longest kept clip, so a batch stacks; class index; samples of audio in it)."""
+    """int16 waveforms of one split, decoded once into CACHE/<key>.pcm (a memory map) for later runs and the other
+    processes, which wait while one decodes (shared.cache.build_once). Each clip keeps its first num_samples, or up to
+    span (training: random crops). Items: (waveform padded to the longest clip, so a batch stacks; class; length)."""
 
     def __init__(self, split: Split, sample_rate: int, num_samples: int, cache_dir: Path, workers=0, label="", span=None):
         span = max(span or num_samples, num_samples)
@@ -799,10 +785,8 @@ def write_cv_metrics(output_dir: Path, folds: list[int], *, allow_missing: bool 
 
 
 def cross_validate(args, train_fold):
-    """--fold all: each official fold in turn is the test fold (validation: the fold before it), trained by
-    train_fold(fold_args) as `--fold K --output-dir OUTPUT_DIR/fold_K` would be; then OUTPUT_DIR/cv_metrics.json.
-    With --resume a finished fold is kept and an interrupted one continues. train_fold returns False when its run was
-    stopped (preempted): the folds after it wait for the same command plus --resume."""
+    """--fold all: train_fold(fold_args) per official fold as `--fold K --output-dir OUTPUT_DIR/fold_K`, then
+    OUTPUT_DIR/cv_metrics.json. --resume keeps finished folds; a stopped fold (train_fold False) ends the command."""
     if args.val_fold is not None:
         raise SystemExit("--val-fold with --fold all: each fold's validation is the fold before it; drop --val-fold")
     if args.eval_only:

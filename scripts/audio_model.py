@@ -142,10 +142,9 @@ def _last_linear(model: nn.Module) -> str:
 
 
 class TinyMapConv2d(nn.Conv2d):
-    """A Conv2d that, on CPUs, computes outputs of at most MAX_POSITIONS positions as one matrix multiply. The last
-    ResNet stage sees 2x4 positions for a 1 s clip, where oneDNN's image-tuned kernels are slowest (bf16 weight
-    gradients over twice the time of the same GEMM). Same parameters and results; GPUs and larger maps keep the stock
-    kernel."""
+    """A Conv2d that, on CPUs, computes at most MAX_POSITIONS output positions as one GEMM: the last ResNet stage sees 2x4
+    of them for a 1 s clip, where oneDNN's image-tuned kernels are slowest (bf16 weight gradients take over twice the
+    GEMM's time). Same parameters and results; GPUs and larger maps keep the stock kernel."""
 
     MAX_POSITIONS = 8  # measured: faster at 2x4 (64 mels x 1 s), slower from 2x13 (64 mels x 4 s) on
 
