@@ -7,7 +7,6 @@ import torch
 
 
 def augment_waveforms(waves: torch.Tensor, lengths: torch.Tensor, num_samples: int, noise: torch.Tensor, args) -> torch.Tensor:
-    """A random window of each clip's kept audio, speed, time shift, random gain and background noise."""
     if args.no_augment:
         return waves[:, :num_samples]
     waves = time_shift(speed_perturb(random_windows(waves, lengths, num_samples), args.speed), args.time_shift)
@@ -19,12 +18,8 @@ def augment_waveforms(waves: torch.Tensor, lengths: torch.Tensor, num_samples: i
             noise = noise.repeat(length // noise.numel() + 2)
         starts = torch.randint(0, noise.numel() - length, (batch, 1), device=waves.device)
         segments = noise[starts + torch.arange(length, device=waves.device)]
-        volume = (
-            torch.rand(batch, 1, device=waves.device)
-            * args.noise_volume
-            * (torch.rand(batch, 1, device=waves.device) < args.noise_prob)
-        )
-        waves = waves + volume * segments
+        volume = torch.rand(batch, 1, device=waves.device) * args.noise_volume
+        waves = waves + volume * (torch.rand(batch, 1, device=waves.device) < args.noise_prob) * segments
     return waves
 
 

@@ -1,23 +1,9 @@
-"""Audio datasets for train_audio.py: find the splits of each supported layout, decode every clip once
-with soundfile, and keep mono waveforms in an on-disk cache shared by runs and processes.
+"""Audio datasets for train_audio.py: the splits of each layout (see --format), each clip decoded once with soundfile
+into an on-disk cache of mono waveforms shared by runs and processes, what training takes from the splits, and
+cross-validation over the official folds (--fold all, and gather_folds.py).
 
-Layouts (detected in this order, or forced with --format):
-  urbansound8k     metadata/UrbanSound8K.csv + audio/fold1..10/     test = --fold K, val = --val-fold
-                   (official_folds() lists the folds, for --fold all)
-  esc50            meta/esc50.csv + audio/                          test = --fold K, val = --val-fold
-  speech_commands  <label>/*.wav + validation_list.txt + testing_list.txt (+ _background_noise_/); every word
-                   a class, or with a KeywordTask (--wanted-words) the wanted words + _unknown_ + _silence_
-  folders          <label>/*.wav, or train/ val/ test/ each holding <label>/*.wav
-  hub              a Hugging Face dataset id (or a dataset saved with save_to_disk) with
-                   --audio-column and --label-column
-
-A clip is a file path, a Clip (a slice of a longer file: the _silence_ windows of the background noise), or a
-Hub dataset row; read_audio() reads all three, so the cache, the report and export treat them alike.
-
-Also here: train_audio.py's data flags, what training takes from the splits (class weights, the normalisation
-sample, the clips' identity for resume, the data report) and cross-validation over the official folds (--fold all,
-and gather_folds.py).
-"""
+A clip is a file path, a Clip (a slice of a longer file: the _silence_ windows of the background noise), or a Hub
+dataset row; read_audio() reads all three, so the cache, the report and export treat them alike."""
 
 import argparse
 import csv
@@ -44,6 +30,11 @@ from shared.runtime import write_json
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
 DEFAULT_CLIP_SECONDS = {"urbansound8k": 4.0, "esc50": 5.0, "speech_commands": 1.0, "folders": 1.0, "hub": 1.0}
+# The fold datasets: metadata file, its file, class and class-id columns, and the folder of fold k's audio.
+FOLD_LAYOUTS = {
+    "urbansound8k": ("metadata/UrbanSound8K.csv", "slice_file_name", "class", "classID", "audio/fold{k}"),
+    "esc50": ("meta/esc50.csv", "filename", "category", "target", "audio"),
+}
 VAL_NAMES = ("val", "valid", "validation")
 NOISE_FOLDER = "_background_noise_"
 UNKNOWN, SILENCE = "_unknown_", "_silence_"
@@ -51,9 +42,7 @@ CACHE_VERSION = 3  # bump when the cached representation changes
 PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever machine wrote it
 MIN_RATE, MAX_RATE = 1000, 384000  # Hz; a header outside this is broken or hostile (a 1 GHz rate asks for terabytes)
 DOWNMIX_BLOCK = 1 << 20  # samples (all channels) read at a time: 4 MB
-# Decoding costs CPU per channel: a 196 kB Ogg file claiming 255 channels took 18 s of CPU. Microphone arrays and
-# third-order ambisonics stay well below this.
-MAX_CHANNELS = 64
+MAX_CHANNELS = 64  # decoding costs CPU per channel: a 196 kB Ogg file claiming 255 channels took 18 s
 MAX_RATIO_TERM = 2560  # the resampling kernel grows with the ratio's terms; 384000 -> 22050 Hz (2560/147) fits
 CV_FILE, CV_METRICS = "cv_metrics.json", ("accuracy", "macro_f1")  # the cross-validation summary of --fold all
 ALL_FOLDS = "all"
@@ -69,8 +58,7 @@ class BadClip(Exception):
 
 @dataclass(frozen=True)
 class Clip:
-    """`frames` frames of the file at `path` from frame `start`, counted at the file's own rate: a slice is then
-    exact whatever --sample-rate is."""
+    """`frames` frames of the file at `path` from frame `start`, at the file's own rate (exact whatever --sample-rate)."""
 
     path: str
     start: int
@@ -82,10 +70,8 @@ class Clip:
 
 @dataclass(frozen=True)
 class KeywordTask:
-    """The Speech Commands keyword-spotting task of the data set's paper (Warden 2018) and TensorFlow's
-    speech_commands/input_data.py: the wanted words are classes, every other word is _unknown_ and windows of
-    _background_noise_ are _silence_; each split gets unknown and silence clips numbering these percentages of
-    its wanted-word clips."""
+    """Speech Commands keyword spotting as in Warden 2018 and TensorFlow's input_data.py: the wanted words, _unknown_
+    (every other word) and _silence_ (windows of _background_noise_), these percentages of each split's wanted clips."""
 
     words: tuple[str, ...]
     unknown_percentage: float = 10.0
@@ -114,10 +100,9 @@ class AudioData:
 
 def detect_format(root: str) -> str:
     path = _require_folder(root)
-    if (path / "metadata" / "UrbanSound8K.csv").is_file():
-        return "urbansound8k"
-    if (path / "meta" / "esc50.csv").is_file():
-        return "esc50"
+    for fmt, (meta, *_) in FOLD_LAYOUTS.items():
+        if (path / meta).is_file():
+            return fmt
     if (path / "validation_list.txt").is_file() or (path / "testing_list.txt").is_file():
         return "speech_commands"
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -148,15 +133,15 @@ def load_audio_data(
     keywords: KeywordTask | None = None,
     clip_seconds: float | None = None,
 ) -> AudioData:
-    """Parse the splits of a dataset; stop with a DataError naming the file to fix when the layout is broken.
-    clip_seconds is the length of the _silence_ windows of a KeywordTask (default: the layout's clip length)."""
+    """The splits of a dataset, or a DataError naming the file to fix. keywords: a KeywordTask; clip_seconds: the
+    length of its _silence_ windows (default: the layout's clip length)."""
     if fmt is None:
         fmt = detect_format(root)
     elif fmt != "hub":
         _require_folder(root)
     if keywords and fmt != "speech_commands":
         raise DataError(f"--wanted-words applies to the Speech Commands layout; {root} is in the {fmt} layout")
-    if fmt in ("urbansound8k", "esc50"):
+    if fmt in FOLD_LAYOUTS:
         return _fold_dataset(Path(root), fmt, fold, val_fold)
     if fold is not None and fmt != "hub":
         raise DataError(f"--fold applies to UrbanSound8K and ESC-50; {root} is in the {fmt} layout")
@@ -170,50 +155,40 @@ def load_audio_data(
 
 
 def load_run_data(run: dict, clip_seconds: float | None = None) -> AudioData:
-    """The splits named by a run's arguments: train_audio.py's flags (vars(args)) or the args.json of a run.
-    clip_seconds: the length of the _silence_ windows, when not the run's --clip-seconds."""
+    """The splits named by train_audio.py's flags (vars(args)) or a run's args.json; clip_seconds as in load_audio_data."""
     words = run.get("wanted_words")
     percentages = run.get("unknown_percentage", 10.0), run.get("silence_percentage", 10.0)
+    given = {k: run[k] for k in ("fold", "val_fold", "audio_column", "label_column", "val_fraction") if k in run}
+    keywords = KeywordTask(tuple(words), *percentages) if words else None
     return load_audio_data(
-        run["data"],
-        run.get("format"),
-        fold=run.get("fold"),
-        val_fold=run.get("val_fold"),
-        audio_column=run.get("audio_column", "audio"),
-        label_column=run.get("label_column", "label"),
-        val_fraction=run.get("val_fraction", 0.1),
-        keywords=KeywordTask(tuple(words), *percentages) if words else None,
-        clip_seconds=clip_seconds or run.get("clip_seconds"),
+        run["data"], run.get("format"), **given, keywords=keywords, clip_seconds=clip_seconds or run.get("clip_seconds")
     )
 
 
 def official_folds(root: str, fmt: str | None = None) -> list[int]:
     """The official folds of an UrbanSound8K or ESC-50 folder, for --fold all."""
     fmt = fmt or detect_format(root)
-    if fmt not in ("urbansound8k", "esc50"):
+    if fmt not in FOLD_LAYOUTS:
         raise DataError(
             f"--fold all trains on every official fold, which only UrbanSound8K and ESC-50 have; {root} is in the {fmt} "
             "layout. Drop --fold (its splits are fixed by the layout) or point --data at a fold dataset."
         )
-    meta, file_col, class_col, _, _ = _fold_layout(Path(root), fmt)
+    return sorted(set(_fold_rows(Path(root), fmt)[2]))
+
+
+def _fold_rows(root: Path, fmt: str):
+    """The metadata file of a fold dataset, its rows (with line numbers) and each row's fold."""
+    meta_name, file_col, class_col, _, _ = FOLD_LAYOUTS[fmt]
+    meta = root / meta_name
     rows = _read_metadata(meta, {file_col, class_col, "fold"})
-    return sorted({_integer(meta, line, row, "fold") for line, row in rows})
-
-
-def _fold_layout(root: Path, fmt: str):
-    """The metadata file of a fold dataset, its file, class and class-id columns, and where a row's audio is."""
-    if fmt == "urbansound8k":
-        meta, file_col = root / "metadata" / "UrbanSound8K.csv", "slice_file_name"
-        return meta, file_col, "class", "classID", lambda row, k: root / "audio" / f"fold{k}" / row[file_col]
-    return root / "meta" / "esc50.csv", "filename", "category", "target", lambda row, k: root / "audio" / row["filename"]
+    return meta, rows, [_integer(meta, line, row, "fold") for line, row in rows]
 
 
 def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) -> AudioData:
     """UrbanSound8K and ESC-50: the official folds keep slices of one recording together, so the test
     fold is --fold K and validation is another whole fold (--val-fold, default the fold before K)."""
-    meta, file_col, class_col, id_col, audio_path = _fold_layout(root, fmt)
-    rows = _read_metadata(meta, {file_col, class_col, "fold"})
-    row_folds = [_integer(meta, line, row, "fold") for line, row in rows]
+    _, file_col, class_col, id_col, folder = FOLD_LAYOUTS[fmt]
+    meta, rows, row_folds = _fold_rows(root, fmt)
     folds = sorted(set(row_folds))
     fold = folds[0] if fold is None else fold
     if val_fold is None:
@@ -223,7 +198,7 @@ def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) 
             raise DataError(f"{flag} {value}: {meta} has folds {folds}; pick one of them")
     if val_fold == fold:
         raise DataError(f"--val-fold {val_fold} equals the test fold --fold {fold}; pick another fold for validation")
-    paths = [audio_path(row, k) for (_, row), k in zip(rows, row_folds, strict=True)]
+    paths = [root / folder.format(k=k) / row[file_col] for (_, row), k in zip(rows, row_folds, strict=True)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(
@@ -237,17 +212,13 @@ def _fold_dataset(root: Path, fmt: str, fold: int | None, val_fold: int | None) 
         part = "test" if k == fold else "val" if k == val_fold else "train"
         parts[part].append((str(path), index[row[class_col]]))
     splits = {name: _split(items) for name, items in parts.items()}
-    return AudioData(
-        fmt,
-        labels,
-        splits,
-        notes=[f"test = fold {fold}, validation = fold {val_fold}, training = the other {len(folds) - 2} folds (official folds)"],
-    )
+    note = f"test = fold {fold}, validation = fold {val_fold}, training = the other {len(folds) - 2} folds (official folds)"
+    return AudioData(fmt, labels, splits, notes=[note])
 
 
 def _read_text(path: Path) -> str:
-    """A metadata or list file as text. A byte-order mark (spreadsheet exports) is dropped; bytes that are not
-    UTF-8 stop the run at their line instead of with a decode traceback."""
+    """A metadata or list file as text, without a byte-order mark (spreadsheet exports); bytes that are not UTF-8
+    stop the run at their line instead of with a decode traceback."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -285,8 +256,8 @@ def _integer(meta: Path, line: int, row: dict, column: str) -> int:
 
 
 def _official_label_order(meta: Path, rows: list[tuple[int, dict]], class_col: str, id_col: str) -> list[str]:
-    """Labels in the order of the official class ids, so a model's output index matches the dataset's id.
-    Every class name must have one id and every id one name, or the order would be ambiguous."""
+    """Labels in the order of the official class ids, so a model's output index is the dataset's id; that order is
+    ambiguous unless every class name has one id and every id one name."""
     if id_col not in rows[0][1]:
         return sorted({row[class_col] for _, row in rows})
     pairs = {(_integer(meta, line, row, id_col), row[class_col]) for line, row in rows}
@@ -302,8 +273,7 @@ def _official_label_order(meta: Path, rows: list[tuple[int, dict]], class_col: s
 
 
 def _speech_commands(root: Path, keywords: KeywordTask | None, clip_seconds: float) -> AudioData:
-    """Speech Commands: the official list files split speakers; everything else is training data. Every word is a
-    class, or with a KeywordTask the wanted words, _unknown_ and _silence_ (see _keyword_splits)."""
+    """Speech Commands: the official list files split speakers; everything else is training data."""
     words = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NOISE_FOLDER and not p.name.startswith("."))
     clips = {path.relative_to(root).as_posix(): (str(path), word) for word in words for path in _audio_files(root / word, root)}
     listed = {
@@ -316,27 +286,23 @@ def _speech_commands(root: Path, keywords: KeywordTask | None, clip_seconds: flo
     noise = _audio_files(root / NOISE_FOLDER, root, required=False) if (root / NOISE_FOLDER).is_dir() else []
     notes = ["validation and test from validation_list.txt and testing_list.txt"]
     if keywords:
-        labels, parts, task_notes = _keyword_splits(root, words, by_split, [str(p) for p in noise], keywords, clip_seconds)
-        notes += task_notes
+        labels, parts, task_note = _keyword_splits(root, words, by_split, [str(p) for p in noise], keywords, clip_seconds)
+        notes.append(task_note)
     else:
         labels, index = words, {word: i for i, word in enumerate(words)}
         parts = {name: [(path, index[word]) for path, word in items] for name, items in by_split.items()}
+    if noise:
+        notes.append(f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/")
     splits = {name: _split(items) for name, items in parts.items() if items or name != "test"}
     _require_nonempty(splits, root)
-    return AudioData(
-        "speech_commands",
-        labels,
-        splits,
-        [str(p) for p in noise],
-        notes=notes + ([f"{len(noise)} background noise file(s) from {NOISE_FOLDER}/"] if noise else []),
-        protocol={**asdict(keywords), "words": list(keywords.words)} if keywords else None,  # a list, as JSON reads it back
-    )
+    protocol = {**asdict(keywords), "words": list(keywords.words)} if keywords else None  # a list, as JSON reads it back
+    return AudioData("speech_commands", labels, splits, [str(p) for p in noise], notes, protocol)
 
 
 def _keyword_splits(root: Path, words: list[str], by_split: dict, noise: list[str], task: KeywordTask, clip_seconds: float):
-    """The labels and splits of the keyword task. Split membership stays the official lists'; per split, unknown
-    clips are drawn from the other words and silence windows from the noise files, with fixed seeds (independent
-    of --seed, like every split here), so every run of the task sees the same clips."""
+    """The labels, splits and summary of the keyword task. Split membership stays the official lists'; per split,
+    unknown clips (of the other words) and silence windows (of the noise files) are drawn with fixed seeds of the
+    split alone, independent of --seed and of each other, so every run of the task sees the same clips."""
     missing = [w for w in task.words if w not in words]
     if missing or len(set(task.words)) != len(task.words):
         problem = f"no word folder for {missing}" if missing else "a word is named twice"
@@ -351,9 +317,14 @@ def _keyword_splits(root: Path, words: list[str], by_split: dict, noise: list[st
     for k, (name, items) in enumerate(by_split.items()):
         wanted = [(path, index[word]) for path, word in items if word in task.words]
         candidates = [path for path, word in items if word not in task.words]
-        # ceil, as input_data.py: a small split still gets a clip of each
-        unknown = _sample_unknown(candidates, math.ceil(len(wanted) * task.unknown_percentage / 100), k)
-        silence = _silence_windows(windows, math.ceil(len(wanted) * task.silence_percentage / 100), clip_seconds, k)
+        count = math.ceil(len(wanted) * task.unknown_percentage / 100)  # ceil, as input_data.py: at least one clip
+        unknown = [candidates[i] for i in sorted(np.random.default_rng([0, k]).permutation(len(candidates))[:count])]
+        # Clip-long windows at random places of random noise files (one shorter than a clip: whole, zero-padded).
+        rng, silence = np.random.default_rng([1, k]), []
+        for _ in range(math.ceil(len(wanted) * task.silence_percentage / 100)):
+            path, frames, rate = windows[int(rng.integers(len(windows)))]
+            length = min(frames, round(clip_seconds * rate))
+            silence.append(Clip(path, int(rng.integers(frames - length + 1)), length))
         parts[name] = wanted + [(p, index[UNKNOWN]) for p in unknown] + [(c, index[SILENCE]) for c in silence]
         counts[name] = f"{len(wanted)}/{len(unknown)}/{len(silence)}"
     note = (
@@ -361,14 +332,7 @@ def _keyword_splits(root: Path, words: list[str], by_split: dict, noise: list[st
         f"drawn from {len(others)} other words) + {SILENCE} ({task.silence_percentage:g}%, {clip_seconds:g} s windows of "
         f"{NOISE_FOLDER}/); wanted/unknown/silence clips " + ", ".join(f"{n} {c}" for n, c in counts.items())
     )
-    return labels, parts, [note]
-
-
-def _sample_unknown(candidates: list[str], count: int, split_index: int) -> list[str]:
-    """`count` clips of the other words (all of them when there are fewer), in their listing order. Seeded by the
-    split alone, apart from the silence windows' seed, so changing one percentage leaves the other's clips."""
-    picks = np.random.default_rng([0, split_index]).permutation(len(candidates))[:count]
-    return [candidates[i] for i in sorted(picks)]
+    return labels, parts, note
 
 
 def _noise_lengths(root: Path, noise: list[str]) -> list[tuple[str, int, int]]:
@@ -389,22 +353,9 @@ def _noise_lengths(root: Path, noise: list[str]) -> list[tuple[str, int, int]]:
     return found
 
 
-def _silence_windows(noise: list[tuple[str, int, int]], count: int, clip_seconds: float, split_index: int) -> list[Clip]:
-    """`count` clip-long windows at random places of random noise files (a file shorter than a clip is taken whole
-    and padded with zeros when decoded). Seeded by the split alone, so the windows stay put across runs."""
-    rng = np.random.default_rng([1, split_index])
-    windows = []
-    for _ in range(count):
-        path, frames, rate = noise[int(rng.integers(len(noise)))]
-        length = min(frames, round(clip_seconds * rate))
-        windows.append(Clip(path, int(rng.integers(frames - length + 1)), length))
-    return windows
-
-
 def _list_entries(list_file: Path, root: Path, clips: dict) -> set[str]:
-    """The clips (paths relative to root) that validation_list.txt or testing_list.txt names. Lists edited by
-    hand or written on Windows keep their meaning: './', backslashes, trailing spaces and CRLF are accepted. An
-    entry that matches no clip stops the run, because a held-out clip that silently fails to match is trained on."""
+    """The clips (paths relative to root) that validation_list.txt or testing_list.txt names; './', backslashes,
+    trailing spaces and CRLF are accepted. An entry that matches no clip stops the run: it would be trained on."""
     entries = set()
     for number, line in enumerate(_read_text(list_file).splitlines(), start=1):
         if not line.strip():
@@ -428,24 +379,22 @@ def _list_entries(list_file: Path, root: Path, clips: dict) -> set[str]:
 def _class_folders(root: Path, val_fraction: float) -> AudioData:
     """<label>/*.wav, optionally under train/ val/ test/. Without a val/ folder, a stratified split with a
     fixed seed carves validation (and, for a plain folder tree, test) clips out of training."""
+    tree = root / "train" if (root / "train").is_dir() else root
+    labels = sorted(p.name for p in tree.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    if not labels:
+        raise DataError(
+            f"{tree}: no class folders found; expected {tree}/<label>/*.wav (or pass --format to pick another layout)"
+        )
     val_dir = next((root / n for n in VAL_NAMES if (root / n).is_dir()), None)
-    if (root / "train").is_dir():
-        labels = _label_folders(root / "train")
-        parts = {"train": _labelled_files(root / "train", labels)}
-        if val_dir:
-            parts["val"] = _labelled_files(val_dir, labels, required=False)
-        if (root / "test").is_dir():
-            parts["test"] = _labelled_files(root / "test", labels, required=False)
-        notes = [
-            f"splits from the train/{', ' + val_dir.name + '/' if val_dir else ''}{', test/' if 'test' in parts else ''} folders"
-        ]
+    if tree != root:
+        folders = {"train": tree, "val": val_dir, "test": root / "test" if (root / "test").is_dir() else None}
+        parts = {name: _labelled_files(d, labels, required=name == "train") for name, d in folders.items() if d}
+        notes = [f"splits from the {', '.join(f'{d.name}/' for d in folders.values() if d)} folders"]
         if not val_dir:
             parts["train"], parts["val"] = _stratified_split(parts["train"], val_fraction)
             notes.append(f"no val/ folder: {val_fraction:.0%} of train/ per class held out for validation (fixed seed)")
     else:
-        labels = _label_folders(root)
-        everything = _labelled_files(root, labels)
-        rest, test = _stratified_split(everything, val_fraction)
+        rest, test = _stratified_split(_labelled_files(root, labels), val_fraction)
         train, val = _stratified_split(rest, val_fraction / (1 - val_fraction))
         parts = {"train": train, "val": val, "test": test}
         notes = [
@@ -458,8 +407,8 @@ def _class_folders(root: Path, val_fraction: float) -> AudioData:
 
 
 def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: float) -> AudioData:
-    """A Hub dataset id (loaded through the local cache when offline) or a save_to_disk folder. Audio is
-    read as raw bytes or paths and decoded with soundfile, so no torchcodec/FFmpeg is needed."""
+    """A Hub dataset id (through the local cache when offline) or a save_to_disk folder. Audio is read as raw bytes or
+    paths and decoded with soundfile, so no torchcodec/FFmpeg is needed."""
     import datasets
 
     try:
@@ -471,11 +420,6 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
         ) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    split_names = {
-        "train": "train",
-        "val": next((n for n in VAL_NAMES if n in loaded), None),
-        "test": "test" if "test" in loaded else None,
-    }
     if "train" not in loaded:
         raise DataError(f"--data {name}: no 'train' split (splits: {list(loaded)})")
     for split in loaded.values():
@@ -485,32 +429,29 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
                     f"--data {name}: column {column!r} does not exist; columns are {split.column_names}. "
                     f"Name the right one with {flag}."
                 )
-    feature = loaded["train"].features[label_column]
+    sources = {"train": "train", "val": next((n for n in VAL_NAMES if n in loaded), None), "test": "test"}
+    sources = {part: source for part, source in sources.items() if source in loaded}
+    named = isinstance(loaded["train"].features[label_column], datasets.ClassLabel)
     labels = (
-        list(feature.names)
-        if isinstance(feature, datasets.ClassLabel)
-        else sorted({str(v) for v in loaded["train"][label_column]})
+        list(loaded["train"].features[label_column].names) if named else sorted({str(v) for v in loaded["train"][label_column]})
     )
     index = {label: i for i, label in enumerate(labels)}
-
-    def as_split(ds):
+    splits = {}
+    for part, source in sources.items():
+        ds = loaded[source]
         raw = ds[label_column]
-        targets = np.array(
-            [v if isinstance(feature, datasets.ClassLabel) else index.get(str(v), -1) for v in raw], dtype=np.int64
-        )
+        targets = np.array([v if named else index.get(str(v), -1) for v in raw], dtype=np.int64)
         if (targets < 0).any():
             bad = raw[int(np.argmax(targets < 0))]
             raise DataError(f"--data {name}: label {bad!r} appears outside the training split; it has no class to map to")
         audio = HubAudio(ds.cast_column(audio_column, datasets.Audio(decode=False)), audio_column)
-        return Split(audio, targets, [f"{name}[{i}]" for i in range(len(ds))])
-
-    splits = {part: as_split(loaded[source]) for part, source in split_names.items() if source}
-    notes = [f"Hub splits: {', '.join(f'{p}={s}' for p, s in split_names.items() if s)}"]
+        splits[part] = Split(audio, targets, [f"{name}[{i}]" for i in range(len(ds))])
+    notes = [f"Hub splits: {', '.join(f'{p}={s}' for p, s in sources.items())}"]
     if "val" not in splits:
-        train_idx, val_idx = _stratified_indices(splits["train"].targets, val_fraction)
         full = splits["train"]
         splits["train"], splits["val"] = (
-            Split(full.sources.select(ix), full.targets[ix], [full.names[i] for i in ix]) for ix in (train_idx, val_idx)
+            Split(full.sources.select(ix), full.targets[ix], [full.names[i] for i in ix])
+            for ix in _stratified_split(list(range(len(full.targets))), val_fraction, full.targets)
         )
         notes.append(f"no validation split: {val_fraction:.0%} of train per class held out (fixed seed)")
     return AudioData("hub", labels, splits, notes=notes)
@@ -536,15 +477,6 @@ class HubAudio:
         return self.dataset._fingerprint
 
 
-def _label_folders(root: Path) -> list[str]:
-    labels = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
-    if not labels:
-        raise DataError(
-            f"{root}: no class folders found; expected {root}/<label>/*.wav (or pass --format to pick another layout)"
-        )
-    return labels
-
-
 def _labelled_files(root: Path, labels: list[str], required: bool = True) -> list[tuple[str, int]]:
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in labels)
     if extra:
@@ -566,21 +498,17 @@ def _audio_files(folder: Path, root: Path, required: bool = True) -> list[Path]:
     return files
 
 
-def _stratified_indices(targets: np.ndarray, fraction: float, seed: int = 0):
-    """Per class, hold out round(fraction x count) items (at least one when the class has two or more)."""
-    rng = np.random.default_rng(seed)
+def _stratified_split(items: list, fraction: float, targets=None) -> tuple[list, list]:
+    """Per class, hold out round(fraction x count) items (at least one when the class has two or more); fixed seed.
+    targets: each item's class (default: the item's second element)."""
+    rng, targets = np.random.default_rng(0), np.array([t for _, t in items] if targets is None else targets)
     keep, held = [], []
     for c in np.unique(targets):
         members = rng.permutation(np.flatnonzero(targets == c))
         n = max(1, round(fraction * len(members))) if len(members) > 1 else 0
         held.extend(members[:n])
         keep.extend(members[n:])
-    return sorted(int(i) for i in keep), sorted(int(i) for i in held)
-
-
-def _stratified_split(items: list[tuple[str, int]], fraction: float):
-    keep, held = _stratified_indices(np.array([t for _, t in items]), fraction)
-    return [items[i] for i in keep], [items[i] for i in held]
+    return [items[i] for i in sorted(keep)], [items[i] for i in sorted(held)]
 
 
 def _split(items: list[tuple]) -> Split:
@@ -597,9 +525,8 @@ def _require_nonempty(splits: dict[str, Split], root: Path):
 
 
 def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torch.Tensor:
-    """Any soundfile-readable clip (8/16/24/32-bit PCM, float, FLAC, OGG; 1-384 kHz; up to 64 channels), or a Clip slice
-    of one, as mono float32 at sample_rate: all of it, or only its first num_samples. Training, predict_audio.py
-    and serve.py all read through here. Raises BadClip for empty, corrupt or unreadable input, or an odd rate."""
+    """Any soundfile-readable clip, or a Clip slice of one, as mono float32 at sample_rate (all of it, or its first
+    num_samples); training, predict and serve all read through here. BadClip for unreadable input or an odd rate."""
     path, start, limit = (source.path, source.start, source.frames) if isinstance(source, Clip) else (source, 0, math.inf)
     try:
         with sf.SoundFile(_soundfile_source(path)) as f:
@@ -609,34 +536,27 @@ def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torc
             if f.channels > MAX_CHANNELS:
                 raise BadClip(f"{f.channels} channels, more than {MAX_CHANNELS}; a broken header, or mix it down first")
             orig, new = _resample_ratio(rate, sample_rate)
-            # Only the frames the clip needs, so a 1 s clip of a long recording does not decode all of it; 10 ms
-            # more lets the resampler see the same neighbours at the cut as in the whole file. A Clip ends where
-            # its slice ends.
+            # Only the frames the clip needs (a 1 s clip of a long recording does not decode all of it), plus 10 ms so
+            # the resampler sees the same neighbours at the cut as in the whole file. A Clip ends where its slice ends.
             frames = math.inf if num_samples is None else math.ceil(num_samples * orig / new) + rate // 100
             if start:
                 f.seek(start)
-            data = _downmix(f, min(frames, limit))
+            frames, mono, block = min(frames, limit), [], max(1, DOWNMIX_BLOCK // f.channels)
+            # The channels' mean a block at a time: a 200 kB Ogg file can hold 255 channels of two minutes (6 GB).
+            while frames > 0 and len(data := f.read(min(frames, block), dtype="float32", always_2d=True)):
+                mono.append(data.mean(axis=1))
+                frames -= len(data)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
         # libsndfile's own words, without the file name: reports show the path beside the reason
         raise BadClip(f"unreadable: {getattr(err, 'error_string', err)}") from None
-    if data.shape[0] == 0:
+    if not mono:
         raise BadClip("empty: no audio frames")
-    wave = torch.from_numpy(data)
+    wave = torch.from_numpy(np.concatenate(mono))
     if not torch.isfinite(wave).all():
         raise BadClip("contains NaN or infinite samples")
     if orig != new:
         wave = AF.resample(wave, orig, new)
     return wave[:num_samples]
-
-
-def _downmix(f: sf.SoundFile, frames: float) -> np.ndarray:
-    """The mean of the channels of up to `frames` frames, read a block at a time: a 200 kB Ogg file can hold
-    255 channels of two minutes of silence (6 GB as one float32 array)."""
-    mono, block = [], max(1, DOWNMIX_BLOCK // f.channels)
-    while frames > 0 and len(data := f.read(min(frames, block), dtype="float32", always_2d=True)):
-        mono.append(data.mean(axis=1))
-        frames -= len(data)
-    return np.concatenate(mono) if mono else np.zeros(0, np.float32)
 
 
 def _resample_ratio(rate: int, sample_rate: int) -> tuple[int, int]:
@@ -660,9 +580,8 @@ def fix_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 def within_full_scale(waves: torch.Tensor) -> torch.Tensor:
-    """Scale each clip (along the last dim) whose peak exceeds full scale down to a peak of 1.0. Float files
-    may hold samples beyond +-1 that int16 would clip; training clips and predict_audio.py windows both pass
-    through here, so the model sees a loud recording the same way in both."""
+    """Scale each clip (along the last dim) whose peak exceeds full scale down to a peak of 1.0: float files may hold
+    samples beyond +-1 that int16 would clip. Training clips and predicted windows both pass through here."""
     return waves / waves.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
 
 
@@ -687,27 +606,29 @@ class _DecodeJob(torch.utils.data.Dataset):
 
 
 class CachedClips(torch.utils.data.Dataset):
-    """int16 waveforms of one split, decoded once into CACHE/<key>.pcm (clips one after another, a memory map)
-    and reused by later runs and by the other processes of this run. Every process of every machine may construct
-    it at the same time: one decodes, the others wait for it (see shared.cache.build_once).
+    """int16 waveforms of one split, decoded once into CACHE/<key>.pcm (a memory map) for later runs and the other
+    processes, which wait while one decodes (shared.cache.build_once). Each clip keeps its first num_samples, or up to
+    span (training: random crops). Items: (waveform padded to the longest clip, so a batch stacks; class; length)."""
 
-    Each clip keeps its first num_samples, or with span > num_samples (the training split, for random crops) up
-    to its first span samples. Items: (int16 waveform, class index, samples of audio in it); the waveforms are
-    as long as the split's longest kept clip, zero-padded, so a batch stacks."""
+    def __init__(self, split: Split, sample_rate: int, num_samples: int, cache_dir: Path, workers=0, label="", span=None):
+        span = max(span or num_samples, num_samples)
+        array_path = Path(cache_dir) / f"{_cache_key(split, sample_rate, num_samples, span)}.pcm"
 
-    def __init__(
-        self,
-        split: Split,
-        sample_rate: int,
-        num_samples: int,
-        cache_dir: Path,
-        workers: int = 0,
-        label: str = "",
-        span: int | None = None,
-    ):
-        cache_dir, span = Path(cache_dir), max(span or num_samples, num_samples)
-        array_path = cache_dir / f"{_cache_key(split, sample_rate, num_samples, span)}.pcm"
-        record = build_once(array_path, lambda write: _build_cache(split, sample_rate, num_samples, span, write, workers, label))
+        def build(write) -> dict:
+            bad, lengths = {}, [0] * len(split.sources)
+            job = _DecodeJob(split.sources, sample_rate, num_samples, span)
+            # Clips arrive in index order, so each one's place in the file is the sum of the lengths before it.
+            for i, pcm, reason in decoded_in_order(job, workers, f"decoding {label} clips (once; cached)"):
+                if pcm is None:
+                    bad[i] = reason
+                else:
+                    write(pcm.astype(PCM_DTYPE).tobytes())
+                    lengths[i] = len(pcm)
+            return dict(
+                clips=len(split.sources), sample_rate=sample_rate, num_samples=num_samples, span=span, bad=bad, lengths=lengths
+            )
+
+        record = build_once(array_path, build)
         bad = {int(i): reason for i, reason in record["bad"].items()}
         lengths = np.array(record["lengths"], dtype=np.int64)
         self.skipped = [{"path": split.names[i], "reason": reason} for i, reason in sorted(bad.items())]
@@ -738,22 +659,8 @@ def _cache_key(split: Split, sample_rate: int, num_samples: int, span: int | Non
     return h.hexdigest()[:20]
 
 
-def _build_cache(split, sample_rate, num_samples, span, write, workers: int, label: str) -> dict:
-    job = _DecodeJob(split.sources, sample_rate, num_samples, span)
-    bad, lengths = {}, [0] * len(split.sources)
-    # Clips arrive in index order, so each one's place in the file is the sum of the lengths before it.
-    for i, pcm, reason in decoded_in_order(job, workers, f"decoding {label} clips (once; cached)"):
-        if pcm is None:
-            bad[i] = reason
-        else:
-            write(pcm.astype(PCM_DTYPE).tobytes())
-            lengths[i] = len(pcm)
-    return dict(clips=len(split.sources), sample_rate=sample_rate, num_samples=num_samples, span=span, bad=bad, lengths=lengths)
-
-
 def require_usable_splits(clips: dict[str, CachedClips], report_path: Path):
-    """Stop before training when decoding left a split without clips; otherwise the run fails only at its end,
-    when evaluation finds nothing to evaluate."""
+    """Stop before training when decoding left a split without clips, not at the end when evaluation finds none."""
     for name, split in clips.items():
         if not len(split):
             skipped = f"all {len(split.skipped)} of its clips were skipped as unreadable or empty"
@@ -775,10 +682,6 @@ def load_noise(files: list[str], sample_rate: int) -> tuple[torch.Tensor, list[d
     return (torch.cat(waves) if waves else torch.zeros(0)), skipped
 
 
-def default_cache_dir() -> Path:
-    return cache_root() / "audio"
-
-
 # ----------------------------------------------------------------------------- what training takes from the splits
 
 
@@ -793,8 +696,8 @@ def require_every_class(root: str, labels: list[str], train: CachedClips):
 
 
 def normalisation_sample(train: CachedClips, count: int = 256) -> torch.Tensor:
-    """Evenly spaced training clips for the log-mel mean/std: the same on every process, no randomness used. Each
-    clip's first window, the one evaluation sees."""
+    """Evenly spaced training clips for the log-mel mean/std (the same on every process, no randomness), each clip's
+    first window, the one evaluation sees."""
     picks = torch.linspace(0, len(train) - 1, min(count, len(train))).long().unique()
     return torch.stack([train[int(i)][0][: train.num_samples] for i in picks])
 
@@ -814,6 +717,23 @@ def clip_items(split: Split) -> list[tuple]:
     return [(*w, t) for w, t in zip(where, split.targets.tolist(), strict=True)]
 
 
+def data_report(args, data: AudioData, clips: dict[str, CachedClips], noise_skipped: list[dict]) -> dict:
+    """What data_report.json holds: what was used, and every clip skipped with the reason."""
+    skipped = [{"split": name, **s} for name, c in clips.items() for s in c.skipped]
+    skipped += [{"split": "background_noise", **s} for s in noise_skipped]
+    return {
+        "data": str(args.data),
+        "format": data.format,
+        "notes": data.notes,
+        "protocol": data.protocol,
+        "labels": data.labels,
+        "clips": {name: len(c) for name, c in clips.items()},
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "cache_dir": str(args.cache_dir),
+    }
+
+
 # ----------------------------------------------------------------------------- cross-validation over official folds
 
 
@@ -829,9 +749,9 @@ def fold_problem(run: Path) -> str | None:
     return None
 
 
-def write_cv_metrics(output_dir: Path, folds: list[int], *, allow_missing: bool = False) -> dict:
-    """OUTPUT_DIR/cv_metrics.json from the test metrics of OUTPUT_DIR/fold_K for the given folds; stops naming the
-    folds that are not finished, unless allow_missing (then they are listed in the summary)."""
+def write_cv_metrics(output_dir: Path, folds: list[int], *, allow_missing: bool = False) -> str:
+    """OUTPUT_DIR/cv_metrics.json from the test metrics of OUTPUT_DIR/fold_K for the given folds, and its one-line
+    summary; stops naming the folds that are not finished, unless allow_missing (then the summary lists them)."""
     output_dir = Path(output_dir)
     problems = {f"fold_{k}": fold_problem(output_dir / f"fold_{k}") for k in folds}
     absent = {name: why for name, why in problems.items() if why}
@@ -844,28 +764,58 @@ def write_cv_metrics(output_dir: Path, folds: list[int], *, allow_missing: bool 
         if problems[f"fold_{k}"] is None:
             test = json.loads((output_dir / f"fold_{k}" / "metrics.json").read_text())["test"]
             per_fold.append({"fold": k, "run": f"fold_{k}", **{m: test[m] for m in CV_METRICS}})
+    mean = {m: statistics.mean(f[m] for f in per_fold) for m in CV_METRICS}
+    std = {m: statistics.stdev(f[m] for f in per_fold) if len(per_fold) > 1 else None for m in CV_METRICS}
     summary = {
         "split": "test",
         "folds": per_fold,
-        "mean": {m: statistics.mean(f[m] for f in per_fold) for m in CV_METRICS},
-        "std": {m: statistics.stdev(f[m] for f in per_fold) if len(per_fold) > 1 else None for m in CV_METRICS},
+        "mean": mean,
+        "std": std,
         "std_kind": "sample standard deviation over folds (n - 1 in the denominator); null for a single fold",
         "missing": absent,
     }
     write_json(output_dir / CV_FILE, summary)
-    return summary
-
-
-def describe_cv(summary: dict, path: Path) -> str:
-    def spread(metric):
-        std = summary["std"][metric]
-        return f"{summary['mean'][metric]:.4f}" + ("" if std is None else f" +- {std:.4f}")
-
-    missing = f" ({len(summary['missing'])} missing: {', '.join(summary['missing'])})" if summary["missing"] else ""
+    spread = {m: f"{mean[m]:.4f}" + ("" if std[m] is None else f" +- {std[m]:.4f}") for m in CV_METRICS}
     return (
-        f"{len(summary['folds'])} folds{missing}: test accuracy {spread('accuracy')}, "
-        f"test macro-F1 {spread('macro_f1')} (mean +- sample std); written to {path}"
+        f"{len(per_fold)} folds"
+        + (f" ({len(absent)} missing: {', '.join(absent)})" if absent else "")
+        + f": test accuracy {spread['accuracy']}, test macro-F1 {spread['macro_f1']} (mean +- sample std); "
+        f"written to {output_dir / CV_FILE}"
     )
+
+
+def cross_validate(args, train_fold):
+    """--fold all: train_fold(fold_args) per official fold as `--fold K --output-dir OUTPUT_DIR/fold_K`, then
+    OUTPUT_DIR/cv_metrics.json. --resume keeps finished folds; a stopped fold (train_fold False) ends the command."""
+    if args.val_fold is not None:
+        raise SystemExit("--val-fold with --fold all: each fold's validation is the fold before it; drop --val-fold")
+    if args.eval_only:
+        raise SystemExit("--fold all trains a model per fold; to score one model, use --eval-only with --fold K")
+    if args.resume not in (None, "latest"):
+        raise SystemExit(
+            f"--resume {args.resume} with --fold all: each fold resumes from its own newest checkpoint; use plain --resume"
+        )
+    folds, stopped = official_folds(args.data, args.format), False
+    # Every process reads the same finished folds and agrees on stops, so all skip and stop alike; the launchers
+    # set RANK, and no collective is needed to know the main process before the first fold's Accelerator exists.
+    main_process = os.environ.get("RANK", "0") == "0"
+    if args.overwrite and main_process:
+        (args.output_dir / CV_FILE).unlink(missing_ok=True)
+    for number, fold in enumerate(folds, start=1):
+        fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "output_dir": args.output_dir / f"fold_{fold}"})
+        if args.resume and not args.overwrite and fold_problem(fold_args.output_dir) is None:
+            if main_process:
+                print(f"fold {fold}: finished earlier, kept ({fold_args.output_dir / 'metrics.json'})")
+            continue
+        if main_process:
+            print(f"fold {fold} ({number} of {len(folds)}) as the test fold, into {fold_args.output_dir}")
+        stopped = not train_fold(fold_args)
+        if stopped:
+            break
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # end_training's last step, which the folds skipped
+    if main_process and not stopped:
+        print(write_cv_metrics(args.output_dir, folds))
 
 
 # ----------------------------------------------------------------------------- the data flags of train_audio.py
@@ -921,9 +871,8 @@ def add_data_args(parser: argparse.ArgumentParser, train_span: int):
         f"Validation, test and predict take each clip's start; training takes a random window of the first "
         f"{train_span} x this length of longer clips (a new place every epoch)",
     )
-    d.add_argument(
-        "--cache-dir", type=Path, default=default_cache_dir(), help=f"decoded waveforms (default {default_cache_dir()})"
-    )
+    cache = cache_root() / "audio"
+    d.add_argument("--cache-dir", type=Path, default=cache, help=f"decoded waveforms (default {cache})")
 
 
 def fold_choice(value: str):
@@ -940,60 +889,3 @@ def word_list(value: str) -> list[str]:
     if not words:
         raise argparse.ArgumentTypeError(f"{value!r}: name the words to classify, comma-separated (e.g. yes,no)")
     return words
-
-
-def cross_validate(args, train_fold):
-    """--fold all: each official fold in turn is the test fold (validation: the fold before it), trained by
-    train_fold(fold_args) as `--fold K --output-dir OUTPUT_DIR/fold_K` would be; then OUTPUT_DIR/cv_metrics.json.
-    With --resume a finished fold is kept and an interrupted one continues. train_fold returns False when its run was
-    stopped (preempted): the folds after it wait for the same command plus --resume."""
-    refuse_with_all_folds(args)
-    folds, stopped = official_folds(args.data, args.format), False
-    # Every process reads the same finished folds and agrees on stops, so all skip and stop alike; the launchers
-    # set RANK, and no collective is needed to know the main process before the first fold's Accelerator exists.
-    main_process = os.environ.get("RANK", "0") == "0"
-    if args.overwrite and main_process:
-        (args.output_dir / CV_FILE).unlink(missing_ok=True)
-    for number, fold in enumerate(folds, start=1):
-        fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "output_dir": args.output_dir / f"fold_{fold}"})
-        if args.resume and not args.overwrite and fold_problem(fold_args.output_dir) is None:
-            if main_process:
-                print(f"fold {fold}: finished earlier, kept ({fold_args.output_dir / 'metrics.json'})")
-            continue
-        if main_process:
-            print(f"fold {fold} ({number} of {len(folds)}) as the test fold, into {fold_args.output_dir}")
-        stopped = not train_fold(fold_args)
-        if stopped:
-            break
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # end_training's last step, which the folds skipped
-    if main_process and not stopped:
-        print(describe_cv(write_cv_metrics(args.output_dir, folds), args.output_dir / CV_FILE))
-
-
-def refuse_with_all_folds(args):
-    if args.val_fold is not None:
-        raise SystemExit("--val-fold with --fold all: each fold's validation is the fold before it; drop --val-fold")
-    if args.eval_only:
-        raise SystemExit("--fold all trains a model per fold; to score one model, use --eval-only with --fold K")
-    if args.resume not in (None, "latest"):
-        raise SystemExit(
-            f"--resume {args.resume} with --fold all: each fold resumes from its own newest checkpoint; use plain --resume"
-        )
-
-
-def data_report(args, data: AudioData, clips: dict[str, CachedClips], noise_skipped: list[dict]) -> dict:
-    """What data_report.json holds: what was used, and every clip skipped with the reason."""
-    skipped = [{"split": name, **s} for name, c in clips.items() for s in c.skipped]
-    skipped += [{"split": "background_noise", **s} for s in noise_skipped]
-    return {
-        "data": str(args.data),
-        "format": data.format,
-        "notes": data.notes,
-        "protocol": data.protocol,
-        "labels": data.labels,
-        "clips": {name: len(c) for name, c in clips.items()},
-        "skipped_count": len(skipped),
-        "skipped": skipped,
-        "cache_dir": str(args.cache_dir),
-    }

@@ -13,7 +13,7 @@ import torchaudio.transforms as T
 import torchvision
 from torch import nn
 
-from shared.model_io import load_hub_weights, load_pretrained, save_pretrained, write_model_card
+from shared.model_io import load_hub_weights, save_pretrained, write_model_card
 
 TASK = "audio-classification"
 
@@ -34,7 +34,6 @@ def frontend_config(sample_rate: int, clip_seconds: float, n_mels: int) -> dict:
 
 
 def clip_samples(config: dict) -> int:
-    """Samples in one clip (or predict window) of the model."""
     return round(config["clip_seconds"] * config["sample_rate"])
 
 
@@ -44,33 +43,21 @@ def pcm_to_float(waves: torch.Tensor) -> torch.Tensor:
 
 
 class LogMelFrontend(nn.Module):
-    """waveforms (B, samples) -> normalised log-mel (B, 1, n_mels, frames), with SpecAugment in training.
-
-    Runs in float32 even under autocast: a half-precision STFT and dB conversion lose the quiet parts."""
+    """waveforms (B, samples) -> normalised log-mel (B, 1, n_mels, frames), with SpecAugment in training. Runs in
+    float32 even under autocast: a half-precision STFT and dB conversion lose the quiet parts."""
 
     def __init__(self, config: dict, freq_mask: int = 0, time_mask: int = 0):
         super().__init__()
-        self.mel = T.MelSpectrogram(
-            config["sample_rate"],
-            n_fft=config["n_fft"],
-            win_length=config["win_length"],
-            hop_length=config["hop_length"],
-            f_min=config["f_min"],
-            f_max=config["f_max"],
-            n_mels=config["n_mels"],
-        )
+        keys = ("n_fft", "win_length", "hop_length", "f_min", "f_max", "n_mels")
+        self.mel = T.MelSpectrogram(config["sample_rate"], **{k: config[k] for k in keys})
         # torch's periodic window is a view into a longer tensor; safetensors (checkpoints) wants it whole.
         self.mel.spectrogram.window = self.mel.spectrogram.window.clone()
         self.to_db = T.AmplitudeToDB(stype="power", top_db=80)
         # Dataset statistics of the log-mels, set once from training clips and saved with the model.
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("std", torch.ones(()))
-        masks = []
-        if freq_mask:
-            masks.append(T.FrequencyMasking(freq_mask, iid_masks=True))
-        if time_mask:
-            masks.append(T.TimeMasking(time_mask, iid_masks=True))
-        self.spec_augment = nn.Sequential(*masks)
+        masks = {T.FrequencyMasking: freq_mask, T.TimeMasking: time_mask}
+        self.spec_augment = nn.Sequential(*(mask(width, iid_masks=True) for mask, width in masks.items() if width))
 
     def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=waves.device.type, enabled=False):
@@ -78,11 +65,8 @@ class LogMelFrontend(nn.Module):
             return self.to_db(self.mel(pcm_to_float(waves).unsqueeze(1)))
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=waves.device.type, enabled=False):
-            x = (self.log_mel(waves) - self.mean) / self.std
-            if self.training:
-                x = self.spec_augment(x)
-        return x
+        x = (self.log_mel(waves) - self.mean) / self.std  # float32: autocast leaves elementwise arithmetic alone
+        return self.spec_augment(x) if self.training else x
 
     @torch.no_grad()
     def fit_normalisation(self, waves: torch.Tensor):
@@ -115,10 +99,8 @@ def require_supported_model(name: str):
 
 
 def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """Any torchvision classification model by name, with a 1-channel first convolution.
-
-    With pretrained ImageNet weights (from the local torch hub cache) the RGB filters of the stem are
-    summed into one channel and the last linear layer is replaced for num_classes."""
+    """Any torchvision classification model by name, with a 1-channel first convolution; pretrained: ImageNet
+    weights from the local torch hub cache, with a new last linear layer for num_classes."""
     require_supported_model(name)
     if pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -131,50 +113,38 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False) -> nn.
             )
         # Built empty and filled from the file here, not by torchvision, whose loader unpickles without weights_only.
         model = torchvision.models.get_model(name, weights=None, num_classes=len(weights.meta["categories"]))
-        model.load_state_dict(_weights_file(cached, weights.url))
-        _replace_last_linear(model, num_classes)
+        state = load_hub_weights(cached, weights.url)
+        # DenseNet's files predate a module rename ('norm.1' -> 'norm1'); torchvision renames the keys the same way.
+        model.load_state_dict(
+            {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k): v for k, v in state.items()}
+        )
+        head = _last_linear(model)
+        parent, _, attr = head.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.Linear(model.get_submodule(head).in_features, num_classes))
     else:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    _one_channel_stem(model)
-    return model
-
-
-def _weights_file(path: Path, url: str) -> dict:
-    state = load_hub_weights(path, url)
-    # DenseNet's files predate a module rename ('norm.1' -> 'norm1'); torchvision renames the keys the same way.
-    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k): v for k, v in state.items()}
-
-
-def _one_channel_stem(model: nn.Module):
-    """The first 3-channel convolution takes one channel, its RGB filters summed; changed in place, so the parameter
-    names (and a saved model) stay torchvision's."""
+    # The first 3-channel convolution takes one channel, its RGB filters summed; changed in place, so the parameter
+    # names (and a saved model) stay torchvision's.
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
     if stem is None:
         raise SystemExit(f"{type(model).__name__}: found no 3-channel first convolution to turn into a 1-channel stem")
     stem.in_channels = 1
     stem.weight = nn.Parameter(stem.weight.detach().sum(dim=1, keepdim=True))
+    return model
 
 
-def _replace_last_linear(model: nn.Module, num_classes: int):
-    last = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-    if not last:
+def _last_linear(model: nn.Module) -> str:
+    """The name of the class layer (the last linear layer), new when starting from weights of other labels."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
         raise SystemExit(f"{type(model).__name__}: no linear classifier head to replace; pick another --model")
-    parent, name, head = last[-1]
-    setattr(parent, name, nn.Linear(head.in_features, num_classes))
+    return names[-1]
 
 
 class TinyMapConv2d(nn.Conv2d):
-    """A Conv2d that, on CPUs, computes outputs of at most MAX_POSITIONS positions as one matrix multiply.
-
-    A log-mel is small: the last ResNet stage sees 2x4 positions for a 1 s clip. oneDNN's convolution
-    kernels, tuned for images, are slowest exactly there (its bf16 weight-gradient kernel takes over twice
-    as long as the same arithmetic as a GEMM), while one GEMM over (batch x positions) rows keeps the matrix
-    unit busy. Same parameters and results; GPUs and larger maps keep the stock kernel."""
+    """A Conv2d that, on CPUs, computes at most MAX_POSITIONS output positions as one GEMM: the last ResNet stage sees 2x4
+    of them for a 1 s clip, where oneDNN's image-tuned kernels are slowest (bf16 weight gradients take over twice the
+    GEMM's time). Same parameters and results; GPUs and larger maps keep the stock kernel."""
 
     MAX_POSITIONS = 8  # measured: faster at 2x4 (64 mels x 1 s), slower from 2x13 (64 mels x 4 s) on
 
@@ -212,8 +182,6 @@ def use_tiny_map_convs(model: nn.Module) -> nn.Module:
 
 
 class AudioClassifier(nn.Module):
-    """Raw waveforms in, class logits out."""
-
     def __init__(self, config: dict, pretrained: bool = False, freq_mask: int = 0, time_mask: int = 0):
         super().__init__()
         self.frontend = LogMelFrontend(config, freq_mask, time_mask)
@@ -225,7 +193,6 @@ class AudioClassifier(nn.Module):
 
 # ============================================================================ the model: replace this to change it
 def build_model(config: dict, *, pretrained: bool = False, freq_mask: int = 0, time_mask: int = 0) -> AudioClassifier:
-    """Log-mel frontend (with SpecAugment) + the torchvision classifier config["model"], 1-channel stem."""
     model = AudioClassifier(config, pretrained=pretrained, freq_mask=freq_mask, time_mask=time_mask)
     return model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs with oneDNN
 
@@ -236,40 +203,23 @@ def model_config(model: str, labels: list[str], sample_rate: int, clip_seconds: 
 
 
 def head_parameters(model: AudioClassifier) -> list[str]:
-    """Names of the class layer's tensors (the last linear layer): new when starting from weights of other labels."""
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    name = _last_linear(model)
     return [f"{name}.weight", f"{name}.bias"]
 
 
-def save_model(directory: Path, model: AudioClassifier, config: dict):
-    save_pretrained(directory, model, config)
-
-
-def load_model(directory: Path, device="cpu") -> tuple[AudioClassifier, dict]:
-    """A saved model/ ready for inference; on a CPU with the tiny-map convolutions (the same results, faster)."""
-    state, config = load_pretrained(directory)
-    if config.get("task") != TASK:
-        raise SystemExit(f"{directory}: holds a {config.get('task')!r} model, not an audio classifier")
-    model = build_model(config)
-    model.load_state_dict(state)
-    if torch.device(device).type == "cpu":
-        use_tiny_map_convs(model)
-    return model.to(device).eval(), config
+save_model = save_pretrained
 
 
 def plot_confusion_matrix(summary: dict, path: Path, what: str):
-    """The confusion matrix of the test split in a metrics.json summary (or val, when there is no test split). Rows are
-    true classes, normalised to recall; the counts are written in the cells of small matrices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The test (else val) confusion matrix of a metrics.json summary; rows normalised to recall, counts in small ones."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
 
     shown, labels = "test" if "test" in summary else "val", summary["labels"]
     matrix = np.asarray(summary[shown]["confusion_matrix"])
     norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(5, 0.5 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(labels)), labels, rotation=90)
     ax.set_yticks(range(len(labels)), labels)
@@ -279,7 +229,6 @@ def plot_confusion_matrix(summary: dict, path: Path, what: str):
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_card(args, model_dir: Path, data, config: dict, summary: dict):

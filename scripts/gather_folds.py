@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-from audio_data import CV_FILE, DataError, describe_cv, official_folds, write_cv_metrics
+from audio_data import DataError, official_folds, write_cv_metrics
 
 
 def parse_args(argv=None):
@@ -39,8 +39,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     folds = args.folds or expected_folds(args.output_dir)
-    summary = write_cv_metrics(args.output_dir, folds, allow_missing=args.allow_missing)
-    print(describe_cv(summary, args.output_dir / CV_FILE))
+    print(write_cv_metrics(args.output_dir, folds, allow_missing=args.allow_missing))
 
 
 def fold_list(text: str) -> list[int]:

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` fr
 
 import torch
 from audio_data import BadClip, read_audio
-from audio_model import load_model
-from audio_predictor import AudioPredictor, file_record, find_audio, predict
+from audio_predictor import AudioPredictor, file_record, find_audio, load_model, predict
 from tqdm.auto import tqdm
 
 

@@ -10,11 +10,11 @@ from audio_model import (
     TinyMapConv2d,
     build_backbone,
     frontend_config,
-    load_model,
     save_model,
     supported_models,
     use_tiny_map_convs,
 )
+from audio_predictor import load_model
 from torch import nn
 
 CONFIG = {"model": "resnet18", "labels": ["a", "b", "c"], **frontend_config(8000, 0.5, 32)}

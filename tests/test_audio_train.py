@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 from audio_data import CachedClips, load_audio_data
-from audio_model import load_model
+from audio_predictor import load_model
 from conftest import REPO, load_metric, run_script, script_env
 from safetensors.torch import load_file
 
