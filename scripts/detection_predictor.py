@@ -137,7 +137,7 @@ class DetectionPredictor:
     def entries(self, image_id: int, file_name: str, found: tuple) -> list[dict]:
         """COCO results of one image's detections, found in the pixels of its file."""
         boxes, scores, labels = found
-        return coco_results([{"image_id": image_id, "boxes": boxes, "scores": scores, "labels": labels}], {image_id: file_name})
+        return coco_results([{"image_id": image_id, "file_name": file_name, "boxes": boxes, "scores": scores, "labels": labels}])
 
     # ------------------------------------------------------------------ serve.py
     def contract(self) -> dict:
@@ -225,6 +225,23 @@ class DetectionPredictor:
         samples = samples[:limit]
         source["count"] = len(samples)
         return source, ((images.float() / 255, meta) for images, meta in self.batches(samples, batch_size, hub))
+
+
+def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:
+    """`class cx cy w h` rows, normalised by the image size."""
+    lines = []
+    for (x0, y0, x1, y1), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist(), strict=False):
+        lines.append(f"{int(label)} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
+    return lines
+
+
+def write_yolo_labels(samples: list[Sample], labels_dir: Path):
+    """One .txt per image with objects (background images get none, as YOLO expects)."""
+    for s in samples:
+        if len(s.labels):
+            out = Path(labels_dir) / Path(s.file_name).with_suffix(".txt").name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(yolo_lines(s.boxes, s.labels, s.width, s.height)) + "\n")
 
 
 def keep_above(found: list[dict], conf: float) -> list[dict]:
