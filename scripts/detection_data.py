@@ -1,8 +1,5 @@
-"""Detection data: YOLO, COCO json and Hub datasets read into one list of samples per split, checked file by file;
-box-aware augmentation (torchvision.transforms.v2, YOLO's mosaic); batching.
-
-Every box is xyxy in pixels of the upright image (after EXIF rotation), every label a 0-based class index. Anything
-wrong in the input is fixed or skipped, and counted in a DataReport (OUTPUT_DIR/data_report.json)."""
+"""Detection data: YOLO, COCO json and Hub datasets read into samples per split (boxes xyxy in pixels of the upright
+image, labels 0-based), bad input fixed or skipped and counted in a DataReport; box-aware augmentation; batching."""
 
 import hashlib
 import json
@@ -24,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_area, clip_boxes_to_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
 from shared.model_io import label_index
@@ -510,17 +508,7 @@ def relabel(data: DetectionData, labels: list[str], root):
 # ----------------------------------------------------------------------------------------------- outputs
 def to_coco(samples: list[Sample], names: list[str]) -> dict:
     """COCO instances dict; category ids are the class indices, annotation ids start at 1 (pycocotools needs > 0)."""
-    references = [
-        {
-            "image_id": s.image_id,
-            "file_name": s.file_name,
-            "boxes": s.boxes.tolist(),
-            "labels": s.labels.tolist(),
-            "width": s.width,
-            "height": s.height,
-        }
-        for s in samples
-    ]
+    references = [{**vars(s), "boxes": s.boxes.tolist(), "labels": s.labels.tolist()} for s in samples]
     return coco_dicts([], references, names)[0]
 
 
@@ -532,8 +520,6 @@ def coco_results(predictions: list[dict]) -> list[dict]:
 
 def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str], truth=None) -> torch.Tensor:
     """The image (uint8 CHW) with predicted boxes coloured by class, over the ground truth in white when given."""
-    from torchvision.utils import draw_bounding_boxes
-
     tensor = F.pil_to_tensor(image)
     if truth is not None and len(truth):
         tensor = draw_bounding_boxes(tensor, torch.as_tensor(truth), colors="white", width=1)
@@ -550,16 +536,10 @@ def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str],
 
 def draw_grid(dataset: "DetectionDataset", predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
     """Validation images with predictions (score >= conf) over the ground truth, as a 4-column grid."""
-    from torchvision.utils import make_grid
-
     tiles, tile = [], 256
-    for index, pred in list(enumerate(predictions))[:count]:
-        keep = pred["scores"] >= conf
-        truth = dataset.samples[index].boxes
-        image = draw_detections(
-            dataset.load(index), pred["boxes"][keep], pred["labels"][keep], pred["scores"][keep], names, truth
-        )
-        image = F.resize(image, None, max_size=tile)
+    for index, pred in enumerate(predictions[:count]):
+        found = [pred[key][pred["scores"] >= conf] for key in ("boxes", "labels", "scores")]
+        image = F.resize(draw_detections(dataset.load(index), *found, names, dataset.samples[index].boxes), None, max_size=tile)
         tiles.append(torch.nn.functional.pad(image, (0, tile - image.shape[2], 0, tile - image.shape[1])))
     F.to_pil_image(make_grid(tiles, nrow=4, padding=4)).save(path)
 
@@ -655,8 +635,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         s = self.samples[index]
         with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also queues a seed for CUDA with a captured stack
-            # trace, which made seeding a third of the per-image cost.
+            # The CPU generator only: torch.manual_seed also seeds CUDA, with a stack trace that took a third of the time.
             torch.default_generator.manual_seed(hash((self.seed, int(self.epoch), index)) & 0x7FFF_FFFF)
             if self.mosaic is not None and self.mosaic.applies(int(self.epoch)):
                 image, target = self.mosaic(self, index)
@@ -680,11 +659,9 @@ IMAGE_CACHE_VERSION = 2  # bump when the cached representation changes
 
 
 class ImageCache:
-    """A split's images decoded once, each scaled to a long side of img_size (never up), as uint8 HWC one after
-    another in CACHE/<key>.u8: a memory map the loader workers, the run's other processes and later runs read instead
-    of decoding (a 640 px JPEG takes PIL about 2 ms, four times per mosaic sample). One process builds, the others wait
-    (shared.cache.build_once). Key: the image files (path, size, modification time) or the Hub split's fingerprint,
-    and img_size."""
+    """A split's images decoded once, scaled to a long side of img_size (never up), as uint8 HWC one after another in
+    CACHE/<key>.u8: a memory map workers, processes and later runs read instead of decoding (a 640 px JPEG takes PIL
+    about 2 ms, four times per mosaic sample). Key: the image files' stamps or the Hub split's fingerprint, img_size."""
 
     def __init__(self, samples: list[Sample], hub_dataset, img_size: int, cache_dir: Path, workers: int = 0):
         self.sizes = [scaled_size(s.width, s.height, img_size) for s in samples]
@@ -870,13 +847,10 @@ class Mosaic:
 
 
 def mosaic_view(tiles: list[Tile], centre: list[int], size: int, ratio: float, shift: list[float]):
-    """The size x size view of four tiles on a 2 size x 2 size grey canvas: each tile scaled to a long side of size,
-    with a corner at centre (x, y), one per quadrant; the canvas scaled by ratio about its centre, which lands at
-    (0.5 + shift) * size, as YOLO's random_perspective with scale and translation only. Boxes are clipped to what is in
-    view of their own tile; those with less than MIN_VISIBLE of their area in view are dropped.
-
-    Only the window of canvas pixels in view (size / ratio on a side) is built, then resized once, as YOLO's single
-    warp of its canvas."""
+    """The size x size view of four tiles (each at a long side of size, a corner at centre, one per quadrant) on a
+    2 size grey canvas, scaled by ratio about its centre, which lands at (0.5 + shift) * size: YOLO's random_perspective
+    with scale and translation only. Boxes are clipped to what is in view of their own tile and dropped below
+    MIN_VISIBLE of their area. Only the window in view is built, then resized once."""
     window = max(1, round(size / ratio))
     corner = [round(size - (0.5 + s) * window) for s in shift]  # the canvas pixel at the view's top-left
     # Height x width x 3: copies into it are row copies, and torch resizes uint8 2-3x faster in channels-last order.
@@ -952,10 +926,8 @@ def eval_transform(img_size: int):
 
 
 def make_collate(img_size: int, channels_last: bool = False):
-    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid).
-
-    channels_last: the batch is laid out height x width x 3 per image, as the mosaic makes its samples, so stacking
-    them is a copy instead of a transpose per image; the training process makes it contiguous on its device."""
+    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid). channels_last:
+    laid out as the mosaic makes its samples, so stacking them is a copy, not a transpose (see to_training_batch)."""
 
     def collate(batch):
         shape = (len(batch), img_size, img_size, 3) if channels_last else (len(batch), 3, img_size, img_size)

@@ -32,7 +32,7 @@ from detection_data import (
     probe_all,
     to_original_coordinates,
 )
-from detection_model import TASK, load_model, set_postprocess
+from detection_model import TASK, build_model, set_postprocess
 from evaluate import load as load_metric
 from PIL import Image
 from torch import nn
@@ -41,10 +41,22 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms.v2 import functional as TF
 
-from shared.model_io import BadInput, run_args
+from shared.model_io import BadInput, load_pretrained, run_args
 
 MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 MIN_IOU, MAX_SCORE_DIFF, MAX_MAP_DIFF, MAX_CORNER_DIFF = 0.99, 1e-3, 1e-4, 1e-3  # export parity; corners in pixels
+
+
+def load_model(directory: Path, device="cpu", conf: float | None = None, iou: float | None = None, max_det: int | None = None):
+    """A saved model/ ready for inference, with its saved thresholds unless others are given."""
+    state, config = load_pretrained(directory)
+    if config.get("task") != TASK:
+        raise SystemExit(f"{directory}: not a detection model (task {config.get('task')!r})")
+    model = build_model(config)
+    model.load_state_dict(state)
+    conf, iou, max_det = (config[k] if v is None else v for k, v in (("conf", conf), ("iou", iou), ("max_det", max_det)))
+    set_postprocess(model, conf, iou, max_det)
+    return model.to(device).eval(), config
 
 
 def find_images(inputs: list[Path]) -> dict[Path, Path]:

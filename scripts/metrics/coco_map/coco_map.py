@@ -90,13 +90,7 @@ def evaluate_coco(gt: dict, results: list, backend: str = "pycocotools") -> dict
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth.
-        if results:
-            coco_dt = coco_gt.loadRes(results)
-        else:
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
-            coco_dt.createIndex()
+        coco_dt = coco_gt.loadRes(results) if results else COCO()  # loadRes cannot take an empty list; COCO() scores 0
         e = Evaluator(coco_gt, coco_dt, iouType="bbox")
         e.evaluate()
         e.accumulate()
