@@ -68,7 +68,9 @@ def coco_dicts(predictions, references, label_names=None):
                     "score": float(score),
                 }
             )
-    categories = [{"id": i, "name": label_names[i] if i < len(label_names or []) else str(i)} for i in sorted(ids)]
+    categories = [
+        {"id": i, "name": label_names[i] if label_names is not None and i < len(label_names) else str(i)} for i in sorted(ids)
+    ]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
