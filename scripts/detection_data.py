@@ -1,9 +1,5 @@
-"""Detection data: YOLO, COCO json and Hub datasets read into one list of samples per split, checked
-file by file; box-aware augmentation (torchvision.transforms.v2); batching; YOLO <-> COCO conversion.
-
-Inside the scripts every box is xyxy in pixels of the upright image (after EXIF rotation) and every
-label is a 0-based class index. Anything wrong in the input is either fixed (and counted) or skipped
-(and counted) in a DataReport that the training script writes to OUTPUT_DIR/data_report.json."""
+"""Detection data: YOLO, COCO json and Hub datasets read into samples per split (boxes xyxy in pixels of the upright
+image, labels 0-based), bad input fixed or skipped and counted in a DataReport; box-aware augmentation; batching."""
 
 import hashlib
 import json
@@ -14,35 +10,32 @@ import shutil
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from metrics.coco_map.coco_map import coco_dicts
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
-from torchvision.ops import box_area
+from torchvision.ops import box_area, clip_boxes_to_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
 from shared.model_io import label_index
 from shared.runtime import make_loader, print_summary
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-SPLITS = ("train", "val", "test")
 FORMATS = ("yolo", "coco", "hub")
 MAX_PIXELS = 40_000_000  # larger images are skipped unread: one decoded 95-megapixel image is 285 MB of RGB
-# probe_image enforces the cap from the header, as a counted skip; PIL's own check would instead warn (or raise)
-# at Image.open, before the cap is looked at.
+# probe_image enforces the cap from the header, as a counted skip; PIL's own check would warn (or raise) first.
 Image.MAX_IMAGE_PIXELS = None
 PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
 PAD_VALUE = 114  # the grey YOLO letterboxes with
-EXIF_ORIENTATION = 0x0112
 
 
-# ----------------------------------------------------------------------------------------------- samples
 @dataclass
 class Sample:
     image_id: int
@@ -121,30 +114,26 @@ class DataReport:
 
 
 # ----------------------------------------------------------------------------------------------- images
+def image_fixes(img: Image.Image) -> list[str]:
+    """What open_rgb does to the image, for the report."""
+    return ["exif_rotated"] * (img.getexif().get(0x0112, 1) != 1) + ["converted_to_rgb"] * (img.mode != "RGB")
+
+
 def open_rgb(image: Image.Image | str | Path) -> tuple[Image.Image, list[str]]:
-    """Decode to upright 8-bit RGB; return the image and what had to be fixed (for the report)."""
+    """Decode to upright 8-bit RGB; return the image and what had to be fixed."""
     img = Image.open(image) if isinstance(image, (str, Path)) else image
-    fixes = []
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+    fixes = image_fixes(img)
+    if "exif_rotated" in fixes:
         img = ImageOps.exif_transpose(img)
-        fixes.append("exif_rotated")
-    if img.mode != "RGB":
-        img = to_rgb8(img)
-        fixes.append("converted_to_rgb")
-    return img, fixes
-
-
-def to_rgb8(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's convert() would clip 16-bit values at 255; scale the full range instead.
         a = np.asarray(img, dtype=np.float32)
         a = a / 257.0 if img.mode.startswith("I;16") or a.max() > 255 else a
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (PAD_VALUE,) * 3 + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (PAD_VALUE,) * 3 + (255,)), rgba)
+    return (img if img.mode == "RGB" else img.convert("RGB")), fixes
 
 
 def probe_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[tuple[int, int] | None, list[str]]:
@@ -157,11 +146,8 @@ def probe_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[tuple[int, in
             if w * h > max_pixels:
                 return None, ["too_large"]
             img.load()
-            rotated = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            fixes = (["exif_rotated"] if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else []) + (
-                ["converted_to_rgb"] if img.mode != "RGB" else []
-            )
-        return ((h, w) if rotated else (w, h)), fixes
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            return ((h, w) if rotated else (w, h)), image_fixes(img)
     except Exception:  # PIL raises many types for broken files; all mean "cannot use this image"
         return None, ["corrupt_image"]
 
@@ -169,7 +155,7 @@ def probe_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[tuple[int, in
 def probe_all(paths: list[Path], max_pixels: int = MAX_PIXELS):
     """Decoding is the slow part of a scan; PIL releases the GIL, so threads help."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(partial(probe_image, max_pixels=max_pixels), paths))
+        return list(pool.map(lambda path: probe_image(path, max_pixels), paths))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -178,13 +164,28 @@ def load_data(data: str, val_fraction: float = 0.1, fmt: str | None = None, max_
     fmt forces the parser; without it the format is told from the path."""
     path = Path(data)
     fmt = fmt or detect_format(path)
-    if fmt == "yolo":
-        return load_data_yaml(existing_file(path), max_pixels)
-    if fmt == "coco":
-        return load_coco(existing_file(path), val_fraction, max_pixels)
     if fmt == "hub":
-        return load_hub(data, val_fraction, max_pixels)
-    raise SystemExit(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
+        import datasets
+
+        try:
+            dsd = datasets.load_from_disk(data) if is_saved_dataset(path) else datasets.load_dataset(data)
+        except Exception as e:  # offline misses and unknown ids surface as several exception types
+            raise SystemExit(
+                f"--data {data}: the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
+                "Use a data.yaml or COCO json path, or a Hub id that is cached locally (HF_HOME) or reachable."
+            ) from e
+        dsd = datasets.DatasetDict({"train": dsd}) if isinstance(dsd, datasets.Dataset) else dsd
+        return from_hub_dataset(dsd, data, val_fraction, max_pixels)
+    if fmt not in FORMATS:
+        raise SystemExit(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise SystemExit(f"--data {path}: no such file (YOLO data is a data.yaml, COCO data an instances .json)")
+    if fmt == "yolo":
+        return load_data_yaml(path, max_pixels)
+    report, sources = DataReport(max_pixels), {"train": str(path)}
+    train, names = read_coco(path, report, "train")
+    splits = split_off({"train": train}, sources, val_fraction)
+    return DetectionData(names, splits, report, description=f"COCO json {path} (val: {val_fraction:.0%} of it)", sources=sources)
 
 
 def detect_format(path: Path) -> str:
@@ -203,20 +204,20 @@ def detect_format(path: Path) -> str:
     )
 
 
-def existing_file(path: Path) -> Path:
-    if not path.is_file():
-        raise SystemExit(f"--data {path}: no such file (YOLO data is a data.yaml, COCO data an instances .json)")
-    return path
-
-
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by save_to_disk: of a DatasetDict (dataset_dict.json) or of a single Dataset (state.json)."""
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 def load_data_yaml(path: Path, max_pixels: int = MAX_PIXELS) -> DetectionData:
-    cfg = read_yaml(path)
-    names = parse_names(cfg, path)
+    try:
+        with path.open("rb") as f:  # binary: a file that is not UTF-8 is a YAMLError too; errors name the file
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: not valid YAML; fix it where the parser stopped:\n{e}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: expected `key: value` lines (path, train, val, test, names), got a YAML {type(cfg).__name__}")
+    names = parse_names(cfg.get("names"), path)
     root = (path.parent / cfg.get("path", ".")).resolve()
     for split in ("train", "val"):
         if not cfg.get(split):
@@ -225,59 +226,42 @@ def load_data_yaml(path: Path, max_pixels: int = MAX_PIXELS) -> DetectionData:
                 "of image paths or a COCO .json), relative to `path:`"
             )
     report, splits, sources = DataReport(max_pixels), {}, {}
-    for split in SPLITS:
-        if cfg.get(split):
-            entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
-            splits[split] = []
-            for entry in entries:
-                splits[split] += read_split_entry(root / str(entry), names, report, split, path)
-            sources[split] = ", ".join(str(root / str(entry)) for entry in entries)
-            renumber(splits[split])
+    for split in [s for s in ("train", "val", "test") if cfg.get(s)]:
+        entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
+        splits[split] = [s for entry in entries for s in read_split_entry(root / str(entry), names, report, split, path)]
+        sources[split] = ", ".join(str(root / str(entry)) for entry in entries)
+        for i, s in enumerate(splits[split]):
+            s.image_id = i
     return DetectionData(names, splits, report, description=f"YOLO data.yaml {path} (root {root})", sources=sources)
 
 
-def read_yaml(path: Path) -> dict:
-    try:
-        with path.open("rb") as f:  # binary: a file that is not UTF-8 is a YAMLError too; errors name the file
-            cfg = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise SystemExit(f"{path}: not valid YAML; fix it where the parser stopped:\n{e}") from None
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"{path}: expected `key: value` lines (path, train, val, test, names), got a YAML {type(cfg).__name__}")
-    return cfg
-
-
-def parse_names(cfg: dict, path: Path) -> list[str]:
-    names = cfg.get("names")
+def parse_names(names, path: Path) -> list[str]:
+    """`names: [cat, dog]` or `names: {0: cat, 1: dog}` (ids as YAML ints or strings) as a list in id order."""
     if names is None:
         raise SystemExit(
             f"{path}: no `names:`. Add the class names, as a list `names: [cat, dog]` or a dict "
             "`names: {0: cat, 1: dog}`, in the order of the class ids used in the label files"
         )
     if isinstance(names, dict):
-        names = names_from_dict(names, path)
+        try:
+            by_id = {int(k): v for k, v in names.items()}
+        except (TypeError, ValueError):
+            if all(isinstance(v, int) for v in names.values()):
+                flipped = ", ".join(f"{i}: {n}" for n, i in sorted(names.items(), key=lambda item: item[1]))
+                raise SystemExit(f"{path}: `names` maps names to ids; it must map ids to names: `names: {{{flipped}}}`") from None
+            raise SystemExit(
+                f"{path}: `names` keys must be the class ids 0, 1, ... (`names: {{0: cat, 1: dog}}`), got {list(names)}"
+            ) from None
+        if sorted(by_id) != list(range(len(by_id))):
+            raise SystemExit(f"{path}: `names` keys must be the class ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
+        names = [by_id[i] for i in range(len(by_id))]
     if not isinstance(names, list) or not names:
         raise SystemExit(f"{path}: `names` must be a non-empty list or dict of class names")
     return [str(n) for n in names]
 
 
-def names_from_dict(names: dict, path: Path) -> list:
-    """`{0: cat, 1: dog}` (ids as YAML ints or strings) as a list in id order."""
-    try:
-        by_id = {int(k): v for k, v in names.items()}
-    except (TypeError, ValueError):
-        if all(isinstance(v, int) for v in names.values()):
-            flipped = ", ".join(f"{i}: {n}" for n, i in sorted(names.items(), key=lambda item: item[1]))
-            raise SystemExit(f"{path}: `names` maps names to ids; it must map ids to names: `names: {{{flipped}}}`") from None
-        raise SystemExit(
-            f"{path}: `names` keys must be the class ids 0, 1, ... (`names: {{0: cat, 1: dog}}`), got {list(names)}"
-        ) from None
-    if sorted(by_id) != list(range(len(by_id))):
-        raise SystemExit(f"{path}: `names` keys must be the class ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
-    return [by_id[i] for i in range(len(by_id))]
-
-
 def read_split_entry(target: Path, names: list[str], report: DataReport, split: str, yaml_path: Path) -> list[Sample]:
+    """One entry of a data.yaml split: a COCO json, a .txt list of images or a folder of images with YOLO labels."""
     if target.suffix == ".json":
         if not target.is_file():
             raise SystemExit(f"{yaml_path}: `{split}` COCO file {target} not found (paths are relative to `path:`)")
@@ -286,107 +270,78 @@ def read_split_entry(target: Path, names: list[str], report: DataReport, split: 
             raise SystemExit(f"{yaml_path}: `names` {names} differ from the categories of {target} {json_names}")
         return samples
     if target.suffix == ".txt" and target.is_file():
-        images = read_image_list(target)
-        root = target.parent
+        try:
+            lines = target.read_text(encoding="utf-8-sig").splitlines()  # -sig: the byte-order mark Windows editors add
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"{target}: not UTF-8 text ({e}); save the list of image paths as UTF-8") from None
+        # Relative to the list's folder and not resolved: a symlinked image finds its label by the path it is listed as.
+        images = [target.parent / line.strip() for line in lines if line.strip()]
     elif target.is_dir():
         images = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        root = target.parent
         if not images:
             raise SystemExit(f"{yaml_path}: `{split}` folder {target} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        count_orphan_labels(images, target, report, split)
+        # Label files no image claims (a renamed or deleted image): their boxes are not trained on, so the report says so.
+        claimed = {label_path(image) for image in images}
+        for label in sorted(label_path(target / "image").parent.rglob("*.txt")):
+            if label not in claimed:
+                report.add(split, label, "orphan_label")
     else:
         raise SystemExit(
             f"{yaml_path}: `{split}` folder {target} not found. Fix `{split}:` or `path:` "
             "(split paths are relative to `path:`, which is relative to the data.yaml)"
         )
-    return read_yolo_images(images, root, names, report, split)
-
-
-def read_image_list(path: Path) -> list[Path]:
-    """A .txt of image paths relative to its folder, kept as listed (not resolved): a symlinked image finds its
-    label by turning `images` into `labels` in the path it is listed under."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: the byte-order mark Windows editors add
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"{path}: not UTF-8 text ({e}); save the list of image paths as UTF-8") from None
-    return [path.parent / line.strip() for line in lines if line.strip()]
-
-
-def label_path(image: Path) -> Path:
-    """YOLO convention: the last `images` folder of the path becomes `labels`, the suffix `.txt`."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            return Path(*parts).with_suffix(".txt")
-    return image.with_suffix(".txt")
-
-
-def find_label(image: Path) -> Path:
-    """The label of the image path as listed; failing that, of the file a symlink points to (labels kept beside
-    the real images)."""
-    listed = label_path(image)
-    if listed.is_file():
-        return listed
-    resolved = label_path(image.resolve())
-    return resolved if resolved.is_file() else listed
-
-
-def count_orphan_labels(images: list[Path], folder: Path, report: DataReport, split: str):
-    """Label files in the split's labels folder that no image claims (a renamed or deleted image): their boxes are
-    not trained on, so the report says so."""
-    claimed = {label_path(image) for image in images}
-    labels_folder = label_path(folder / "image").parent
-    for label in sorted(labels_folder.rglob("*.txt")):
-        if label not in claimed:
-            report.add(split, label, "orphan_label")
-
-
-def read_yolo_images(images: list[Path], root: Path, names: list[str], report: DataReport, split: str) -> list[Sample]:
     samples = []
     for image, (size, fixes) in zip(images, probe_all(images, report.max_pixels), strict=False):
         for fix in fixes:
             report.add(split, image, fix)
         if size is None:
             continue
-        w, h = size
-        label = find_label(image)
+        label = label_path(image)
+        if not label.is_file() and label_path(image.resolve()).is_file():  # kept beside the file a symlink points to
+            label = label_path(image.resolve())
         try:
-            boxes, labels = parse_yolo_label(label, w, h, len(names), report, split)
+            boxes, labels = parse_yolo_label(label, *size, len(names), report, split)
         except (UnicodeDecodeError, OSError):
             report.add(split, label, "unreadable_label")
             continue
-        samples.append(Sample(len(samples), _relative(image, root), str(image), w, h, boxes, labels))
+        try:  # the name as listed, symlinks kept: a symlinked image keeps its name inside the dataset
+            name = str(Path(os.path.abspath(image)).relative_to(os.path.abspath(target.parent)))
+        except ValueError:
+            name = str(image)
+        samples.append(Sample(len(samples), name, str(image), *size, boxes, labels))
     return samples
+
+
+def label_path(image: Path) -> Path:
+    """YOLO convention: the last `images` folder of the path becomes `labels`, the suffix `.txt`."""
+    parts = list(image.parts)
+    if "images" in parts[:-1]:
+        parts[len(parts) - 2 - parts[-2::-1].index("images")] = "labels"
+    return Path(*parts).with_suffix(".txt")
 
 
 def parse_yolo_label(path: Path, w: int, h: int, nc: int, report: DataReport, split: str):
     """Rows `class cx cy w h` (normalised). A missing file means a background image."""
     rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8-sig").splitlines():
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 5:
-                report.add(split, path, "wrong_field_count")
-                continue
-            try:
-                cls_f, *xywh = (float(x) for x in fields)
-            except ValueError:
-                report.add(split, path, "wrong_field_count")
-                continue
-            if not cls_f.is_integer() or not 0 <= cls_f < nc:
-                report.add(split, path, "class_out_of_range")
-                continue
-            if not all(map(math.isfinite, xywh)):
-                report.add(split, path, "non_finite_box")
-                continue
-            if any(not 0.0 <= v <= 1.0 for v in xywh):
-                report.add(split, path, "coords_outside_0_1")
-                continue
+    for line in path.read_text(encoding="utf-8-sig").splitlines() if path.is_file() else []:
+        if not line.split():
+            continue
+        try:
+            cls, *xywh = (float(x) for x in line.split())
             cx, cy, bw, bh = xywh
-            rows.append((int(cls_f), (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+        except ValueError:  # not 5 fields, or not numbers
+            problem = "wrong_field_count"
+        else:
+            if not cls.is_integer() or not 0 <= cls < nc:
+                problem = "class_out_of_range"
+            elif not all(map(math.isfinite, xywh)):
+                problem = "non_finite_box"
+            elif any(not 0.0 <= v <= 1.0 for v in xywh):
+                problem = "coords_outside_0_1"
+            else:
+                rows.append((int(cls), (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+                continue
+        report.add(split, path, problem)
     return clean_boxes(rows, w, h, report, split, path)
 
 
@@ -413,21 +368,18 @@ def clean_boxes(rows, w: int, h: int, report: DataReport, split: str, file) -> t
     return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64)
 
 
-def load_coco(path: Path, val_fraction: float, max_pixels: int = MAX_PIXELS) -> DetectionData:
-    report = DataReport(max_pixels)
-    train, names = read_coco(path, report, "train")
-    splits = dict(zip(("train", "val"), split_off(train, val_fraction), strict=False))
-    sources = {"train": str(path), "val": f"{path} ({val_fraction:.0%} of it)"}
-    return DetectionData(names, splits, report, description=f"COCO json {path} (val: {val_fraction:.0%} of it)", sources=sources)
-
-
-def read_coco(path: Path, report: DataReport, split: str, image_root: Path | None = None):
+def read_coco(path: Path, report: DataReport, split: str):
     """A COCO instances file; images are looked up relative to the json's folder, its parent, or an images/ folder there."""
-    coco = read_coco_json(path)
+    try:
+        coco = json.loads(path.read_bytes())
+    except ValueError as e:  # a JSONDecodeError, or a UnicodeDecodeError for a file that is not UTF-8/16/32
+        raise SystemExit(f"{path}: not valid JSON ({e}); fix it, or export it again from the labelling tool") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco, dict) or key not in coco:
+            raise SystemExit(f"{path}: not a COCO instances file (no `{key}` list)")
     categories = sorted(coco["categories"], key=lambda c: c["id"])
-    names = [str(c["name"]) for c in categories]
     index_of = {c["id"]: i for i, c in enumerate(categories)}
-    root = image_root or find_image_root(path, coco["images"])
+    root = find_image_root(path, coco["images"])
     by_image = defaultdict(list)
     for ann in coco["annotations"]:
         by_image[ann.get("image_id")].append(ann)
@@ -438,50 +390,25 @@ def read_coco(path: Path, report: DataReport, split: str, image_root: Path | Non
             report.add(split, file, fix)
         if size is None:
             continue
-        w, h = size
-        if "width" in im and "height" in im and (im["width"], im["height"]) != (w, h):
+        if "width" in im and "height" in im and (im["width"], im["height"]) != size:
             report.add(split, file, "size_mismatch")
-        rows = coco_rows(by_image[im["id"]], index_of, report, split, file, path)
-        boxes, labels = clean_boxes(rows, w, h, report, split, file)
-        samples.append(Sample(im["id"], im["file_name"], str(file), w, h, boxes, labels))
-    return samples, names
-
-
-def read_coco_json(path: Path) -> dict:
-    try:
-        coco = json.loads(path.read_bytes())
-    except ValueError as e:  # a JSONDecodeError, or a UnicodeDecodeError for a file that is not UTF-8/16/32
-        raise SystemExit(f"{path}: not valid JSON ({e}); fix it, or export it again from the labelling tool") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco, dict) or key not in coco:
-            raise SystemExit(f"{path}: not a COCO instances file (no `{key}` list)")
-    return coco
-
-
-def coco_rows(annotations: list[dict], index_of: dict, report: DataReport, split: str, file: Path, json_path: Path) -> list:
-    """(class, x0, y0, x1, y1) of the usable annotations of one image; the others are counted."""
-    rows = []
-    for ann in annotations:
-        box = coco_box(ann)
-        if ann.get("iscrowd", 0):
-            report.add(split, file, "crowd_annotation")
-        elif box is None:
-            report.add(split, f"{json_path} annotation {ann.get('id')}", "missing_bbox")
-        elif ann.get("category_id") not in index_of:
-            report.add(split, file, "class_out_of_range")
-        else:
-            x, y, bw, bh = box
-            rows.append((index_of[ann["category_id"]], x, y, x + bw, y + bh))
-    return rows
-
-
-def coco_box(ann: dict) -> tuple[float, float, float, float] | None:
-    """`bbox` [x, y, w, h] as floats, or None when it is missing or not 4 numbers."""
-    try:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return x, y, w, h
+        rows = []
+        for ann in by_image[im["id"]]:
+            try:
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                x = None
+            if ann.get("iscrowd", 0):
+                report.add(split, file, "crowd_annotation")
+            elif x is None:
+                report.add(split, f"{path} annotation {ann.get('id')}", "missing_bbox")
+            elif ann.get("category_id") not in index_of:
+                report.add(split, file, "class_out_of_range")
+            else:
+                rows.append((index_of[ann["category_id"]], x, y, x + bw, y + bh))
+        boxes, labels = clean_boxes(rows, *size, report, split, file)
+        samples.append(Sample(im["id"], im["file_name"], str(file), *size, boxes, labels))
+    return samples, [str(c["name"]) for c in categories]
 
 
 def find_image_root(json_path: Path, images: list[dict]) -> Path:
@@ -500,21 +427,6 @@ def find_image_root(json_path: Path, images: list[dict]) -> Path:
     return json_path.parent
 
 
-def load_hub(data: str, val_fraction: float, max_pixels: int = MAX_PIXELS) -> DetectionData:
-    import datasets
-
-    try:
-        dsd = datasets.load_from_disk(data) if is_saved_dataset(Path(data)) else datasets.load_dataset(data)
-    except Exception as e:  # offline misses and unknown ids surface as several exception types
-        raise SystemExit(
-            f"--data {data}: the Hub dataset could not be loaded ({type(e).__name__}: {e}). "
-            "Use a data.yaml or COCO json path, or a Hub id that is cached locally (HF_HOME) or reachable."
-        ) from e
-    if isinstance(dsd, datasets.Dataset):
-        dsd = datasets.DatasetDict({"train": dsd})
-    return from_hub_dataset(dsd, data, val_fraction, max_pixels)
-
-
 def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1, max_pixels: int = MAX_PIXELS) -> DetectionData:
     """Splits in the `objects{bbox, category}` convention (bbox = COCO [x, y, w, h] pixels, category a ClassLabel)."""
     aliases = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
@@ -530,8 +442,7 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1, max_pixe
                 f"it has {list(ds.features)}"
             )
         category = ds.features["objects"]["category"]
-        feature = getattr(category, "feature", category)
-        names = names or list(getattr(feature, "names", None) or [])
+        names = names or list(getattr(getattr(category, "feature", category), "names", None) or [])
         hub[split] = ds
         splits[split] = read_hub_split(ds, split, report, names)
         sources[split] = f"{name} split {hub_split}"
@@ -540,23 +451,17 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1, max_pixe
     if not names:
         raise SystemExit(f"{name}: `objects.category` is not a ClassLabel, so the class names are unknown")
     if "val" not in splits:
-        splits["train"], splits["val"] = split_off(splits["train"], val_fraction)
+        split_off(splits, sources, val_fraction)
         hub["val"] = hub["train"]
-        sources["val"] = f"{sources['train']} ({val_fraction:.0%} of it)"
     return DetectionData(names, splits, report, hub=hub, description=f"Hub dataset {name}", sources=sources)
 
 
 def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list[Sample]:
     samples = []
-    objects = ds["objects"]
     sizes = zip(ds["width"], ds["height"], strict=False) if {"width", "height"} <= set(ds.features) else None
-    for i, obj in enumerate(objects):
+    for i, obj in enumerate(ds["objects"]):
         file = f"{split}/{i}"
-        if sizes is not None:
-            w, h = next(sizes)
-        else:
-            img, _ = open_rgb(ds[i]["image"])
-            w, h = img.size
+        w, h = next(sizes) if sizes is not None else open_rgb(ds[i]["image"])[0].size
         if w * h > report.max_pixels:
             report.add(split, file, "too_large")
             continue
@@ -571,9 +476,18 @@ def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list
     return samples
 
 
+def split_off(splits: dict, sources: dict, fraction: float) -> dict:
+    """Hold out a fixed (seed-independent) random share of train as val, so every run and process agrees on it."""
+    samples, order = splits["train"], list(range(len(splits["train"])))
+    random.Random(0).shuffle(order)
+    n_val = max(1, round(len(samples) * fraction))
+    splits["train"], splits["val"] = [samples[i] for i in sorted(order[n_val:])], [samples[i] for i in sorted(order[:n_val])]
+    sources["val"] = f"{sources['train']} ({fraction:.0%} of it)"
+    return splits
+
+
 def require_boxes(data: DetectionData, report_path: Path):
-    """Stop before training when a split kept no box: training would learn nothing, and val or test mAP would be -1,
-    which makes picking the best epoch meaningless."""
+    """Stop when a split kept no box: training would learn nothing, and an mAP of -1 cannot pick the best epoch."""
     for split, samples in data.splits.items():
         if not any(len(s.labels) for s in samples):
             raise SystemExit(
@@ -591,70 +505,21 @@ def relabel(data: DetectionData, labels: list[str], root):
     data.names = labels
 
 
-def split_off(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """A fixed (seed-independent) random validation split, so every run and process agrees on it."""
-    order = list(range(len(samples)))
-    random.Random(0).shuffle(order)
-    n_val = max(1, round(len(samples) * fraction))
-    val = [samples[i] for i in sorted(order[:n_val])]
-    train = [samples[i] for i in sorted(order[n_val:])]
-    return train, val
-
-
-def renumber(samples: list[Sample]):
-    for i, s in enumerate(samples):
-        s.image_id = i
-
-
-def _relative(path: Path, root: Path) -> str:
-    """As listed, symlinks kept: a symlinked image keeps its name inside the dataset."""
-    try:
-        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)))
-    except ValueError:
-        return str(path)
-
-
-# ----------------------------------------------------------------------------------------------- conversion
+# ----------------------------------------------------------------------------------------------- outputs
 def to_coco(samples: list[Sample], names: list[str]) -> dict:
     """COCO instances dict; category ids are the class indices, annotation ids start at 1 (pycocotools needs > 0)."""
-    images, annotations = [], []
-    for s in samples:
-        images.append({"id": int(s.image_id), "file_name": s.file_name, "width": int(s.width), "height": int(s.height)})
-        for (x0, y0, x1, y1), label in zip(s.boxes.tolist(), s.labels.tolist(), strict=False):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": int(s.image_id),
-                    "category_id": int(label),
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                }
-            )
-    return {"images": images, "annotations": annotations, "categories": [{"id": i, "name": n} for i, n in enumerate(names)]}
+    references = [{**vars(s), "boxes": s.boxes.tolist(), "labels": s.labels.tolist()} for s in samples]
+    return coco_dicts([], references, names)[0]
 
 
-def coco_results(predictions: list[dict], file_names: dict | None = None) -> list[dict]:
-    """COCO results: one entry per box, bbox [x, y, w, h] in pixels, category_id = class index; predictions are
-    [{"image_id", "boxes" (xyxy), "scores", "labels"}]. file_names (image_id -> name) adds "file_name"."""
-    return [
-        {
-            "image_id": int(p["image_id"]),
-            **({"file_name": file_names[p["image_id"]]} if file_names else {}),
-            "category_id": int(label),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(score),
-        }
-        for p in predictions
-        for (x0, y0, x1, y1), score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist(), strict=True)
-    ]
+def coco_results(predictions: list[dict]) -> list[dict]:
+    """COCO results (bbox [x, y, w, h] pixels, category_id = class index) of [{"image_id", "boxes" (xyxy), "scores",
+    "labels"}, and optionally "file_name"]."""
+    return coco_dicts([{k: v.tolist() if hasattr(v, "tolist") else v for k, v in p.items()} for p in predictions], [])[1]
 
 
 def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str], truth=None) -> torch.Tensor:
-    """The image (uint8 CHW tensor) with predicted boxes, coloured by class and labelled with their scores, over
-    the ground-truth boxes in white when given."""
-    from torchvision.utils import draw_bounding_boxes
-
+    """The image (uint8 CHW) with predicted boxes coloured by class, over the ground truth in white when given."""
     tensor = F.pil_to_tensor(image)
     if truth is not None and len(truth):
         tensor = draw_bounding_boxes(tensor, torch.as_tensor(truth), colors="white", width=1)
@@ -671,16 +536,10 @@ def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str],
 
 def draw_grid(dataset: "DetectionDataset", predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
     """Validation images with predictions (score >= conf) over the ground truth, as a 4-column grid."""
-    from torchvision.utils import make_grid
-
     tiles, tile = [], 256
-    for index, pred in list(enumerate(predictions))[:count]:
-        keep = pred["scores"] >= conf
-        truth = dataset.samples[index].boxes
-        image = draw_detections(
-            dataset.load(index), pred["boxes"][keep], pred["labels"][keep], pred["scores"][keep], names, truth
-        )
-        image = F.resize(image, None, max_size=tile)
+    for index, pred in enumerate(predictions[:count]):
+        found = [pred[key][pred["scores"] >= conf] for key in ("boxes", "labels", "scores")]
+        image = F.resize(draw_detections(dataset.load(index), *found, names, dataset.samples[index].boxes), None, max_size=tile)
         tiles.append(torch.nn.functional.pad(image, (0, tile - image.shape[2], 0, tile - image.shape[1])))
     F.to_pil_image(make_grid(tiles, nrow=4, padding=4)).save(path)
 
@@ -709,30 +568,42 @@ def plot_label_statistics(samples: list[Sample], names: list[str], path: Path):
     plt.close(fig)
 
 
-def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:
-    """`class cx cy w h` rows, normalised by the image size."""
-    lines = []
-    for (x0, y0, x1, y1), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist(), strict=False):
-        lines.append(f"{int(label)} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
-    return lines
-
-
-def write_yolo_labels(samples: list[Sample], labels_dir: Path):
-    """One .txt per image with objects (background images get none, as YOLO expects)."""
-    for s in samples:
-        if len(s.labels):
-            out = Path(labels_dir) / Path(s.file_name).with_suffix(".txt").name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("\n".join(yolo_lines(s.boxes, s.labels, s.width, s.height)) + "\n")
+def print_start(accelerator, args, plan, data: DetectionData, config: dict, model, train_dl, start_note: str):
+    """The run at a glance: data, model, processes, batch plan, schedule, augmentation and cache."""
+    labels, steps = config["labels"], math.ceil(len(train_dl) / plan.accumulation_steps)
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    cache = train_dl.dataset.cache
+    cached = f"{cache.path} ({cache.path.stat().st_size / 1e6:.0f} MB)" if cache else "off: images decoded as they are read"
+    until = 0 if args.no_augment else mosaic_epochs(args.epochs, vars(args))
+    print_summary(
+        accelerator,
+        "object detection",
+        {
+            "data": data.description,
+            "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
+            "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
+            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
+            "model": f"{config['model']} at {config['img_size']} px, {parameters:.2f} M parameters ({start_note})",
+            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
+            "batch": plan.describe(),
+            "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(args.warmup_epochs * steps)} warmup",
+            "mosaic": f"probability {args.mosaic:g}, epochs 1-{until} of {args.epochs}" if until > 0 else "off",
+            "image cache": cached,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- training data
-class DetectionDataset(torch.utils.data.Dataset):
-    """Decodes an image, applies the transform (or, while it is on, the mosaic), returns (uint8 CHW image, target
-    with xyxy boxes in its pixels).
+@dataclass
+class Tile:
+    image: torch.Tensor  # upright RGB, uint8 (3, H, W)
+    boxes: torch.Tensor  # (N, 4) xyxy in its pixels
+    labels: torch.Tensor
 
-    Augmentation randomness is seeded by (seed, epoch, index), so a sample gets the same augmentation
-    whatever the process count, worker count, or a resume in the middle of the epoch."""
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """(uint8 CHW image, target with xyxy boxes in its pixels) after the transform, or the mosaic while it is on.
+    Augmentation is seeded by (seed, epoch, index): the same whatever the process and worker count, or a resume."""
 
     def __init__(
         self, samples: list[Sample], transform, hub_dataset=None, seed: int = 0, colour_jitter=None, mosaic=None, cache=None
@@ -750,37 +621,28 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> Image.Image:
         s = self.samples[index]
-        source = self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source
-        return open_rgb(source)[0]
+        return open_rgb(self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source)[0]
 
-    def pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (3, H, W) image, from the cache when there is one (then scaled down), and the boxes in its pixels."""
+    def tile(self, index: int) -> Tile:
+        """The image before augmentation, from the cache when there is one (then scaled down, its boxes too)."""
         s = self.samples[index]
+        boxes, labels = torch.from_numpy(s.boxes), torch.from_numpy(s.labels)
         if self.cache is None:
-            return F.pil_to_tensor(self.load(index)), torch.from_numpy(s.boxes)
+            return Tile(F.pil_to_tensor(self.load(index)), boxes, labels)
         image = self.cache.image(index)
-        h, w = image.shape[1:]
-        return image, torch.from_numpy(s.boxes) * torch.tensor([w / s.width, h / s.height] * 2)
-
-    def decoded(self, index: int) -> tuple[tv_tensors.Image, dict]:
-        """The image and its target before augmentation."""
-        image, boxes = self.pixels(index)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[1:])),
-            "labels": torch.from_numpy(self.samples[index].labels),
-        }
-        return tv_tensors.Image(image), target
+        return Tile(image, boxes * torch.tensor([image.shape[2] / s.width, image.shape[1] / s.height] * 2), labels)
 
     def __getitem__(self, index: int):
         s = self.samples[index]
         with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also queues a seed for CUDA with a captured stack
-            # trace, which made seeding a third of the per-image cost.
+            # The CPU generator only: torch.manual_seed also seeds CUDA, with a stack trace that took a third of the time.
             torch.default_generator.manual_seed(hash((self.seed, int(self.epoch), index)) & 0x7FFF_FFFF)
             if self.mosaic is not None and self.mosaic.applies(int(self.epoch)):
                 image, target = self.mosaic(self, index)
             else:
-                image, target = self.transform(*self.decoded(index))
+                tile = self.tile(index)
+                boxes = tv_tensors.BoundingBoxes(tile.boxes, format="XYXY", canvas_size=tuple(tile.image.shape[1:]))
+                image, target = self.transform(tv_tensors.Image(tile.image), {"boxes": boxes, "labels": tile.labels})
             colour = self.colour_jitter.sample() if self.colour_jitter else torch.ones(3)
         h, w = image.shape[-2:]
         return image.as_subclass(torch.Tensor), {
@@ -793,17 +655,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         }
 
 
-# ----------------------------------------------------------------------------------------------- decode cache
 IMAGE_CACHE_VERSION = 2  # bump when the cached representation changes
 
 
 class ImageCache:
-    """A split's images decoded once, each scaled to a long side of img_size (never up), as uint8 HWC one after
-    another in CACHE/<key>.u8: a memory map that the loader workers, the other processes of the run and later runs
-    read instead of decoding. A 640 px JPEG takes PIL about 2 ms to decode, four times per mosaic sample; a tile
-    from the map is a view of it. Every process may construct it at the same time: one builds, the others wait
-    (shared.cache.build_once). Key: the image files (path, size, modification time) or the Hub split's fingerprint,
-    and img_size."""
+    """A split's images decoded once, scaled to a long side of img_size (never up), as uint8 HWC one after another in
+    CACHE/<key>.u8: a memory map workers, processes and later runs read instead of decoding (a 640 px JPEG takes PIL
+    about 2 ms, four times per mosaic sample). Key: the image files' stamps or the Hub split's fingerprint, img_size."""
 
     def __init__(self, samples: list[Sample], hub_dataset, img_size: int, cache_dir: Path, workers: int = 0):
         self.sizes = [scaled_size(s.width, s.height, img_size) for s in samples]
@@ -835,23 +693,14 @@ def image_cache_key(samples: list[Sample], hub_dataset, img_size: int) -> str:
     return h.hexdigest()[:20]
 
 
-def image_cache_bytes(samples: list[Sample], img_size: int) -> int:
-    return sum(3 * w * h for w, h in (scaled_size(s.width, s.height, img_size) for s in samples))
-
-
-class _ScaleJob(torch.utils.data.Dataset):
+class _ScaleJob(DetectionDataset):
     def __init__(self, samples: list[Sample], hub_dataset, sizes: list[tuple[int, int]]):
-        self.samples, self.hub_dataset, self.sizes = samples, hub_dataset, sizes
-
-    def __len__(self):
-        return len(self.samples)
+        super().__init__(samples, None, hub_dataset)
+        self.sizes = sizes
 
     def __getitem__(self, index: int) -> bytes:
-        s = self.samples[index]
-        image = open_rgb(self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source)[0]
-        if image.size != self.sizes[index]:
-            image = image.resize(self.sizes[index], Image.BILINEAR)  # antialiased when it shrinks
-        return image.tobytes()  # RGB RGB ...: height x width x 3
+        # PIL's resize is antialiased when it shrinks, and a copy at the same size; bytes are height x width x RGB.
+        return self.load(index).resize(self.sizes[index], Image.BILINEAR).tobytes()
 
 
 def build_image_cache(samples, hub_dataset, sizes, write, workers: int) -> dict:
@@ -863,30 +712,6 @@ def build_image_cache(samples, hub_dataset, sizes, write, workers: int) -> dict:
 
 def default_cache_dir() -> Path:
     return cache_root() / "detection"
-
-
-def print_start(accelerator, args, plan, data: DetectionData, config: dict, model, train_dl, start_note: str):
-    """The run at a glance: data, model, processes, batch plan, schedule, augmentation and cache."""
-    labels, steps = config["labels"], math.ceil(len(train_dl) / plan.accumulation_steps)
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    cache = train_dl.dataset.cache
-    cached = f"{cache.path} ({cache.path.stat().st_size / 1e6:.0f} MB)" if cache else "off: images decoded as they are read"
-    print_summary(
-        accelerator,
-        "object detection",
-        {
-            "data": data.description,
-            "images": ", ".join(f"{s} {len(v)} ({sum(len(x.labels) for x in v)} boxes)" for s, v in data.splits.items()),
-            "data report": f"{data.report.summary()} (details: {args.output_dir / 'data_report.json'})",
-            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
-            "model": f"{config['model']} at {config['img_size']} px, {parameters:.2f} M parameters ({start_note})",
-            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
-            "batch": plan.describe(),
-            "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(args.warmup_epochs * steps)} warmup",
-            "mosaic": describe_mosaic(args),
-            "image cache": cached,
-        },
-    )
 
 
 def image_identities(data: DetectionData) -> dict[str, list]:
@@ -922,7 +747,8 @@ def training_image_cache(args, samples, hub_dataset, img_size: int) -> "ImageCac
     would take over half the free space of --cache-dir (then the run says so and decodes as it goes)."""
     if args.no_cache:
         return None
-    needed, free = image_cache_bytes(samples, img_size), disk_free(args.cache_dir)
+    needed = sum(3 * w * h for w, h in (scaled_size(s.width, s.height, img_size) for s in samples))
+    free = disk_free(args.cache_dir)
     if needed > free / 2:
         print(f"image cache off: {len(samples)} training images at {img_size} px take {needed / 1e9:.1f} GB and "
               f"{args.cache_dir} has {free / 1e9:.1f} GB free; give --cache-dir on a larger disk, or --no-cache to "
@@ -950,46 +776,35 @@ def mosaic_epochs(epochs: int, recipe: dict) -> int:
     return epochs - min(recipe["close_mosaic"], max(1, round(epochs / 5)))
 
 
-def describe_mosaic(args) -> str:
-    until = 0 if args.no_augment else mosaic_epochs(args.epochs, vars(args))
-    if until <= 0:
-        return "off"
-    return f"probability {args.mosaic:g}, epochs 1-{until} of {args.epochs}"
-
-
 def to_training_batch(accelerator, args, images, targets, img_size: int, state):
-    """uint8 batch -> float images with their colour jitter, targets on the device, multi-scale size."""
-    # The loader's batch is channels-last (the layout the mosaic makes without a transpose per image); transposed here,
-    # on the device, where it is cheap.
+    """uint8 batch -> float images with their colour jitter, targets on the device (labels 1..K: torchvision's
+    detectors keep 0 for background), at a random multi-scale size with --multi-scale."""
+    # The loader's batch is channels-last (as the mosaic makes it); transposed here, on the device, where it is cheap.
     images = images.contiguous()
     if args.no_augment:
         images = images.float().div_(255)
     else:
         images = ColourJitter.apply(images, torch.stack([t["colour"] for t in targets]).to(images.device))
-    targets = targets_to_model(targets, accelerator.device)
+    device = accelerator.device
+    targets = [
+        {"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True) + 1}
+        for t in targets
+    ]
     if args.multi_scale:
-        # Seeded by the batch's place in the global order: the same size after a resume and for any process count.
+        # A size in 0.5-1.5 img_size (a multiple of 32) seeded by the batch's place in the global order: the same after
+        # a resume and for any process count.
         global_batch = state.batch_in_epoch * accelerator.num_processes + accelerator.process_index
-        images, targets = rescale_batch(images, targets, random_size(img_size, args.seed, state.epoch, global_batch))
+        rng = random.Random(hash((args.seed, state.epoch, global_batch)))
+        size = rng.randrange(int(img_size * 0.5) // 32, int(img_size * 1.5) // 32 + 1) * 32
+        factor = size / images.shape[-1]
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        targets = [{**t, "boxes": t["boxes"] * factor} for t in targets]
     return images, targets
 
 
-def random_size(img_size: int, seed: int, epoch: int, global_batch: int) -> int:
-    """A multi-scale size in 0.5-1.5 img_size (a multiple of 32), drawn from the batch's place in the run."""
-    rng = random.Random(hash((seed, epoch, global_batch)))
-    return rng.randrange(int(img_size * 0.5) // 32, int(img_size * 1.5) // 32 + 1) * 32
-
-
-def rescale_batch(images: torch.Tensor, targets: list[dict], size: int):
-    factor = size / images.shape[-1]
-    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images, [{**t, "boxes": t["boxes"] * factor} for t in targets]
-
-
 def train_transform(img_size: int, recipe: dict):
-    """Horizontal flip, scale jitter, then a random img_size crop (padded where the image is smaller, which
-    also shifts it); boxes follow every step and too-small leftovers are dropped. Colour jitter runs batched
-    on the device (ColourJitter), where it costs almost nothing; per image on uint8 it was the slowest step."""
+    """Horizontal flip, scale jitter, then a random img_size crop (padded where the image is smaller); boxes follow and
+    too-small leftovers are dropped. Colour jitter runs batched on the device (ColourJitter)."""
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(p=recipe["fliplr"]),
@@ -1000,23 +815,15 @@ def train_transform(img_size: int, recipe: dict):
     )
 
 
-# ----------------------------------------------------------------------------------------------- mosaic
 MIN_VISIBLE = 0.1  # a mosaic keeps a box only if this much of its area is in view (YOLO's box_candidates area_thr)
+QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (x, y) side of the centre: top-left, top-right, bottom-left, bottom-right
 
 
 class Mosaic:
-    """YOLO's 4-image mosaic, in place of train_transform while it is on: the image and three random others of the
-    dataset, each scaled to a long side of img_size, meet at a random centre of a 2 img_size canvas; a random
-    scale (1 +- recipe scale) and shift (+- recipe translate) view of it becomes the img_size x img_size sample, then
-    the flip. Boxes are clipped to the part of their own tile in view; boxes left with less than MIN_VISIBLE of
-    their area, or thinner than min_box_size, are dropped. Draws come from the generator the dataset seeded, so
-    the mosaic is as reproducible as the other augmentations.
-
-    Only the window of the canvas that the view shows is composed (mosaic_view), and resized once: per sample a
-    worker copies the tiles' visible pixels and makes one resize, as YOLO's single warp of its canvas does.
-
-    It is used with probability recipe mosaic for the epochs before until_epoch: YOLO ends training on whole
-    images (close_mosaic), as the model sees them at evaluation."""
+    """YOLO's 4-image mosaic, in place of train_transform with probability recipe mosaic for the epochs before
+    until_epoch (YOLO ends training on whole images, as evaluation sees them). The image and three random others meet
+    at a random centre of a 2 img_size canvas; a view of it at a random scale (1 +- scale) and shift (+- translate)
+    becomes the sample, then the flip. Draws come from the generator the dataset seeded."""
 
     def __init__(self, img_size: int, recipe: dict, until_epoch: int):
         self.size, self.until_epoch = img_size, until_epoch
@@ -1031,8 +838,7 @@ class Mosaic:
         centre = torch.randint(self.size // 2, self.size * 3 // 2 + 1, (2,)).tolist()
         ratio = 1 + (float(torch.rand(())) * 2 - 1) * self.scale
         shift = ((torch.rand(2) * 2 - 1) * self.translate).tolist()
-        tiles = [tile_of(dataset, i) for i in [index, *others]]
-        image, target = mosaic_view(tiles, centre, self.size, ratio, shift)
+        image, target = mosaic_view([dataset.tile(i) for i in [index, *others]], centre, self.size, ratio, shift)
         if torch.rand(()) < self.fliplr:
             image, target["boxes"] = image.flip(-1), F.horizontal_flip(target["boxes"])
         boxes = target["boxes"]
@@ -1040,42 +846,19 @@ class Mosaic:
         return tv_tensors.Image(image), {"boxes": boxes[keep], "labels": target["labels"][keep]}
 
 
-@dataclass
-class Tile:
-    image: torch.Tensor  # upright RGB, uint8 (3, H, W)
-    boxes: torch.Tensor  # (N, 4) xyxy in its pixels
-    labels: torch.Tensor
-
-    @property
-    def full_size(self) -> tuple[int, int]:
-        return self.image.shape[2], self.image.shape[1]
-
-
-def tile_of(dataset: DetectionDataset, index: int) -> Tile:
-    return Tile(*dataset.pixels(index), torch.from_numpy(dataset.samples[index].labels))
-
-
-QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (x, y) side of the centre: top-left, top-right, bottom-left, bottom-right
-
-
 def mosaic_view(tiles: list[Tile], centre: list[int], size: int, ratio: float, shift: list[float]):
-    """The size x size view of four tiles on a 2 size x 2 size grey canvas: each tile scaled to a long side of size
-    and placed with a corner at centre (x, y), one per quadrant (so tiles never overlap, and what lies beyond the
-    canvas edge is cut off); the canvas scaled by ratio about its centre, which lands at (0.5 + shift) * size, as
-    YOLO's random_perspective does with scale and translation only. Returns (image, target) with the boxes clipped
-    to what is in view of their own tile and those with less than MIN_VISIBLE of their area in view dropped.
-
-    The window of canvas pixels in view (size / ratio on a side, at a whole-pixel corner) is the only part built:
-    grey, the tiles' visible pixels copied in, then resized to size x size."""
+    """The size x size view of four tiles (each at a long side of size, a corner at centre, one per quadrant) on a
+    2 size grey canvas, scaled by ratio about its centre, which lands at (0.5 + shift) * size: YOLO's random_perspective
+    with scale and translation only. Boxes are clipped to what is in view of their own tile and dropped below
+    MIN_VISIBLE of their area. Only the window in view is built, then resized once."""
     window = max(1, round(size / ratio))
     corner = [round(size - (0.5 + s) * window) for s in shift]  # the canvas pixel at the view's top-left
-    # Height x width x 3: copies into it are row copies, and torch resizes uint8 laid out so (a 1 x 3 x H x W batch
-    # in channels-last order) 2-3x faster.
+    # Height x width x 3: copies into it are row copies, and torch resizes uint8 2-3x faster in channels-last order.
     canvas = torch.full((1, window, window, 3), PAD_VALUE, dtype=torch.uint8)
     boxes, labels = [], []
     for quadrant, tile in zip(QUADRANTS, tiles, strict=True):
         tile = at_long_side(tile, size)
-        (w, h), (cx, cy) = tile.full_size, centre
+        (h, w), (cx, cy) = tile.image.shape[1:], centre
         left, top = (cx - w if quadrant[0] == 0 else cx), (cy - h if quadrant[1] == 0 else cy)
         # The tile's pixels that are on the canvas and in the window, in window coordinates.
         x0, x1 = max(left, 0, corner[0]) - corner[0], min(left + w, 2 * size, corner[0] + window) - corner[0]
@@ -1101,7 +884,7 @@ def mosaic_view(tiles: list[Tile], centre: list[int], size: int, ratio: float, s
 
 def at_long_side(tile: Tile, size: int) -> Tile:
     """The tile scaled to a long side of size (cached images already are, unless they are smaller)."""
-    w, h = tile.full_size
+    h, w = tile.image.shape[1:]
     if max(w, h) == size:
         return tile
     nw, nh = max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))
@@ -1110,8 +893,9 @@ def at_long_side(tile: Tile, size: int) -> Tile:
 
 
 class ColourJitter:
-    """Brightness, contrast and saturation factors in [1 - strength, 1 + strength], drawn per image in the
-    data loader (seeded like the other augmentations) and applied to the whole batch on the device."""
+    """Brightness, contrast and saturation factors in [1 - strength, 1 + strength], drawn per image in the data
+    loader (seeded like the other augmentations) and applied to the whole batch on the device, where it costs almost
+    nothing (per image on uint8 it was the slowest step)."""
 
     def __init__(self, strength: float, p: float):
         self.strength, self.p = strength, p
@@ -1122,11 +906,8 @@ class ColourJitter:
 
     @staticmethod
     def apply(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        """images: uint8 (N, 3, H, W); factors: (N, 3) brightness, contrast, saturation. Returns float in [0, 1].
-
-        Brightness (x * b), contrast (towards the image's mean grey) and saturation (towards each pixel's grey)
-        are all affine in RGB, so together they are one 3x3 matrix and offset per image: a single pass over
-        the pixels instead of one per jitter."""
+        """uint8 (N, 3, H, W) and (N, 3) factors -> float in [0, 1]. The three jitters are affine in RGB, so together
+        they are one 3x3 matrix and offset per image: a single pass over the pixels."""
         n = len(images)
         b, c, s = factors.unbind(1)
         luma = torch.tensor([0.299, 0.587, 0.114], device=images.device)
@@ -1145,10 +926,8 @@ def eval_transform(img_size: int):
 
 
 def make_collate(img_size: int, channels_last: bool = False):
-    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid).
-
-    channels_last: the batch is laid out height x width x 3 per image, as the mosaic makes its samples, so stacking
-    them is a copy instead of a transpose per image; the training process makes it contiguous on its device."""
+    """Stack images into one uint8 batch, padded bottom-right to img_size x img_size (boxes stay valid). channels_last:
+    laid out as the mosaic makes its samples, so stacking them is a copy, not a transpose (see to_training_batch)."""
 
     def collate(batch):
         shape = (len(batch), img_size, img_size, 3) if channels_last else (len(batch), 3, img_size, img_size)
@@ -1163,19 +942,8 @@ def make_collate(img_size: int, channels_last: bool = False):
     return collate
 
 
-def targets_to_model(targets: list[dict], device) -> list[dict]:
-    """torchvision detectors want labels 1..K (0 is background)."""
-    return [
-        {"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True) + 1}
-        for t in targets
-    ]
-
-
 def to_original_coordinates(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     """Undo the eval resize: boxes in the pixels of the image file (upright)."""
     (h0, w0), (h, w) = target["orig_size"], target["size"]
     scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=boxes.dtype, device=boxes.device)
-    out = boxes * scale
-    out[:, 0::2] = out[:, 0::2].clamp(0, w0)
-    out[:, 1::2] = out[:, 1::2].clamp(0, h0)
-    return out
+    return clip_boxes_to_image(boxes * scale, (h0, w0))

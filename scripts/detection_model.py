@@ -1,8 +1,5 @@
 """Detection models by name: torchvision's detectors, plus `fcos_tiny`, a small FCOS that learns in minutes on a CPU.
-
-Every model follows torchvision's detection interface: in train mode model(images, targets) returns a
-dict of losses; in eval mode model(images) returns [{boxes (xyxy pixels), scores, labels}] per image.
-Labels are 1..num_classes; 0 is background (the convention of every torchvision detector)."""
+All follow torchvision's detection interface, whose labels are 1..num_classes (0 is background)."""
 
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +15,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from shared.model_io import load_hub_weights, load_pretrained, save_pretrained, write_model_card
+from shared.model_io import load_hub_weights, save_pretrained, write_model_card
 
 # Detectors whose training targets need instance masks or keypoints, which boxes-only detection data cannot give.
 NEEDS_MASKS_OR_KEYPOINTS = ("maskrcnn_", "keypointrcnn_")
@@ -47,7 +44,13 @@ def build_model(config: dict, *, pretrained: bool = False) -> nn.Module:
             )
         model = small_fcos(num_classes + 1, img_size, SMALL_FCOS[name])
     else:
-        require_supported_model(name)
+        if name.startswith(NEEDS_MASKS_OR_KEYPOINTS):
+            raise SystemExit(
+                f"--model {name!r} trains on instance masks or keypoints, which detection data (boxes only) does not "
+                f"have; choose one of: {', '.join(available_models())}"
+            )
+        if name not in available_models():
+            raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
         kwargs = {} if name.startswith("ssd") else {"min_size": img_size, "max_size": img_size}
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
         if pretrained:
@@ -58,16 +61,6 @@ def build_model(config: dict, *, pretrained: bool = False) -> nn.Module:
     # torchvision's own switch (its detection references set it for multi-scale training) skips a second resize.
     model.transform._skip_resize = True
     return model
-
-
-def require_supported_model(name: str):
-    if name.startswith(NEEDS_MASKS_OR_KEYPOINTS):
-        raise SystemExit(
-            f"--model {name!r} trains on instance masks or keypoints, which detection data (boxes only) does not "
-            f"have; choose one of: {', '.join(available_models())}"
-        )
-    if name not in available_models():
-        raise SystemExit(f"unknown --model {name!r}; choose one of: {', '.join(available_models())}")
 
 
 def model_config(model: str, labels: list[str], img_size: int, recipe: dict) -> dict:
@@ -83,20 +76,7 @@ def model_config(model: str, labels: list[str], img_size: int, recipe: dict) -> 
     }
 
 
-def save_model(directory: Path, model: nn.Module, config: dict):
-    save_pretrained(directory, model, config)
-
-
-def load_model(directory: Path, device="cpu", conf: float | None = None, iou: float | None = None, max_det: int | None = None):
-    """A saved model/ ready for inference, with its saved thresholds unless others are given."""
-    state, config = load_pretrained(directory)
-    if config.get("task") != TASK:
-        raise SystemExit(f"{directory}: not a detection model (task {config.get('task')!r})")
-    model = build_model(config)
-    model.load_state_dict(state)
-    conf, iou, max_det = (config[k] if v is None else v for k, v in (("conf", conf), ("iou", iou), ("max_det", max_det)))
-    set_postprocess(model, conf, iou, max_det)
-    return model.to(device).eval(), config
+save_model = save_pretrained  # model/: weights as safetensors beside config.json
 
 
 def probe_step(config: dict, multi_scale: bool):
@@ -121,8 +101,8 @@ def head_parameters(model: nn.Module) -> list[str]:
 
 
 def make_ema(model: nn.Module, decay: float = 0.9999, tau: float = 2000.0) -> AveragedModel:
-    """EMA of the weights (torch.optim.swa_utils), decay ramped as decay x (1 - exp(-updates / tau)) so early
-    weights fade fast. Pass the unwrapped model (not the DDP wrapper); buffers (BatchNorm statistics) are averaged too."""
+    """EMA of the weights and buffers, decay ramped as decay x (1 - exp(-updates / tau)) so early weights fade fast.
+    Pass the unwrapped model (not the DDP wrapper)."""
 
     @torch.no_grad()
     def update(ema_tensors, tensors, num_averaged):
@@ -144,10 +124,24 @@ SMALL_FCOS = {"fcos_tiny": None, "fcos_small": (0, 1, 1, 1, 1)}
 
 
 def small_fcos(num_classes: int, img_size: int, blocks: tuple | None, width: int = 32, fpn_channels: int = 64) -> FCOS:
-    """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head."""
-    backbone = SmallBackbone(width, blocks)
+    """FCOS on a 5-stage conv backbone (strides 2..32, widths 16..8*width) with a 3-level FPN and a 2-conv head. Each
+    stage halves the resolution, then refines: with one more 3x3 conv (none in stage 1) when blocks is None, else with
+    blocks[i] residual blocks."""
+
+    def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    stages, cin = OrderedDict(), 3
+    for i, cout in enumerate([16, width, 2 * width, 4 * width, 8 * width]):
+        if blocks is None:
+            refine = [conv_bn(cout, cout, 1)] if i > 0 else []
+        else:
+            refine = [BasicBlock(cout, cout) for _ in range(blocks[i])]
+        # A stage without refinement is the bare conv: fcos_tiny's saved weights keep their names.
+        stages[f"stage{i + 1}"] = nn.Sequential(conv_bn(cin, cout, 2), *refine) if refine else conv_bn(cin, cout, 2)
+        cin = cout
     fpn = BackboneWithFPN(
-        backbone,
+        nn.Sequential(stages),
         return_layers={"stage3": "0", "stage4": "1", "stage5": "2"},
         in_channels_list=[2 * width, 4 * width, 8 * width],
         out_channels=fpn_channels,
@@ -156,28 +150,6 @@ def small_fcos(num_classes: int, img_size: int, blocks: tuple | None, width: int
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,)), aspect_ratios=((1.0,),) * 4)
     head = FCOSHead(fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=2)
     return FCOS(fpn, num_classes, min_size=img_size, max_size=img_size, anchor_generator=anchors, head=head)
-
-
-def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class SmallBackbone(nn.Sequential):
-    """Each stage halves the resolution, then refines: with one more 3x3 conv (none in stage 1) when blocks is None,
-    else with blocks[i] residual blocks."""
-
-    def __init__(self, width: int, blocks: tuple | None):
-        widths = [16, width, 2 * width, 4 * width, 8 * width]
-        stages, cin = OrderedDict(), 3
-        for i, cout in enumerate(widths):
-            if blocks is None:
-                refine = [conv_bn(cout, cout, 1)] if i > 0 else []
-            else:
-                refine = [BasicBlock(cout, cout) for _ in range(blocks[i])]
-            # A stage without refinement is the bare conv: fcos_tiny's saved weights keep their names.
-            stages[f"stage{i + 1}"] = nn.Sequential(conv_bn(cin, cout, 2), *refine) if refine else conv_bn(cin, cout, 2)
-            cin = cout
-        super().__init__(stages)
 
 
 def transfer_coco_weights(model: nn.Module, name: str):
@@ -215,10 +187,7 @@ def freeze_batchnorm(module: nn.Module):
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
+            frozen.load_state_dict(child.state_dict())  # FrozenBatchNorm2d drops num_batches_tracked
             setattr(module, name, frozen)
         else:
             freeze_batchnorm(child)

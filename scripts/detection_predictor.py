@@ -32,7 +32,7 @@ from detection_data import (
     probe_all,
     to_original_coordinates,
 )
-from detection_model import TASK, load_model, set_postprocess
+from detection_model import TASK, build_model, set_postprocess
 from evaluate import load as load_metric
 from PIL import Image
 from torch import nn
@@ -41,10 +41,22 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms.v2 import functional as TF
 
-from shared.model_io import BadInput, run_args
+from shared.model_io import BadInput, load_pretrained, run_args
 
 MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 MIN_IOU, MAX_SCORE_DIFF, MAX_MAP_DIFF, MAX_CORNER_DIFF = 0.99, 1e-3, 1e-4, 1e-3  # export parity; corners in pixels
+
+
+def load_model(directory: Path, device="cpu", conf: float | None = None, iou: float | None = None, max_det: int | None = None):
+    """A saved model/ ready for inference, with its saved thresholds unless others are given."""
+    state, config = load_pretrained(directory)
+    if config.get("task") != TASK:
+        raise SystemExit(f"{directory}: not a detection model (task {config.get('task')!r})")
+    model = build_model(config)
+    model.load_state_dict(state)
+    conf, iou, max_det = (config[k] if v is None else v for k, v in (("conf", conf), ("iou", iou), ("max_det", max_det)))
+    set_postprocess(model, conf, iou, max_det)
+    return model.to(device).eval(), config
 
 
 def find_images(inputs: list[Path]) -> dict[Path, Path]:
@@ -137,7 +149,7 @@ class DetectionPredictor:
     def entries(self, image_id: int, file_name: str, found: tuple) -> list[dict]:
         """COCO results of one image's detections, found in the pixels of its file."""
         boxes, scores, labels = found
-        return coco_results([{"image_id": image_id, "boxes": boxes, "scores": scores, "labels": labels}], {image_id: file_name})
+        return coco_results([{"image_id": image_id, "file_name": file_name, "boxes": boxes, "scores": scores, "labels": labels}])
 
     # ------------------------------------------------------------------ serve.py
     def contract(self) -> dict:
@@ -225,6 +237,23 @@ class DetectionPredictor:
         samples = samples[:limit]
         source["count"] = len(samples)
         return source, ((images.float() / 255, meta) for images, meta in self.batches(samples, batch_size, hub))
+
+
+def yolo_lines(boxes, labels, w: int, h: int) -> list[str]:
+    """`class cx cy w h` rows, normalised by the image size."""
+    lines = []
+    for (x0, y0, x1, y1), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist(), strict=False):
+        lines.append(f"{int(label)} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
+    return lines
+
+
+def write_yolo_labels(samples: list[Sample], labels_dir: Path):
+    """One .txt per image with objects (background images get none, as YOLO expects)."""
+    for s in samples:
+        if len(s.labels):
+            out = Path(labels_dir) / Path(s.file_name).with_suffix(".txt").name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(yolo_lines(s.boxes, s.labels, s.width, s.height)) + "\n")
 
 
 def keep_above(found: list[dict], conf: float) -> list[dict]:

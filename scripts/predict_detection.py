@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
 import torch
-from detection_data import IMAGE_EXTENSIONS, draw_detections, open_rgb, yolo_lines
-from detection_predictor import DetectionPredictor, find_images, image_samples
+from detection_data import IMAGE_EXTENSIONS, draw_detections, open_rgb
+from detection_predictor import DetectionPredictor, find_images, image_samples, yolo_lines
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from detection_data import DetectionDataset, from_hub_dataset, label_path, load_data, to_coco, train_transform, write_yolo_labels
+from detection_data import DetectionDataset, from_hub_dataset, label_path, load_data, to_coco, train_transform
+from detection_predictor import write_yolo_labels
 from PIL import Image
 from train_detection import RECIPE
 

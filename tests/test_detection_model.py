@@ -10,11 +10,11 @@ from detection_model import (
     available_models,
     build_model,
     freeze_backbone,
-    load_model,
     model_config,
     save_model,
     set_postprocess,
 )
+from detection_predictor import load_model
 from torchvision.ops.misc import FrozenBatchNorm2d
 from train_detection import RECIPE, parse_args
 

@@ -18,46 +18,32 @@ import evaluate
 import numpy as np
 
 STAT_NAMES = ["map", "map50", "map75", "map_small", "map_medium", "map_large"]
-
-BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
+INT, FLOAT = datasets.Value("int64"), datasets.Value("float64")
+BOXES = datasets.Sequence(datasets.Sequence(FLOAT, length=4))
+FEATURES = datasets.Features(
+    {
+        "predictions": {"image_id": INT, "boxes": BOXES, "scores": datasets.Sequence(FLOAT), "labels": datasets.Sequence(INT)},
+        "references": {"image_id": INT, "boxes": BOXES, "labels": datasets.Sequence(INT), "width": INT, "height": INT},
+    }
+)
 
 
 class CocoMap(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__,
-            citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
-            inputs_description=__doc__,
-            features=datasets.Features(
-                {
-                    "predictions": {
-                        "image_id": datasets.Value("int64"),
-                        "boxes": BOXES,
-                        "scores": datasets.Sequence(datasets.Value("float64")),
-                        "labels": datasets.Sequence(datasets.Value("int64")),
-                    },
-                    "references": {
-                        "image_id": datasets.Value("int64"),
-                        "boxes": BOXES,
-                        "labels": datasets.Sequence(datasets.Value("int64")),
-                        "width": datasets.Value("int64"),
-                        "height": datasets.Value("int64"),
-                    },
-                }
-            ),
-        )
+        citation = "Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014."
+        return evaluate.MetricInfo(description=__doc__, citation=citation, inputs_description=__doc__, features=FEATURES)
 
     def _compute(self, predictions, references, label_names=None, backend="pycocotools"):
-        gt, dt = coco_dicts(predictions, references, label_names)
-        return evaluate_coco(gt, dt, backend, label_names)
+        return evaluate_coco(*coco_dicts(predictions, references, label_names), backend)
 
 
 def coco_dicts(predictions, references, label_names=None):
-    """COCO ground truth (instances) and results lists from per-image dicts; boxes become [x, y, w, h]."""
-    ids = set()
+    """COCO ground truth (instances) and results lists from per-image dicts; boxes become [x, y, w, h]. An entry's
+    file_name, when it has one, is kept."""
+    ids = set(range(len(label_names))) if label_names is not None else set()
     images, annotations, results = [], [], []
     for ref in references:
-        images.append({"id": int(ref["image_id"]), "width": int(ref["width"]), "height": int(ref["height"])})
+        images.append({"id": int(ref["image_id"]), **named(ref), "width": int(ref["width"]), "height": int(ref["height"])})
         for (x0, y0, x1, y1), label in zip(ref["boxes"], ref["labels"], strict=False):
             ids.add(int(label))
             annotations.append(
@@ -76,20 +62,23 @@ def coco_dicts(predictions, references, label_names=None):
             results.append(
                 {
                     "image_id": int(pred["image_id"]),
+                    **named(pred),
                     "category_id": int(label),
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "score": float(score),
                 }
             )
-    if label_names is not None:
-        ids |= set(range(len(label_names)))
     categories = [
         {"id": i, "name": label_names[i] if label_names is not None and i < len(label_names) else str(i)} for i in sorted(ids)
     ]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
-def evaluate_coco(gt: dict, results: list, backend: str = "pycocotools", label_names=None) -> dict:
+def named(entry: dict) -> dict:
+    return {"file_name": entry["file_name"]} if "file_name" in entry else {}
+
+
+def evaluate_coco(gt: dict, results: list, backend: str = "pycocotools") -> dict:
     """Run COCOeval on a ground-truth dict and a results list; return the summary and per-class AP."""
     if backend == "pycocotools":
         from pycocotools.coco import COCO
@@ -103,13 +92,7 @@ def evaluate_coco(gt: dict, results: list, backend: str = "pycocotools", label_n
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth.
-        if results:
-            coco_dt = coco_gt.loadRes(results)
-        else:
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
-            coco_dt.createIndex()
+        coco_dt = coco_gt.loadRes(results) if results else COCO()  # loadRes cannot take an empty list; COCO() scores 0
         e = Evaluator(coco_gt, coco_dt, iouType="bbox")
         e.evaluate()
         e.accumulate()
