@@ -84,6 +84,15 @@ class Split:
     targets: np.ndarray  # class index per clip
     names: list[str]  # what a report shows for each clip (its path)
 
+    def spread(self, limit: int | None) -> "Split":
+        """--max-train-samples / --max-eval-samples: `limit` clips spread evenly over the split, so a split listed class
+        by class keeps every class in proportion."""
+        if limit is None or limit >= len(self.targets):
+            return self
+        rows = np.linspace(0, len(self.targets) - 1, limit).round().astype(int)
+        sources = self.sources.select(rows) if isinstance(self.sources, HubAudio) else [self.sources[i] for i in rows]
+        return Split(sources, self.targets[rows], [self.names[i] for i in rows])
+
 
 @dataclass
 class AudioData:

@@ -234,11 +234,25 @@ def plot_confusion_matrix(summary: dict, path: Path, what: str):
 def write_card(args, model_dir: Path, data, config: dict, summary: dict):
     """model/README.md: what the model is, what it was trained on, how well it did and how to use it."""
     metrics = {split: {k: summary[split][k] for k in ("accuracy", "macro_f1")} for split in ("val", "test") if split in summary}
-    usage = f"""```bash
-python scripts/predict_audio.py --model-dir {model_dir} recording.wav          # JSON lines, sliding windows
-python scripts/train_audio.py --eval-only --weights {model_dir} --data OTHER --output-dir runs/eval
-python scripts/export_model.py --model-dir {model_dir} --format onnx           # waveform -> logits, with a parity report
-python scripts/serve.py --model-dir {model_dir} --port 8000                    # POST /v1/predict
+    usage = f"""From the launchkit folder, with this folder as `model/`:
+
+```python
+import sys
+
+sys.path[:0] = ["scripts", "."]
+from audio_data import read_audio
+from audio_predictor import AudioPredictor
+
+predictor = AudioPredictor.load("model")
+clip = predictor.prepare("recording.wav", read_audio("recording.wav", predictor.rate))
+print(predictor.record(clip, predictor.probabilities(clip.inputs), top_k=3))
+```
+
+```bash
+python scripts/predict_audio.py --model-dir model recording.wav          # JSON lines, sliding windows
+python scripts/train_audio.py --eval-only --weights model --data OTHER --output-dir runs/eval
+python scripts/export_model.py --model-dir model --format onnx           # waveform -> logits, with a parity report
+python scripts/serve.py --model-dir model --port 8000                    # POST /v1/predict
 ```
 Input: mono float waveforms at {config["sample_rate"]} Hz, {config["clip_seconds"]} s per window (the log-mel frontend is part
 of the model)."""
@@ -247,10 +261,12 @@ of the model)."""
         pipeline_tag="audio-classification",
         title=f"{config['model']} audio classifier ({len(config['labels'])} classes)",
         labels=config["labels"],
-        data=f"`{args.data}` ({data.format}): "
+        data=f"`{Path(args.data).name}` ({data.format}): "
         + "; ".join(data.notes)
         + f". Best epoch {summary['best_epoch']} of {args.epochs}.",
         metrics=metrics,
-        arguments={k: v for k, v in vars(args).items() if k not in ("output_dir", "cache_dir")},
+        arguments=vars(args),
         usage=usage,
+        dataset=args.data if data.format == "hub" else None,
+        metric_ids={"macro_f1": ("f1", "macro")},
     )

@@ -568,11 +568,9 @@ def plot_label_statistics(samples: list[Sample], names: list[str], path: Path):
     plt.close(fig)
 
 
-def print_start(accelerator, args, plan, data: DetectionData, config: dict, model, train_dl, start_note: str):
-    """The run at a glance: data, model, processes, batch plan, schedule, augmentation and cache."""
-    labels, steps = config["labels"], math.ceil(len(train_dl) / plan.accumulation_steps)
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    cache = train_dl.dataset.cache
+def print_start(accelerator, args, plan, data: DetectionData, config: dict, model, cache, steps: str, start_note: str):
+    """The run at a glance: data, model, processes, batch plan, schedule (steps), augmentation and cache."""
+    labels, parameters = config["labels"], sum(p.numel() for p in model.parameters()) / 1e6
     cached = f"{cache.path} ({cache.path.stat().st_size / 1e6:.0f} MB)" if cache else "off: images decoded as they are read"
     until = 0 if args.no_augment else mosaic_epochs(args.epochs, vars(args))
     print_summary(
@@ -586,7 +584,7 @@ def print_start(accelerator, args, plan, data: DetectionData, config: dict, mode
             "model": f"{config['model']} at {config['img_size']} px, {parameters:.2f} M parameters ({start_note})",
             "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
             "batch": plan.describe(),
-            "optimizer steps": f"{steps} per epoch, {steps * args.epochs} in total, {round(args.warmup_epochs * steps)} warmup",
+            "optimizer steps": steps,
             "mosaic": f"probability {args.mosaic:g}, epochs 1-{until} of {args.epochs}" if until > 0 else "off",
             "image cache": cached,
         },
@@ -722,6 +720,13 @@ def image_identities(data: DetectionData) -> dict[str, list]:
         split: [(hub.get(split), s.source if split in hub else Path(s.source), s.boxes, s.labels) for s in samples]
         for split, samples in data.splits.items()
     }
+
+
+def spread(samples: list, limit: int | None) -> list:
+    """--max-train-samples / --max-eval-samples: `limit` samples spread evenly over the split."""
+    if limit is None or limit >= len(samples):
+        return samples
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
 
 
 def detection_datasets(args, data: DetectionData, img_size: int, recipe: dict) -> dict:

@@ -209,13 +209,28 @@ def input_size(model: nn.Module, img_size: int) -> int:
 def write_card(args, model_dir: Path, data_description: str, config: dict, summary: dict):
     """model/README.md: what the model detects, how well, how it was trained and how to use it."""
     metrics = {split: {k: summary[split][k] for k in ("map", "map50", "map75")} for split in ("val", "test") if split in summary}
-    usage = f"""```bash
-python scripts/predict_detection.py --model-dir {model_dir} photos/ --conf 0.25   # COCO json, YOLO txt, drawn images
-python scripts/train_detection.py --eval-only --weights {model_dir} --data OTHER.yaml --output-dir runs/eval
-python scripts/export_model.py --model-dir {model_dir} --format onnx              # image -> boxes, scores, labels
-python scripts/serve.py --model-dir {model_dir} --port 8000                       # POST /v1/predict
+    usage = f"""From the launchkit folder, with this folder as `model/`:
+
+```python
+import sys
+
+sys.path[:0] = ["scripts", "."]
+from PIL import Image
+from detection_predictor import DetectionPredictor
+
+predictor = DetectionPredictor.load("model")
+inputs, target = predictor.letterbox(Image.open("photo.jpg").convert("RGB"))
+found = predictor.in_file_pixels(predictor.detect(inputs)[0], target)
+print(predictor.entries(0, "photo.jpg", found))  # COCO boxes [x, y, w, h] in the file's pixels, with label names
 ```
-Input: RGB images letterboxed to {config["img_size"]} x {config["img_size"]} px (the predict script and the server do it)."""
+
+```bash
+python scripts/predict_detection.py --model-dir model photos/ --conf 0.25   # COCO json, YOLO txt, drawn images
+python scripts/train_detection.py --eval-only --weights model --data OTHER.yaml --output-dir runs/eval
+python scripts/export_model.py --model-dir model --format onnx              # image -> boxes, scores, labels
+python scripts/serve.py --model-dir model --port 8000                       # POST /v1/predict
+```
+Input: RGB images letterboxed to {config["img_size"]} x {config["img_size"]} px (the predictor and the server do it)."""
     write_model_card(
         model_dir,
         pipeline_tag="object-detection",
@@ -223,6 +238,8 @@ Input: RGB images letterboxed to {config["img_size"]} x {config["img_size"]} px 
         labels=config["labels"],
         data=f"{data_description}. Best epoch {summary['best_epoch']} of {args.epochs}, picked by 0.1 mAP50 + 0.9 mAP50-95.",
         metrics=metrics,
-        arguments={k: v for k, v in vars(args).items() if k != "output_dir"},
+        arguments=vars(args),
         usage=usage,
+        dataset=args.data if args.format == "hub" else None,
+        metric_ids={"map": ("mAP", "IoU=0.50:0.95"), "map50": ("mAP", "IoU=0.50"), "map75": ("mAP", "IoU=0.75")},
     )

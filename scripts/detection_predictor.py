@@ -147,9 +147,13 @@ class DetectionPredictor:
         return to_original_coordinates(boxes, target), scores, labels
 
     def entries(self, image_id: int, file_name: str, found: tuple) -> list[dict]:
-        """COCO results of one image's detections, found in the pixels of its file."""
+        """COCO results of one image's detections, found in the pixels of its file, each with its label's name."""
         boxes, scores, labels = found
-        return coco_results([{"image_id": image_id, "file_name": file_name, "boxes": boxes, "scores": scores, "labels": labels}])
+        entries = coco_results(
+            [{"image_id": image_id, "file_name": file_name, "boxes": boxes, "scores": scores, "labels": labels}]
+        )
+        names = self.config["labels"]
+        return [{**e, "label": names[e["category_id"]] if e["category_id"] >= 0 else "background"} for e in entries]
 
     # ------------------------------------------------------------------ serve.py
     def contract(self) -> dict:

@@ -1,20 +1,19 @@
 #!/usr/bin/env python
 """Train an audio classifier (log-mel + any torchvision network) on a CPU, one GPU or many, with Accelerate.
 
-    python scripts/train_audio.py --data demo_data/audio --output-dir runs/audio --epochs 8
+    python scripts/train_audio.py --data demo_data/speech_commands --output-dir runs/audio --epochs 4   # make demo-data
     accelerate launch --config_file accelerate_configs/gpu4_fp16.yaml scripts/train_audio.py \\
         --data /data/UrbanSound8K --fold 1 --output-dir runs/us8k_fold1
     python scripts/train_audio.py --data /data/ESC-50 --fold all --output-dir runs/esc50_cv      # 5-fold cross-validation
     python scripts/train_audio.py --data /data/speech_commands_v0.02 --output-dir runs/kws12 \\
         --wanted-words yes,no,up,down,left,right,on,off,stop,go                                 # the 12-class task
 
-Data layouts are detected (see --format). Clips are decoded once with soundfile into an on-disk cache;
-random crops of longer clips, time shift, gain, background noise, mel spectrograms, SpecAugment and mixup run
-batched on the device. The run directory gets run.json, args.json, data_report.json, results.csv, metrics.json,
-model/ (what predict_audio.py loads, with a model card), checkpoints/, logs/ (TensorBoard), curves.png and
-confusion_matrix.png. --eval-only --weights RUN/model scores a saved model on new labelled data; --weights alone
-fine-tunes from it. --fold all: a run per fold in OUTPUT_DIR/fold_K/ and OUTPUT_DIR/cv_metrics.json (one job per
-fold instead: accelerate_configs/slurm_folds_array.sbatch, then scripts/gather_folds.py OUTPUT_DIR).
+Data layouts are detected (see --format). Clips are decoded once with soundfile into an on-disk cache; crops, time
+shift, gain, background noise, mel spectrograms, SpecAugment and mixup run batched on the device. OUTPUT_DIR gets
+args.json, data_report.json, results.csv, metrics.json, model/ (what predict_audio.py loads, with a model card),
+checkpoints/, logs/ (TensorBoard; --report-to for others), curves.png and confusion_matrix.png. --eval-only --weights
+RUN/model scores a saved model; --weights alone fine-tunes from it. --fold all: a run per fold in OUTPUT_DIR/fold_K/
+and OUTPUT_DIR/cv_metrics.json (or one job per fold: accelerate_configs/slurm_folds_array.sbatch, then gather_folds.py).
 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_audio.py scripts/audio_data.py scripts/audio_model.py scripts/audio_augment.py
@@ -42,7 +41,7 @@ from evaluate import load as load_metric
 
 from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.model_io import label_index, load_pretrained, load_weights, start_from
-from shared.plots import plot_curves
+from shared.plots import log_pictures, plot_curves
 from shared.runtime import (
     SPELLINGS,
     add_common_args,
@@ -64,6 +63,7 @@ from shared.training import (
     RunState,
     agree,
     build_scheduler,
+    capped_warmup,
     evaluation_bar,
     is_best,
     mid_epoch_progress,
@@ -145,6 +145,8 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     if args.eval_only and weights is None:
         raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
     data = audio_data.load_run_data(vars(args), clip_seconds=weights[1]["clip_seconds"] if args.eval_only else None)
+    for name, split in data.splits.items():
+        data.splits[name] = split.spread(args.max_train_samples if name == "train" else args.max_eval_samples)
     if args.eval_only:
         config = weights[1]
         index = label_index(data.labels, config["labels"], args.data)  # the data's classes as the model's indices
@@ -208,7 +210,8 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     train_dl = loaders["train"]
     seed_per_process(accelerator, args.seed)  # after the weights: each process now draws its own augmentation
     steps_per_epoch = math.ceil(len(train_dl) / plan.accumulation_steps)
-    total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch)
+    total_steps = min(steps_per_epoch * args.epochs, args.max_train_steps or math.inf)
+    warmup_steps, warmup_note = capped_warmup(args.warmup_epochs, steps_per_epoch, total_steps)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, shape=args.schedule)
 
     # ---- checkpoints (model, optimizer, schedule, RNG and where the run stands) and a resume from one
@@ -220,7 +223,8 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     results = ResultsLog(accelerator, args.output_dir)
     results.keep_epochs_before(state.epoch)
     write_args_json(args, accelerator, plan, format=data.format, labels=config["labels"], data_notes=data.notes)
-    print_start(accelerator, args, plan, data, clips, config, model, steps_per_epoch, start_note)
+    schedule_note = f"{steps_per_epoch} per epoch, {total_steps} in total, {warmup_note}"
+    print_start(accelerator, args, plan, data, clips, config, model, schedule_note, start_note)
 
     # ---- the loop
     stop = stop or GracefulStop()  # SIGTERM / Ctrl-C ask for a checkpoint and a clean exit
@@ -240,8 +244,8 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
                     # All processes, every step: a NaN/inf loss on any of them stops the run before the step (raises);
                     # a stop asked of any of them is agreed here, so all save the same checkpoint and leave together.
                     stopped = agree(accelerator, stop, losses, epoch=epoch, step=state.step + 1)
-                    if args.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)  # unscales fp16 gradients first
+                    # Clipped at --clip-grad, or measured only (at inf the gradients are multiplied by exactly 1).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)  # unscales fp16 first
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skipped the step: so does the LR
@@ -251,12 +255,15 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            if state.step % 10 == 0:
-                bar.set_postfix(loss=f"{losses.running_loss():.3f}")
+            if state.step % args.log_every == 0:
+                scalars = losses.step_scalars(scheduler.get_last_lr()[0], grad_norm)
+                bar.set_postfix(loss=f"{scalars['step/loss']:.3f}")
+                accelerator.log(scalars, step=state.step)
             if stopped or (args.checkpoint_steps and state.step % args.checkpoint_steps == 0):
                 checkpoints.save(mid_epoch_progress(state, losses))  # with the epoch's losses so far
             if stopped:
                 accelerator.print(stop_message(f"at epoch {epoch + 1}", state.step))
+            if stopped or state.step == total_steps:
                 break
         bar.close()
         if stopped:
@@ -280,6 +287,8 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
         # Every process computed the same metrics, so all take this branch alike (no collective is skipped).
         if args.patience and state.stale_epochs >= args.patience:
             accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {state.best_epoch + 1})")
+            break
+        if state.step == total_steps:  # --max-train-steps reached
             break
         if agree(accelerator, stop, None, epoch=epoch, step=state.step):  # a stop asked during the evaluation
             accelerator.print(stop_message(f"after epoch {epoch + 1}", state.step))
@@ -348,7 +357,7 @@ def clip_loader(clips: audio_data.CachedClips, args, plan, shuffle: bool):
     return make_loader(clips, batch_size=plan.batch_size, shuffle=shuffle, workers=args.workers, generator=generator)
 
 
-def print_start(accelerator, args, plan, data, clips, config, model, steps_per_epoch: int, start_note: str):
+def print_start(accelerator, args, plan, data, clips, config, model, steps: str, start_note: str):
     labels, frames = config["labels"], audio_model.clip_samples(config) // config["hop_length"] + 1
     print_summary(
         accelerator,
@@ -362,7 +371,7 @@ def print_start(accelerator, args, plan, data, clips, config, model, steps_per_e
             "model": f"{config['model']} ({start_note}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
             "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
             "batch": plan.describe(),
-            "optimizer steps": f"{steps_per_epoch} per epoch, {steps_per_epoch * args.epochs} in total",
+            "optimizer steps": steps,
         },
     )
 
@@ -407,6 +416,7 @@ def finish(accelerator, args, state, model, loaders, results, data, config, metr
         plot_curves(results.path, args.output_dir / "curves.png")
         audio_model.write_card(args, model_dir, data, config, summary)
         audio_model.plot_confusion_matrix(summary, args.output_dir / "confusion_matrix.png", f"best epoch {state.best_epoch + 1}")
+        log_pictures(accelerator, [args.output_dir / "curves.png", args.output_dir / "confusion_matrix.png"], state.step)
     line = f"best epoch {state.best_epoch + 1}: val accuracy {state.best_val['accuracy']:.4f}"
     if "test" in summary:
         line += f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}"

@@ -2,19 +2,19 @@
 """Train an object detector (any torchvision detection model, or the small fcos_tiny) with the YOLO recipe,
 on a CPU, one GPU or many, with Accelerate.
 
-    python scripts/train_detection.py --data data/demo_detection/data.yaml --output-dir runs/det --epochs 30
+    python scripts/train_detection.py --data demo_data/shapes/data.yaml --output-dir runs/det --epochs 8   # make demo-data
     accelerate launch --config_file accelerate_configs/gpu4_fp16.yaml scripts/train_detection.py \\
         --data my_data/data.yaml --model fcos_resnet50_fpn --pretrained --img-size 640 --output-dir runs/det
 
 --data is a YOLO data.yaml, a COCO instances .json or (with --format hub) a Hub dataset id (objects{bbox, category}).
 The recipe (RECIPE below; --recipe FILE.yaml or any --<key> flag overrides it): nominal batch 16 per optimizer step
-(FCOS's, for SGD at lr 0.01; by gradient accumulation when the batch per step is smaller), warmup of LR and momentum,
-cosine decay, EMA weights for evaluation and saving, box-aware augmentation (flip, scale jitter and crop; YOLO's
-4-image mosaic with --mosaic 1), optional multi-scale, gradient clipping, COCO mAP every epoch, best model by fitness
-0.1 mAP50 + 0.9 mAP50-95, early stop. The run directory gets args.json, data_report.json, results.csv, metrics.json,
-model/ (what predict_detection.py loads), checkpoints/, logs/ (TensorBoard), predictions_{split}.json +
-ground_truth_{split}.json (COCO, for re-checking with pycocotools), curves.png, labels.png and val_predictions.png.
---eval-only --weights RUN/model scores a saved model on new labelled data; --weights alone fine-tunes from it.
+(FCOS's, for SGD at lr 0.01), warmup of LR and momentum, cosine decay, EMA weights for evaluation and saving,
+box-aware augmentation (flip, scale jitter and crop; YOLO's 4-image mosaic with --mosaic 1), optional multi-scale,
+gradient clipping, COCO mAP every epoch, best model by 0.1 mAP50 + 0.9 mAP50-95, early stop. OUTPUT_DIR gets
+args.json, data_report.json, results.csv, metrics.json, model/ (what predict_detection.py loads), checkpoints/,
+logs/ (TensorBoard; --report-to for others), predictions_{split}.json + ground_truth_{split}.json (COCO, for
+re-checking with pycocotools), curves.png, labels.png and val_predictions.png. --eval-only --weights RUN/model scores
+a saved model on new labelled data; --weights alone fine-tunes from it.
 
 To reuse this script in another project, copy these files, keeping their folders:
     scripts/train_detection.py scripts/detection_data.py scripts/detection_model.py
@@ -49,6 +49,7 @@ from detection_data import (
     print_start,
     relabel,
     require_boxes,
+    spread,
     to_coco,
     to_original_coordinates,
     to_training_batch,
@@ -71,7 +72,7 @@ from evaluate import load as load_metric
 
 from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.model_io import load_pretrained, load_weights, start_from
-from shared.plots import plot_curves
+from shared.plots import log_pictures, plot_curves
 from shared.runtime import (
     SPELLINGS,
     add_common_args,
@@ -91,6 +92,7 @@ from shared.training import (
     RunState,
     agree,
     build_scheduler,
+    capped_warmup,
     evaluation_bar,
     is_best,
     mid_epoch_progress,
@@ -172,6 +174,8 @@ def main(argv=None):
     args = parse_args(argv)
     recipe = {key: getattr(args, key) for key in RECIPE}
     data = load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
+    for split, samples in data.splits.items():
+        data.splits[split] = spread(samples, args.max_train_samples if split == "train" else args.max_eval_samples)
     weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
     config = model_config_for(args, data, weights, recipe)
     accelerator, plan = setup_accelerator(args, probe_step(config, args.multi_scale))
@@ -228,14 +232,10 @@ def main(argv=None):
     loaders = dict(zip(loaders, prepared, strict=True))
     train_dl = loaders["train"]
     steps_per_epoch = math.ceil(len(train_dl) / plan.accumulation_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=steps_per_epoch * args.epochs,
-        warmup_steps=warmup_steps,
-        shape=args.schedule,
-        final_lr_ratio=args.final_lr_ratio,
-    )
+    total_steps = min(steps_per_epoch * args.epochs, args.max_train_steps or math.inf)
+    warmup_steps, warmup_note = capped_warmup(args.warmup_epochs, steps_per_epoch, total_steps)
+    schedule = {"shape": args.schedule, "final_lr_ratio": args.final_lr_ratio}
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, **schedule)
     # The EMA averages the unwrapped model: DDP's wrapper and a compiled module have other parameter names.
     ema = make_ema(accelerator.unwrap_model(model, keep_torch_compile=False), args.ema_decay, args.ema_tau)
     seed_per_process(accelerator, args.seed)  # weights are drawn alike everywhere; augmentation differs per process
@@ -252,7 +252,8 @@ def main(argv=None):
     results = ResultsLog(accelerator, args.output_dir)
     results.keep_epochs_before(state.epoch)
     write_args_json(args, accelerator, plan, **about)
-    print_start(accelerator, args, plan, data, config, model, train_dl, start_note)
+    schedule_note = f"{steps_per_epoch} per epoch, {total_steps} in total, {warmup_note}"
+    print_start(accelerator, args, plan, data, config, model, datasets["train"].cache, schedule_note, start_note)
 
     model_dir = args.output_dir / "model"
     stop = GracefulStop()  # from here SIGTERM / Ctrl-C ask for a checkpoint and a clean exit
@@ -274,8 +275,8 @@ def main(argv=None):
                 if accelerator.sync_gradients:  # the last micro-batch of an effective batch: one optimizer step
                     # Every process, every step: a non-finite loss anywhere raises before the step is taken.
                     stopped = agree(accelerator, stop, losses, epoch=epoch, step=state.step + 1)
-                    if args.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)  # unscales fp16 first
+                    # Clipped at --clip-grad, or measured only (at inf the gradients are multiplied by exactly 1).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)  # unscales fp16 first
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule stays
@@ -286,12 +287,15 @@ def main(argv=None):
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            if state.step % 10 == 0:
-                bar.set_postfix(loss=f"{losses.running_loss():.3f}")
+            if state.step % args.log_every == 0:
+                scalars = losses.step_scalars(scheduler.get_last_lr()[0], grad_norm)
+                bar.set_postfix(loss=f"{scalars['step/loss']:.3f}")
+                accelerator.log(scalars, step=state.step)
             if stopped or (args.checkpoint_steps and state.step % args.checkpoint_steps == 0):
                 checkpoints.save(mid_epoch_progress(state, losses))
             if stopped:
                 accelerator.print(stop_message(f"at epoch {epoch + 1}", state.step))
+            if stopped or state.step == total_steps:
                 break
         bar.close()
         if stopped:
@@ -317,6 +321,8 @@ def main(argv=None):
         if args.patience and state.stale_epochs >= args.patience:
             accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {state.best_epoch + 1})")
             break
+        if state.step == total_steps:  # --max-train-steps reached
+            break
         if agree(accelerator, stop, None, epoch=epoch, step=state.step):  # a stop asked for during evaluation
             stopped = True
             accelerator.print(stop_message(f"after epoch {epoch + 1}", state.step))
@@ -340,6 +346,8 @@ def main(argv=None):
         write_json(args.output_dir / "metrics.json", summary)
         plot_curves(results.path, args.output_dir / "curves.png")
         write_card(args, model_dir, data.description, config, summary)
+        pictures = ["curves.png", "labels.png", "val_predictions.png"]
+        log_pictures(accelerator, [args.output_dir / name for name in pictures], state.step)
     shown = "test" if "test" in summary else "val"
     best = summary[shown]
     accelerator.print(

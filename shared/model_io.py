@@ -3,13 +3,20 @@
 import json
 import os
 import pickle
+import platform
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+PLUMBING = ("output_dir", "cache_dir", "resume", "overwrite", "workers", "report_to", "log_every", "checkpoint_steps",
+            "keep_checkpoints", "recipe", "eval_only", "cpu", "compile")  # fmt: skip
+FRAMEWORKS = ("torch", "torchvision", "torchaudio", "accelerate", "safetensors")
 
 
 def save_pretrained(directory: Path, model: torch.nn.Module, config: dict):
@@ -105,26 +112,54 @@ def label_index(data_labels: list[str], model_labels: list[str], data: str) -> n
 
 
 def write_model_card(
-    directory: Path, *, pipeline_tag: str, title: str, labels: list[str], data: str, metrics: dict, arguments: dict, usage: str
+    directory: Path,
+    *,
+    pipeline_tag: str,
+    title: str,
+    labels: list[str],
+    data: str,
+    metrics: dict,
+    arguments: dict,
+    usage: str,
+    dataset: str | None = None,
+    metric_ids: dict | None = None,
 ):
-    """model/README.md in the Hugging Face model-card layout (YAML front matter, then sections), so a model/
-    folder explains itself when it is shared. metrics: {split: {name: value}} of plain numbers."""
+    """model/README.md as the Hugging Face Hub reads it: front matter with a model-index of the measured values (by
+    huggingface_hub), then labels, data, results, use from Python and the shell, the arguments that matter and the
+    framework versions. metrics: {split: {name: value}}; metric_ids: {name: (Hub metric type, config)}; dataset: a
+    Hub id, when the data came from the Hub."""
+    ids = metric_ids or {}
+    # What fixed the model, not where this machine kept things: paths by their last part, the run's plumbing left out.
+    arguments = {k: Path(str(v)).name if k in ("data", "weights") else v for k, v in arguments.items() if v is not None}
+    arguments = {k: v for k, v in arguments.items() if k not in PLUMBING}
+    results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=dataset or "local",
+            dataset_name=dataset or arguments.get("data", "data"),
+            dataset_split=split,
+            metric_type=ids.get(name, (name, None))[0],
+            metric_config=ids.get(name, (name, None))[1],
+            metric_name=name,
+            metric_value=round(float(value), 4),
+        )
+        for split, values in metrics.items()
+        for name, value in values.items()
+    ]
+    card_data = ModelCardData(
+        model_name=title,
+        pipeline_tag=pipeline_tag,
+        library_name="pytorch",
+        tags=[pipeline_tag, "torchvision", "safetensors", "accelerate"],
+        datasets=[dataset] if dataset else None,
+        eval_results=results or None,
+    )
     names = sorted({k for split in metrics.values() for k in split})
     table = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    table += [
-        f"| {split} | " + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in names) + " |"
-        for split, values in metrics.items()
-    ]
-    args = "\n".join(f"| `{k}` | `{v}` |" for k, v in arguments.items())
-    card = f"""---
-pipeline_tag: {pipeline_tag}
-library_name: pytorch
-tags:
-- {pipeline_tag}
-- torchvision
-- safetensors
-metrics:
-{chr(10).join(f"- {n}" for n in names)}
+    table += [f"| {split} | " + " | ".join(f"{v.get(k, float('nan')):.4f}" for k in names) + " |" for split, v in metrics.items()]
+    versions = {"python": platform.python_version()} | {n: sys.modules[n].__version__ for n in FRAMEWORKS if n in sys.modules}
+    template = f"""---
+{{{{ card_data }}}}
 ---
 
 # {title}
@@ -149,9 +184,13 @@ metrics:
 
 | argument | value |
 |---|---|
-{args}
+{chr(10).join(f"| `{k}` | `{v}` |" for k, v in arguments.items())}
+
+## Framework versions
+
+{chr(10).join(f"- {name} {version}" for name, version in versions.items())}
 """
-    (Path(directory) / "README.md").write_text(card)
+    ModelCard.from_template(card_data, template_str=template).save(Path(directory) / "README.md")
 
 
 class BadInput(ValueError):

@@ -59,12 +59,12 @@ def _numeric(value: str) -> bool:
 def log_pictures(accelerator, pictures: list[Path], step: int):
     """The run's PNGs to every tracker that takes pictures: as images (TensorBoard, W&B, ...), as files (MLflow)."""
     pictures = [p for p in pictures if p.is_file()]
-    images = {p.stem: [np.asarray(Image.open(p).convert("RGB"))] for p in pictures}
+    images = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in pictures}
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images(images, step=step, dataformats="NHWC")
+            tracker.log_images({k: v[None] for k, v in images.items()}, step=step, dataformats="NHWC")
         elif hasattr(tracker, "log_images"):
-            tracker.log_images(images, step=step)
+            tracker.log_images({k: [v] for k, v in images.items()}, step=step)
         elif hasattr(tracker, "log_artifact"):
             for picture in pictures:
                 tracker.log_artifact(str(picture), artifact_path="pictures")

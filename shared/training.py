@@ -107,6 +107,26 @@ class EpochLosses:
         means = {f"train_{n}": s / max(samples, 1) for n, s in totals.items()}
         return {**means, "seconds": seconds, "train_samples_per_second": trained_now / seconds if seconds > 0 else 0.0}
 
+    def step_scalars(self, lr: float, grad_norm: torch.Tensor) -> dict:
+        """What the trackers get every --log-every steps: the epoch's running loss, the LR, the gradient norm before
+        clipping and the samples per second of all processes since the epoch started (or resumed)."""
+        seconds = time.perf_counter() - self.started
+        speed = self.samples.item() * self.accelerator.num_processes / seconds if seconds > 0 else 0.0
+        return {
+            "step/loss": self.running_loss(),
+            "step/lr": lr,
+            "step/grad_norm": grad_norm.item(),
+            "step/samples_per_second": speed,
+        }
+
+
+def capped_warmup(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> tuple[int, str]:
+    """The warmup in optimizer steps, at most half the run (a short run would otherwise never reach its peak LR), and
+    a note for the start-up summary."""
+    asked = round(warmup_epochs * steps_per_epoch)
+    steps = min(asked, total_steps // 2)
+    return steps, f"{steps} warmup" + (f" (--warmup-epochs asked {asked}: capped at half the run)" if steps < asked else "")
+
 
 def agree(accelerator: Accelerator, stop: GracefulStop, losses: EpochLosses | None, *, epoch: int, step: int) -> bool:
     """One small all-reduce, at an optimizer step (before it is taken) or an epoch end: stop the run if any process
@@ -188,7 +208,9 @@ class ResultsLog:
                 self.path.unlink()
 
     def add(self, row: dict, step: int):
-        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=step)
+        self.accelerator.log(
+            {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}, step=step
+        )
         if self.accelerator.is_main_process:
             new = not self.path.exists()
             with self.path.open("a", newline="") as f:

@@ -1,5 +1,6 @@
 """train_audio.py and predict_audio.py run as a user runs them: learning, 1 vs 2 processes, resume, prediction."""
 
+import ast
 import csv
 import json
 import re
@@ -16,6 +17,7 @@ import torch
 from audio_data import CachedClips, load_audio_data
 from audio_predictor import load_model
 from conftest import REPO, load_metric, run_script, script_env
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 FAST = ["--sample-rate", 8000, "--n-mels", 32, "--workers", 0]
@@ -98,8 +100,25 @@ def test_run_directory_contract(us8k_run):
     assert args["accumulation_steps"] == 1 and args["num_processes"] == 1 and args["format"] == "urbansound8k"
     card = (out / "model" / "README.md").read_text()
     test_accuracy = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
-    assert card.startswith("---\npipeline_tag: audio-classification\n") and f"| test | {test_accuracy:.4f} |" in card
-    assert "scripts/predict_audio.py --model-dir" in card and "`sweep`" in card
+    assert f"| test | {test_accuracy:.4f} |" in card and "scripts/predict_audio.py --model-dir" in card and "`sweep`" in card
+    hub = ModelCard.load(out / "model" / "README.md").data  # the Hub's reading of the front matter
+    assert hub.pipeline_tag == "audio-classification" and str(out.parent) not in card and "cache_dir" not in card
+    assert {(r.dataset_split, r.metric_type): r.metric_value for r in hub.eval_results}[("test", "accuracy")] == round(
+        test_accuracy, 4
+    )
+    assert {r.metric_type for r in hub.eval_results} == {"accuracy", "f1"} and "- torch " in card
+
+
+def test_the_model_cards_python_snippet_predicts(us8k_run, tmp_path):
+    root, out, _, _ = us8k_run
+    snippet = (out / "model" / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    for name, target in (("scripts", REPO / "scripts"), ("shared", REPO / "shared"), ("model", out / "model")):
+        (tmp_path / name).symlink_to(target)
+    shutil.copy(next((root / "audio" / "fold1").glob("*.wav")), tmp_path / "recording.wav")
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, env=script_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = ast.literal_eval(proc.stdout)
+    assert record["path"] == "recording.wav" and record["label"] in json.loads((out / "metrics.json").read_text())["labels"]
 
 
 def test_corrupt_clip_is_skipped_and_reported(us8k_run):

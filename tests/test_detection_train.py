@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, run_script, script_env
+from huggingface_hub import ModelCard
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file
@@ -70,7 +71,10 @@ def test_two_process_run_learns_and_writes_every_artifact(learned):
     files = {k.split("/")[-1]: v for k, v in report["files"].items()}
     assert files["broken.jpg"] == {"corrupt_image": 1} and files["train_00000.txt"] == {"class_out_of_range": 1}
     card = (out / "model" / "README.md").read_text()
-    assert card.startswith("---\npipeline_tag: object-detection\n") and f"| test | {metrics['test']['map']:.4f} |" in card
+    hub = ModelCard.load(out / "model" / "README.md").data  # the Hub's reading of the front matter
+    assert hub.pipeline_tag == "object-detection" and f"| test | {metrics['test']['map']:.4f} |" in card
+    scores = {(r.dataset_split, r.metric_config): r.metric_value for r in hub.eval_results}
+    assert scores[("test", "IoU=0.50:0.95")] == round(metrics["test"]["map"], 4) and str(out.parent) not in card
 
 
 def test_saved_json_files_give_the_reported_map_with_pycocotools(learned):
@@ -123,6 +127,8 @@ def test_predict_finds_the_objects(learned, tmp_path):
     images = root / "data" / "images" / "val"
     run_script("predict_detection.py", "--model-dir", out / "model", images, "--output-dir", tmp_path / "pred", "--conf", 0.3)
     results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    names = json.loads((out / "model" / "config.json").read_text())["labels"]
+    assert results and all(r["label"] == names[r["category_id"]] for r in results)  # records carry the label's name
     files = sorted(images.glob("*.jpg"))
     assert len(list((tmp_path / "pred" / "drawn").glob("*.jpg"))) == len(files)
     found = total = 0
