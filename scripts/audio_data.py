@@ -25,7 +25,7 @@ import torch
 import torchaudio.functional as AF
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
-from shared.runtime import write_json
+from shared.runtime import print_summary, write_json
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
@@ -898,3 +898,23 @@ def word_list(value: str) -> list[str]:
     if not words:
         raise argparse.ArgumentTypeError(f"{value!r}: name the words to classify, comma-separated (e.g. yes,no)")
     return words
+
+
+def print_start(accelerator, args, plan, data, clips, config, model, steps: str, start_note: str):
+    """The run at a glance: data, clips, classes, features, model, processes, batch plan and schedule (steps)."""
+    labels, frames = config["labels"], round(config["clip_seconds"] * config["sample_rate"]) // config["hop_length"] + 1
+    print_summary(
+        accelerator,
+        "audio classification",
+        {
+            "data": f"{args.data} ({data.format}); " + "; ".join(data.notes),
+            "clips": ", ".join(f"{name} {len(c)}" for name, c in clips.items())
+            + f" (skipped {sum(len(c.skipped) for c in clips.values())})",
+            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
+            "features": f"{config['sample_rate']} Hz, {config['clip_seconds']} s, {config['n_mels']} mels x {frames} frames",
+            "model": f"{config['model']} ({start_note}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
+            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
+            "batch": plan.describe(),
+            "optimizer steps": steps,
+        },
+    )

@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio.transforms as T
@@ -210,25 +209,16 @@ def head_parameters(model: AudioClassifier) -> list[str]:
 save_model = save_pretrained
 
 
-def plot_confusion_matrix(summary: dict, path: Path, what: str):
-    """The test (else val) confusion matrix of a metrics.json summary; rows normalised to recall, counts in small ones."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
+def probe_step(config: dict):
+    """One training step on random clips, for --batch-size auto."""
 
-    shown, labels = "test" if "test" in summary else "val", summary["labels"]
-    matrix = np.asarray(summary[shown]["confusion_matrix"])
-    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = max(5, 0.5 * len(labels) + 2)
-    fig = Figure(figsize=(size, size))
-    ax = fig.subplots()
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix: {shown}, {what}")
-    if len(labels) <= 30:
-        for i, j in np.ndindex(matrix.shape):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    def step(batch_size, device, dtype):
+        model = build_model(config).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(torch.randn(batch_size, clip_samples(config), device=device)).float().logsumexp(1).mean()
+        loss.backward()
+
+    return step
 
 
 def write_card(args, model_dir: Path, data, config: dict, summary: dict):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 from metrics.coco_map.coco_map import coco_dicts
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torchvision import tv_tensors
 from torchvision.ops import box_area, clip_boxes_to_image
 from torchvision.transforms import v2
@@ -519,7 +519,7 @@ def coco_results(predictions: list[dict]) -> list[dict]:
 
 
 def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str], truth=None) -> torch.Tensor:
-    """The image (uint8 CHW) with predicted boxes coloured by class, over the ground truth in white when given."""
+    """The image (uint8 CHW) with predicted boxes coloured by class and named, over the ground truth in white."""
     tensor = F.pil_to_tensor(image)
     if truth is not None and len(truth):
         tensor = draw_bounding_boxes(tensor, torch.as_tensor(truth), colors="white", width=1)
@@ -530,18 +530,72 @@ def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str],
             labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist(), strict=True)],
             colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()],
             width=2,
+            font=font_file(),
+            font_size=12,
         )
     return tensor
 
 
+def font_file() -> str:
+    """A TrueType font for readable labels: the DejaVu Sans that matplotlib ships."""
+    from matplotlib import font_manager
+
+    return font_manager.findfont("DejaVu Sans")
+
+
 def draw_grid(dataset: "DetectionDataset", predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
-    """Validation images with predictions (score >= conf) over the ground truth, as a 4-column grid."""
-    tiles, tile = [], 256
+    """Validation images scaled to 320 px tiles, predictions (score >= conf) over the ground truth, under a legend."""
+    tiles, tile = [], 320
     for index, pred in enumerate(predictions[:count]):
-        found = [pred[key][pred["scores"] >= conf] for key in ("boxes", "labels", "scores")]
-        image = F.resize(draw_detections(dataset.load(index), *found, names, dataset.samples[index].boxes), None, max_size=tile)
-        tiles.append(torch.nn.functional.pad(image, (0, tile - image.shape[2], 0, tile - image.shape[1])))
-    F.to_pil_image(make_grid(tiles, nrow=4, padding=4)).save(path)
+        image = dataset.load(index)
+        scale = tile / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        boxes, labels, scores = (pred[key][pred["scores"] >= conf] for key in ("boxes", "labels", "scores"))
+        drawn = draw_detections(image, boxes * scale, labels, scores, names, dataset.samples[index].boxes * scale)
+        tiles.append(torch.nn.functional.pad(drawn, (0, tile - drawn.shape[2], 0, tile - drawn.shape[1])))
+    save_with_caption(
+        make_grid(tiles, nrow=4, padding=4), f"white: ground truth; colours: predictions (class, score >= {conf})", path
+    )
+
+
+def save_with_caption(grid: torch.Tensor, caption: str, path: Path):
+    picture, font = F.to_pil_image(grid), ImageFont.truetype(font_file(), 16)
+    framed = Image.new("RGB", (max(picture.width, round(font.getlength(caption)) + 12), picture.height + 28), "white")
+    framed.paste(picture, (0, 28))
+    ImageDraw.Draw(framed).text((6, 5), caption, fill="black", font=font)
+    framed.save(path)
+
+
+def draw_batch(images: torch.Tensor, targets: list[dict], names: list[str], path: Path, count: int = 16):
+    """train_batch0.jpg: the first training batch as the model sees it (augmented), with its boxes and class names."""
+    tiles = []
+    for image, target in zip(images[:count], targets[:count], strict=False):
+        pixels = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
+        labels = (target["labels"] - 1).tolist()  # the model's labels count background as 0
+        boxes = target["boxes"].detach().float().cpu()
+        colours = [PALETTE[c % len(PALETTE)] for c in labels]
+        tiles.append(draw_bounding_boxes(pixels, boxes, [names[c] for c in labels], colours, font=font_file(), font_size=12))
+    save_with_caption(make_grid(tiles, nrow=4, padding=4), "the first training batch, augmented, with its boxes", path)
+
+
+def plot_pr_curves(curves: dict, path: Path, what: str):
+    """Precision against recall per class at IoU .50 (COCOeval's 101 recall points), with each class's AP50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recall = np.linspace(0, 1, 101)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, precision in curves.items():
+        precision = np.asarray(precision)
+        if (precision > -1).any():
+            ax.plot(recall, np.clip(precision, 0, None), label=f"{name} {precision[precision > -1].mean():.3f}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"precision-recall at IoU 0.5: {what}")
+    ax.legend(fontsize=8, title="class, AP50", loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_label_statistics(samples: list[Sample], names: list[str], path: Path):

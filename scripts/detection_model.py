@@ -206,6 +206,15 @@ def input_size(model: nn.Module, img_size: int) -> int:
     return max(fixed) if fixed else img_size
 
 
+def make_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
+    """The recipe's optimizer: SGD with Nesterov momentum (YOLO's and FCOS's), or AdamW with momentum as beta1."""
+    if args.optimizer == "SGD":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    if args.optimizer == "AdamW":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
+    raise SystemExit(f"--optimizer {args.optimizer!r}: use SGD or AdamW")
+
+
 def write_card(args, model_dir: Path, data_description: str, config: dict, summary: dict):
     """model/README.md: what the model detects, how well, how it was trained and how to use it."""
     metrics = {split: {k: summary[split][k] for k in ("map", "map50", "map75")} for split in ("val", "test") if split in summary}
@@ -231,12 +240,13 @@ python scripts/export_model.py --model-dir model --format onnx              # im
 python scripts/serve.py --model-dir model --port 8000                       # POST /v1/predict
 ```
 Input: RGB images letterboxed to {config["img_size"]} x {config["img_size"]} px (the predictor and the server do it)."""
+    described = data_description.replace(str(Path(args.data).parent), ".")  # paths from the data's folder on
     write_model_card(
         model_dir,
         pipeline_tag="object-detection",
         title=f"{config['model']} object detector ({len(config['labels'])} classes)",
         labels=config["labels"],
-        data=f"{data_description}. Best epoch {summary['best_epoch']} of {args.epochs}, picked by 0.1 mAP50 + 0.9 mAP50-95.",
+        data=f"{described}. Best epoch {summary['best_epoch']} of {args.epochs}, picked by 0.1 mAP50 + 0.9 mAP50-95.",
         metrics=metrics,
         arguments=vars(args),
         usage=usage,

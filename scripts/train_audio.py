@@ -41,7 +41,7 @@ from evaluate import load as load_metric
 
 from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.model_io import label_index, load_pretrained, load_weights, start_from
-from shared.plots import log_pictures, plot_curves
+from shared.plots import log_pictures, plot_confusion_matrix, plot_curves
 from shared.runtime import (
     SPELLINGS,
     add_common_args,
@@ -60,6 +60,7 @@ from shared.runtime import (
 from shared.training import (
     EpochLosses,
     ResultsLog,
+    RunClock,
     RunState,
     agree,
     build_scheduler,
@@ -164,7 +165,7 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     args.time_mask = 0 if args.no_augment else frames // 10 if args.time_mask is None else args.time_mask
 
     # ---- the hardware, the run folder and its identity, then the data decoded (once, cached)
-    accelerator, plan = setup_accelerator(args, probe_step(args, config))
+    accelerator, plan = setup_accelerator(args, audio_model.probe_step(config))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite, data=args.data)
     fingerprint = run_fingerprint(accelerator, args, plan, data, config)
     Checkpoints(accelerator, run, keep=1, fingerprint=fingerprint).find(args.resume)  # refused before decoding or writing
@@ -224,11 +225,12 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     results.keep_epochs_before(state.epoch)
     write_args_json(args, accelerator, plan, format=data.format, labels=config["labels"], data_notes=data.notes)
     schedule_note = f"{steps_per_epoch} per epoch, {total_steps} in total, {warmup_note}"
-    print_start(accelerator, args, plan, data, clips, config, model, schedule_note, start_note)
+    audio_data.print_start(accelerator, args, plan, data, clips, config, model, schedule_note, start_note)
 
     # ---- the loop
     stop = stop or GracefulStop()  # SIGTERM / Ctrl-C ask for a checkpoint and a clean exit
     stopped = False
+    clock = RunClock(state, args.epochs)  # the whole run's time left, on the epoch line
     for epoch in range(state.epoch, args.epochs):
         model.train()
         losses = EpochLosses(accelerator, state)
@@ -279,9 +281,9 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
         row = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0], **train_row}
         results.add({**row, **{f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")}}, step=state.step)
         accelerator.print(
-            f"epoch {epoch + 1}: train loss {train_row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
-            f"val accuracy {val['accuracy']:.4f}, val macro-F1 {val['macro_f1']:.4f}, "
-            f"{train_row['train_samples_per_second']:.0f} clips/s, lr {row['lr']:.2e}, {train_row['seconds']:.0f} s"
+            f"epoch {epoch + 1}: train loss {train_row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy "
+            f"{val['accuracy']:.4f}, val macro-F1 {val['macro_f1']:.4f}, {train_row['train_samples_per_second']:.0f} clips/s, "
+            f"lr {row['lr']:.2e}, {train_row['seconds']:.0f} s, {clock.left(epoch)}"
         )
         checkpoints.save(next_epoch(state))
         # Every process computed the same metrics, so all take this branch alike (no collective is skipped).
@@ -306,18 +308,6 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
 
 
 # ==================================================================== helpers of train(), in the order it uses them
-def probe_step(args, config: dict):
-    """One training step on random clips, for --batch-size auto."""
-
-    def step(batch_size, device, dtype):
-        model = audio_model.build_model(config).to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(torch.randn(batch_size, audio_model.clip_samples(config), device=device)).float().logsumexp(1).mean()
-        loss.backward()
-
-    return step
-
-
 def run_fingerprint(accelerator, args, plan, data, config) -> dict:
     """Anything here that differs on --resume would train on other data, in another order or by another recipe."""
     return {
@@ -355,25 +345,6 @@ def clip_loader(clips: audio_data.CachedClips, args, plan, shuffle: bool):
     # run resumed mid-epoch would augment differently from an uninterrupted one.
     generator = torch.Generator().manual_seed(args.seed)
     return make_loader(clips, batch_size=plan.batch_size, shuffle=shuffle, workers=args.workers, generator=generator)
-
-
-def print_start(accelerator, args, plan, data, clips, config, model, steps: str, start_note: str):
-    labels, frames = config["labels"], audio_model.clip_samples(config) // config["hop_length"] + 1
-    print_summary(
-        accelerator,
-        "audio classification",
-        {
-            "data": f"{args.data} ({data.format}); " + "; ".join(data.notes),
-            "clips": ", ".join(f"{name} {len(c)}" for name, c in clips.items())
-            + f" (skipped {sum(len(c.skipped) for c in clips.values())})",
-            "classes": f"{len(labels)}: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
-            "features": f"{config['sample_rate']} Hz, {config['clip_seconds']} s, {config['n_mels']} mels x {frames} frames",
-            "model": f"{config['model']} ({start_note}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
-            "processes": f"{accelerator.num_processes} on {accelerator.device} (mixed precision: {accelerator.mixed_precision})",
-            "batch": plan.describe(),
-            "optimizer steps": steps,
-        },
-    )
 
 
 @torch.no_grad()
@@ -415,12 +386,24 @@ def finish(accelerator, args, state, model, loaders, results, data, config, metr
         write_json(args.output_dir / "metrics.json", summary)
         plot_curves(results.path, args.output_dir / "curves.png")
         audio_model.write_card(args, model_dir, data, config, summary)
-        audio_model.plot_confusion_matrix(summary, args.output_dir / "confusion_matrix.png", f"best epoch {state.best_epoch + 1}")
+        write_confusion_matrix(args, summary, config["labels"], f"best epoch {state.best_epoch + 1}")
         log_pictures(accelerator, [args.output_dir / "curves.png", args.output_dir / "confusion_matrix.png"], state.step)
+    shown = "test" if "test" in summary else "val"
+    rows = {
+        name: f"precision {c['precision']:.3f}  recall {c['recall']:.3f}  F1 {c['f1']:.3f}  clips {c['support']}"
+        for name, c in summary[shown]["per_class"].items()
+    }
+    print_summary(accelerator, f"per class ({shown})", rows)
     line = f"best epoch {state.best_epoch + 1}: val accuracy {state.best_val['accuracy']:.4f}"
     if "test" in summary:
         line += f", test accuracy {summary['test']['accuracy']:.4f}, test macro-F1 {summary['test']['macro_f1']:.4f}"
     accelerator.print(f"{line}; model in {model_dir}")
+
+
+def write_confusion_matrix(args, summary: dict, labels: list[str], what: str):
+    shown = "test" if "test" in summary else "val"
+    title = f"confusion matrix: {shown}, {what}"
+    plot_confusion_matrix(summary[shown]["confusion_matrix"], labels, args.output_dir / "confusion_matrix.png", title)
 
 
 def evaluate_saved_model(accelerator, args, plan, data, clips, config, weights, metric):
@@ -441,7 +424,7 @@ def evaluate_saved_model(accelerator, args, plan, data, clips, config, weights, 
     write_args_json(args, accelerator, plan, format=data.format, labels=config["labels"], data_notes=data.notes)
     if accelerator.is_main_process:
         write_json(args.output_dir / "metrics.json", summary)
-        audio_model.plot_confusion_matrix(summary, args.output_dir / "confusion_matrix.png", f"model {args.weights}")
+        write_confusion_matrix(args, summary, config["labels"], f"model {args.weights}")
     accelerator.end_training()
 
 

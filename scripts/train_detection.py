@@ -33,46 +33,15 @@ from shared.preemption import end_with_the_launcher
 
 end_with_the_launcher()  # first: a SIGTERM during the imports, data scan and decoding below ends the run too
 
+import detection_data
+import detection_model
 import numpy as np
 import torch
-from detection_data import (
-    FORMATS,
-    MAX_PIXELS,
-    coco_results,
-    default_cache_dir,
-    detection_datasets,
-    draw_grid,
-    image_identities,
-    image_loader,
-    load_data,
-    plot_label_statistics,
-    print_start,
-    relabel,
-    require_boxes,
-    spread,
-    to_coco,
-    to_original_coordinates,
-    to_training_batch,
-)
-from detection_model import (
-    TASK,
-    available_models,
-    build_model,
-    freeze_backbone,
-    head_parameters,
-    input_size,
-    make_ema,
-    model_config,
-    probe_step,
-    save_model,
-    set_postprocess,
-    write_card,
-)
 from evaluate import load as load_metric
 
 from shared.checkpoint import Checkpoints, GracefulStop, RunFolder
 from shared.model_io import load_pretrained, load_weights, start_from
-from shared.plots import log_pictures, plot_curves
+from shared.plots import log_pictures, plot_confusion_matrix, plot_curves
 from shared.runtime import (
     SPELLINGS,
     add_common_args,
@@ -80,6 +49,7 @@ from shared.runtime import (
     familiar_spellings,
     files_fingerprint,
     flat_config,
+    print_summary,
     resolve_recipe,
     seed_per_process,
     setup_accelerator,
@@ -89,6 +59,7 @@ from shared.runtime import (
 from shared.training import (
     EpochLosses,
     ResultsLog,
+    RunClock,
     RunState,
     agree,
     build_scheduler,
@@ -150,14 +121,22 @@ def parse_args(argv=None):
     d = parser.add_argument_group("data")
     d.add_argument("--data", required=True, help="YOLO data.yaml, COCO instances .json, or a Hub dataset id (with --format hub)")
     d.add_argument(
-        "--format", choices=FORMATS, help="layout of --data (default: told from the path; a Hub id needs --format hub)"
+        "--format",
+        choices=detection_data.FORMATS,
+        help="layout of --data (default: told from the path; a Hub id needs --format hub)",
     )
-    d.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger images are skipped unread (default %(default)s)")
-    d.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="decoded training images (default %(default)s)")
+    d.add_argument(
+        "--max-pixels", type=int, default=detection_data.MAX_PIXELS, help="larger images are skipped unread (default %(default)s)"
+    )
+    d.add_argument(
+        "--cache-dir", type=Path, default=detection_data.default_cache_dir(), help="decoded training images (default %(default)s)"
+    )
     d.add_argument("--no-cache", action="store_true", help="decode every training image from its file every time it is used")
     d.add_argument("--val-fraction", type=float, default=0.1, help="COCO/Hub data without a val split: the share held out")
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default="fcos_tiny", help=f"detector name (default fcos_tiny): {', '.join(available_models())}")
+    m.add_argument(
+        "--model", default="fcos_tiny", help=f"detector name (default fcos_tiny): {', '.join(detection_model.available_models())}"
+    )
     m.add_argument("--img-size", type=int, default=224, help="long side of the images in pixels (default 224; ssd*: their own)")
     m.add_argument("--pretrained", action="store_true", help="start from the COCO weights cached in the torch hub folder")
     m.add_argument("--map-backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools", help="COCO mAP code")
@@ -173,34 +152,36 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     recipe = {key: getattr(args, key) for key in RECIPE}
-    data = load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
+    data = detection_data.load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
     for split, samples in data.splits.items():
-        data.splits[split] = spread(samples, args.max_train_samples if split == "train" else args.max_eval_samples)
+        data.splits[split] = detection_data.spread(samples, args.max_train_samples if split == "train" else args.max_eval_samples)
     weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
     config = model_config_for(args, data, weights, recipe)
-    accelerator, plan = setup_accelerator(args, probe_step(config, args.multi_scale))
+    accelerator, plan = setup_accelerator(args, detection_model.probe_step(config, args.multi_scale))
     run = RunFolder(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite, data=args.data)
     fingerprint = run_fingerprint(accelerator, args, plan, data, config, recipe)
     Checkpoints(accelerator, run, keep=1, fingerprint=fingerprint).find(args.resume)  # refused before anything is written
-    accelerator.init_trackers(TASK, config=flat_config(args))
+    accelerator.init_trackers(detection_model.TASK, config=flat_config(args))
     report_path = args.output_dir / "data_report.json"
     if accelerator.is_main_process:
         write_json(report_path, {"data": args.data, "names": data.names, **data.report.to_dict(data)})
         if not args.eval_only:
-            plot_label_statistics(data.splits["train"], data.names, args.output_dir / "labels.png")
-    require_boxes(data, report_path)  # a split without boxes: nothing to learn, or an mAP of -1
+            detection_data.plot_label_statistics(data.splits["train"], data.names, args.output_dir / "labels.png")
+    detection_data.require_boxes(data, report_path)  # a split without boxes: nothing to learn, or an mAP of -1
     metric = load_metric(str(METRIC))
     about = {"labels": config["labels"], "img_size": config["img_size"], "data_description": data.description}  # args.json
 
     if args.eval_only:  # score the --weights model on val and test, exactly once per image under DDP
-        model = build_model(config)
+        model = detection_model.build_model(config)
         model.load_state_dict(weights[0])
-        set_postprocess(model, args.eval_conf, args.eval_iou, args.max_det)
-        datasets = {s: ds for s, ds in detection_datasets(args, data, config["img_size"], recipe).items() if s != "train"}
-        loaders = {split: image_loader(ds, args, plan, config, shuffle=False) for split, ds in datasets.items()}
+        detection_model.set_postprocess(model, args.eval_conf, args.eval_iou, args.max_det)
+        datasets = {
+            s: ds for s, ds in detection_data.detection_datasets(args, data, config["img_size"], recipe).items() if s != "train"
+        }
+        loaders = {split: detection_data.image_loader(ds, args, plan, config, shuffle=False) for split, ds in datasets.items()}
         model, *prepared = accelerator.prepare(model, *loaders.values())
         loaders = dict(zip(loaders, prepared, strict=True))
-        summary = {"task": TASK, "weights": str(args.weights), "labels": config["labels"]}
+        summary = {"task": detection_model.TASK, "weights": str(args.weights), "labels": config["labels"]}
         summary |= score_splits(accelerator, args, accelerator.unwrap_model(model), datasets, loaders, config, metric)
         write_args_json(args, accelerator, plan, **about)
         if accelerator.is_main_process:
@@ -213,21 +194,23 @@ def main(argv=None):
         accelerator.end_training()
         return
 
-    model = build_model(config, pretrained=args.pretrained)
+    model = detection_model.build_model(config, pretrained=args.pretrained)
     initial = "COCO init" if args.pretrained else "from scratch"
-    start_note = start_from(model, weights, config["labels"], head_parameters(model), initial)
-    frozen = freeze_backbone(model, args.freeze)
+    start_note = start_from(model, weights, config["labels"], detection_model.head_parameters(model), initial)
+    frozen = detection_model.freeze_backbone(model, args.freeze)
     start_note += f", frozen: {', '.join(frozen)}" if frozen else ""
-    set_postprocess(model, args.eval_conf, args.eval_iou, args.max_det)
+    detection_model.set_postprocess(model, args.eval_conf, args.eval_iou, args.max_det)
     if args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
         model.backbone.compile()  # in place, so parameter names (checkpoints, model/) stay the same
-    datasets = detection_datasets(args, data, config["img_size"], recipe)
-    loaders = {split: image_loader(ds, args, plan, config, shuffle=split == "train") for split, ds in datasets.items()}
+    datasets = detection_data.detection_datasets(args, data, config["img_size"], recipe)
+    loaders = {
+        split: detection_data.image_loader(ds, args, plan, config, shuffle=split == "train") for split, ds in datasets.items()
+    }
     # Weight decay as YOLO scales it: proportional to the effective batch relative to the nominal one.
     decay = args.weight_decay * plan.effective_batch_size / args.nominal_batch_size
-    optimizer = make_optimizer(parameter_groups(model, decay), args)
+    optimizer = detection_model.make_optimizer(parameter_groups(model, decay), args)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared, strict=True))
     train_dl = loaders["train"]
@@ -237,7 +220,7 @@ def main(argv=None):
     schedule = {"shape": args.schedule, "final_lr_ratio": args.final_lr_ratio}
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, **schedule)
     # The EMA averages the unwrapped model: DDP's wrapper and a compiled module have other parameter names.
-    ema = make_ema(accelerator.unwrap_model(model, keep_torch_compile=False), args.ema_decay, args.ema_tau)
+    ema = detection_model.make_ema(accelerator.unwrap_model(model, keep_torch_compile=False), args.ema_decay, args.ema_tau)
     seed_per_process(accelerator, args.seed)  # weights are drawn alike everywhere; augmentation differs per process
 
     checkpoints = Checkpoints(
@@ -253,18 +236,22 @@ def main(argv=None):
     results.keep_epochs_before(state.epoch)
     write_args_json(args, accelerator, plan, **about)
     schedule_note = f"{steps_per_epoch} per epoch, {total_steps} in total, {warmup_note}"
-    print_start(accelerator, args, plan, data, config, model, datasets["train"].cache, schedule_note, start_note)
+    detection_data.print_start(accelerator, args, plan, data, config, model, datasets["train"].cache, schedule_note, start_note)
 
     model_dir = args.output_dir / "model"
     stop = GracefulStop()  # from here SIGTERM / Ctrl-C ask for a checkpoint and a clean exit
     stopped = False
+    batch_picture = args.output_dir / "train_batch0.jpg"
+    clock = RunClock(state, args.epochs)  # the whole run's time left, on the epoch line
     for epoch in range(state.epoch, args.epochs):
         model.train()
         datasets["train"].set_epoch(epoch)  # augmentation seeded by (seed, epoch, image)
         losses = EpochLosses(accelerator, state)
         bar = progress_bar(accelerator, train_dl, state, args.epochs)
         for images, targets in untrained_batches(accelerator, train_dl, state):
-            images, targets = to_training_batch(accelerator, args, images, targets, config["img_size"], state)
+            images, targets = detection_data.to_training_batch(accelerator, args, images, targets, config["img_size"], state)
+            if state.step == state.batch_in_epoch == 0 and accelerator.is_main_process:  # what the model is shown
+                detection_data.draw_batch(images, targets, config["labels"], batch_picture)
             with accelerator.accumulate(model):
                 warmup_momentum(optimizer, state.step, warmup_steps, args.warmup_momentum, args.momentum)
                 with accelerator.autocast():
@@ -307,14 +294,14 @@ def main(argv=None):
         fitness = 0.1 * val["map50"] + 0.9 * val["map"]
         improved = is_best(state, fitness, {k: val[k] for k in MAP_KEYS})
         if improved and accelerator.is_main_process:
-            save_model(model_dir, accelerator.unwrap_model(ema.module, keep_torch_compile=False), config)
+            detection_model.save_model(model_dir, accelerator.unwrap_model(ema.module, keep_torch_compile=False), config)
         accelerator.wait_for_everyone()  # model/ is complete before any process reads it
         row = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0], **train_row}
         results.add({**row, **{f"val_{k}": val[k] for k in MAP_KEYS}, "fitness": fitness}, step=state.step)
         accelerator.print(
             f"epoch {epoch + 1}: loss {train_row['train_loss']:.4f}, val mAP50 {val['map50']:.4f}, mAP50-95 {val['map']:.4f}"
             f"{' (best)' if improved else ''}, {train_row['train_samples_per_second']:.1f} images/s, lr {row['lr']:.2e}, "
-            f"{train_row['seconds']:.0f} s"
+            f"{train_row['seconds']:.0f} s, {clock.left(epoch)}"
         )
         checkpoints.save(next_epoch(state))
         # Before the stop check, as every process sees the same fitness: all leave here together.
@@ -336,20 +323,22 @@ def main(argv=None):
         raise SystemExit("no epoch was trained (--epochs 0?), so there is no model to evaluate")
     ema.module.load_state_dict(load_pretrained(model_dir)[0])
     summary = {
-        "task": TASK,
+        "task": detection_model.TASK,
         "best_epoch": state.best_epoch + 1,  # counted from 1, as the console, pictures and card count
         "labels": config["labels"],
         "train_samples_per_second": results.mean("train_samples_per_second"),
         **score_splits(accelerator, args, ema.module, datasets, loaders, config, metric),
     }
+    shown = "test" if "test" in summary else "val"
+    best = summary[shown]
     if accelerator.is_main_process:
         write_json(args.output_dir / "metrics.json", summary)
         plot_curves(results.path, args.output_dir / "curves.png")
-        write_card(args, model_dir, data.description, config, summary)
-        pictures = ["curves.png", "labels.png", "val_predictions.png"]
-        log_pictures(accelerator, [args.output_dir / name for name in pictures], state.step)
-    shown = "test" if "test" in summary else "val"
-    best = summary[shown]
+        detection_model.write_card(args, model_dir, data.description, config, summary)
+        pictures = ("curves", "pr_curves", "confusion_matrix", "labels", "val_predictions")
+        log_pictures(accelerator, [args.output_dir / f"{name}.png" for name in pictures] + [batch_picture], state.step)
+    per_class = {name: f"AP50 {best['per_class_ap50'][name]:.3f}  AP50-95 {ap:.3f}" for name, ap in best["per_class_ap"].items()}
+    print_summary(accelerator, f"per class ({shown})", per_class)
     accelerator.print(
         f"best epoch {state.best_epoch + 1}: {shown} mAP50 {best['map50']:.4f}, mAP50-95 {best['map']:.4f}; model in {model_dir}"
     )
@@ -362,11 +351,13 @@ def model_config_for(args, data, weights, recipe: dict) -> dict:
     if args.eval_only:
         if weights is None:
             raise SystemExit("--eval-only needs --weights RUN/model: the model to evaluate")
-        relabel(data, weights[1]["labels"], args.data)
+        detection_data.relabel(data, weights[1]["labels"], args.data)
         return weights[1]
     name = weights[1].get("model", args.model) if weights else args.model
-    config = model_config(name, data.names, args.img_size, recipe)
-    config["img_size"] = input_size(build_model(config), args.img_size)  # SSD models have their own fixed size
+    config = detection_model.model_config(name, data.names, args.img_size, recipe)
+    config["img_size"] = detection_model.input_size(
+        detection_model.build_model(config), args.img_size
+    )  # SSD models have their own fixed size
     return config
 
 
@@ -374,24 +365,16 @@ def run_fingerprint(accelerator, args, plan, data, config, recipe: dict) -> dict
     """Anything here that differs on --resume would train on other data, in another order or by another recipe: each
     image counts by its file's content (or its Hub dataset's fingerprint and row) and by its boxes and classes."""
     return {
-        "task": TASK,
+        "task": detection_model.TASK,
         "labels": config["labels"],
         "processes": plan.processes,
         "batch_size": plan.batch_size,  # what --batch-size auto found
         "mixed_precision": accelerator.mixed_precision,
         "img_size": config["img_size"],
         **recipe,
-        **files_fingerprint(image_identities(data)),
+        **files_fingerprint(detection_data.image_identities(data)),
         **{k: getattr(args, k) for k in RUN_IDENTITY},
     }
-
-
-def make_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
-    if args.optimizer == "SGD":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    if args.optimizer == "AdamW":
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
-    raise SystemExit(f"--optimizer {args.optimizer!r}: use SGD or AdamW")
 
 
 @torch.no_grad()
@@ -407,7 +390,7 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
         batch = [
             {
                 "image_id": t["image_id"],
-                "boxes": to_original_coordinates(out["boxes"].float(), t).cpu().numpy(),
+                "boxes": detection_data.to_original_coordinates(out["boxes"].float(), t).cpu().numpy(),
                 "scores": out["scores"].float().cpu().numpy(),
                 "labels": (out["labels"] - 1).cpu().numpy(),
             }
@@ -433,16 +416,22 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
 
 
 def score_splits(accelerator, args, model, datasets, loaders, config, metric) -> dict:
-    """mAP on val and test; the predictions as COCO results beside a COCO ground truth, so anyone can re-check."""
+    """mAP on val and test; the predictions as COCO results beside a COCO ground truth, so anyone can re-check; the
+    pictures of the last split (test when there is one): PR curves and confusion matrix."""
     scores, labels = {}, config["labels"]
     for split in [s for s in ("val", "test") if s in loaders]:
         samples = datasets[split].samples
         scores[split], predictions = evaluate(model, loaders[split], accelerator, samples, labels, metric, args.map_backend)
+        curves = scores[split].pop("pr_curves")  # drawn, not kept: metrics.json holds numbers
         if accelerator.is_main_process:
-            write_json(args.output_dir / f"predictions_{split}.json", coco_results(predictions))
-            write_json(args.output_dir / f"ground_truth_{split}.json", to_coco(samples, labels))
+            write_json(args.output_dir / f"predictions_{split}.json", detection_data.coco_results(predictions))
+            write_json(args.output_dir / f"ground_truth_{split}.json", detection_data.to_coco(samples, labels))
             if split == "val":
-                draw_grid(datasets["val"], predictions, labels, args.output_dir / "val_predictions.png")
+                detection_data.draw_grid(datasets["val"], predictions, labels, args.output_dir / "val_predictions.png")
+            detection_data.plot_pr_curves(curves, args.output_dir / "pr_curves.png", split)
+            title = f"confusion matrix: {split} (score >= 0.25, IoU >= 0.5)"
+            matrix = scores[split]["confusion_matrix"]
+            plot_confusion_matrix(matrix, [*labels, "background"], args.output_dir / "confusion_matrix.png", title)
     return scores
 
 

@@ -34,7 +34,7 @@ LOCK_FILE = ".lock"
 RUN_OUTPUTS = (
     RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "results.csv", "metrics.json", "cv_metrics.json",
     "*.json.tmp", "results.csv.tmp", "model", "checkpoints", "logs", "fold_[0-9]*", "curves.png", "confusion_matrix.png",
-    "labels.png", "val_predictions.png", "predictions_*.json", "ground_truth_*.json",
+    "labels.png", "val_predictions.png", "predictions_*.json", "ground_truth_*.json", "train_batch0.jpg", "pr_curves.png",
 )  # fmt: skip
 BEFORE_TRAINING = (RUN_FILE, LOCK_FILE, "args.json", "data_report.json", "*.json.tmp", "logs", "labels.png")
 

@@ -68,3 +68,22 @@ def log_pictures(accelerator, pictures: list[Path], step: int):
         elif hasattr(tracker, "log_artifact"):
             for picture in pictures:
                 tracker.log_artifact(str(picture), artifact_path="pictures")
+
+
+def plot_confusion_matrix(matrix, labels: list[str], path: Path, title: str):
+    """Rows (true classes) normalised to recall, with the counts written in when there are at most 30 classes."""
+    matrix = np.asarray(matrix)
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(6, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(title, fontsize=10)
+    if len(labels) <= 30:
+        for i, j in np.ndindex(matrix.shape):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

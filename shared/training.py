@@ -120,6 +120,17 @@ class EpochLosses:
         }
 
 
+class RunClock:
+    """The time the whole run has left, at the mean pace (training and evaluation) of the epochs this process ran."""
+
+    def __init__(self, state: RunState, epochs: int):
+        self.first, self.epochs, self.started = state.epoch, epochs, time.perf_counter()
+
+    def left(self, epoch: int) -> str:
+        seconds = (time.perf_counter() - self.started) / (epoch + 1 - self.first) * (self.epochs - epoch - 1)
+        return f"{seconds / 60:.0f} min left" if seconds >= 90 else f"{seconds:.0f} s left"
+
+
 def capped_warmup(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> tuple[int, str]:
     """The warmup in optimizer steps, at most half the run (a short run would otherwise never reach its peak LR), and
     a note for the start-up summary."""

@@ -10,6 +10,7 @@ from audio_model import (
     TinyMapConv2d,
     build_backbone,
     frontend_config,
+    probe_step,
     save_model,
     supported_models,
     use_tiny_map_convs,
@@ -119,7 +120,7 @@ def test_batch_size_auto_is_accepted_and_starts_from_the_nominal_batch_on_cpu(tm
 
     args = train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "auto", "--nominal-batch-size", "48"])
     assert args.batch_size == "auto"
-    assert largest_batch_size(Accelerator(cpu=True), 48, train_audio.probe_step(args, CONFIG)) == 48
+    assert largest_batch_size(Accelerator(cpu=True), 48, probe_step(CONFIG)) == 48
     with pytest.raises(SystemExit):
         train_audio.parse_args(["--data", "x", "--output-dir", "y", "--batch-size", "0"])
 

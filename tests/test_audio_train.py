@@ -68,6 +68,9 @@ def test_learns_well_above_chance_on_the_official_fold(us8k_run):
     test_clips = sum(1 for r in csv.DictReader((root / "metadata" / "UrbanSound8K.csv").open()) if r["fold"] == "1")
     assert sum(c["support"] for c in metrics["test"]["per_class"].values()) == test_clips
     assert "accumulation steps" in proc.stdout and "optimizer steps" in proc.stdout
+    assert re.search(r"epoch 5: .*, \d+ (s|min) left\n", proc.stdout) and re.search(r"epoch 6: .*, 0 s left\n", proc.stdout)
+    sweep, table = metrics["test"]["per_class"]["sweep"], proc.stdout.split("per class (test)")[1]
+    assert re.search(rf"\n  sweep +precision {sweep['precision']:.3f}  recall {sweep['recall']:.3f}  F1 {sweep['f1']:.3f}", table)
     assert 1 <= metrics["best_epoch"] <= 6 and f"best epoch {metrics['best_epoch']}:" in proc.stdout  # one count, from 1
     print(
         f"\nUS8K-layout test accuracy {metrics['test']['accuracy']:.3f}, "

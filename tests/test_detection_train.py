@@ -59,9 +59,14 @@ def test_two_process_run_learns_and_writes_every_artifact(learned):
     for name in (
         "args.json", "results.csv", "data_report.json", "curves.png", "labels.png", "val_predictions.png",
         "model/model.safetensors", "model/config.json", "predictions_val.json", "ground_truth_val.json",
-        "predictions_test.json", "ground_truth_test.json",
+        "predictions_test.json", "ground_truth_test.json", "train_batch0.jpg", "pr_curves.png", "confusion_matrix.png",
     ):  # fmt: skip
         assert (out / name).is_file(), name
+    matrix = np.array(metrics["test"]["confusion_matrix"])  # classes and background: every test box lands in a row
+    assert matrix.shape == (4, 4) and matrix[:3].sum() == len(
+        json.loads((out / "ground_truth_test.json").read_text())["annotations"]
+    )
+    assert set(metrics["test"]["per_class_ap50"]) == set(metrics["labels"]) and "pr_curves" not in metrics["test"]
     assert any((out / "logs").rglob("events.out.tfevents*"))
     args = json.loads((out / "args.json").read_text())
     assert args["num_processes"] == 2 and args["accumulation_steps"] == 1

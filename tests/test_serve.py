@@ -304,9 +304,16 @@ def test_onnx_detector_answers_by_the_export_contract(servers, models):
     # grey.png is 64 x 48 at grey 200: resized to 32 x 24 and padded with grey 114 to 32 x 32, it has mean brightness
     # (0.75 * 200 + 0.25 * 114) / 255 = 0.7. Boxes come back at twice the input's scale, clipped to the image.
     expected = [
-        {"image_id": 0, "file_name": "body", "category_id": 2, "bbox": [0.0, 0.0, 32.0, 32.0], "score": 0.7},
-        {"image_id": 0, "file_name": "body", "category_id": 0, "bbox": [16.0, 32.0, 32.0, 16.0], "score": 0.35},
-    ]
+        {"image_id": 0, "file_name": "body", "category_id": 2, "bbox": [0.0, 0.0, 32.0, 32.0], "score": 0.7, "label": LABELS[2]},
+        {
+            "image_id": 0,
+            "file_name": "body",
+            "category_id": 0,
+            "bbox": [16.0, 32.0, 32.0, 16.0],
+            "score": 0.35,
+            "label": LABELS[0],
+        },
+    ]  # label: the name of category_id
     answer = httpx.post(server.predict, **raw(models.grey, "image/png")).json()
     assert answer == close_to({"file_name": "body", "width": 64, "height": 48, "detections": expected}, 1e-5)
     strict = httpx.post(server.predict, params={"conf": 0.5}, **raw(models.grey, "image/png")).json()
