@@ -23,11 +23,13 @@ SAMPLED_BYTES = 4096
 TRACKERS = tuple(LOGGER_TYPE_TO_CLASS)
 # Spellings people bring from the Hugging Face examples and torchvision's references, read as this project's flags.
 ALIASES = {"--resume_from_checkpoint": "--resume", "--checkpointing_steps": "--checkpoint-steps", "--test-only": "--eval-only",
-           "--wd": "--weight-decay"}  # fmt: skip
+           "--wd": "--weight-decay", "--num_train_epochs": "--epochs", "--learning_rate": "--lr",
+           "--per_device_train_batch_size": "--batch-size", "--logging_steps": "--log-every",
+           "--dataloader_num_workers": "--workers"}  # fmt: skip
 SPELLINGS = (
     "Also accepted: every flag with underscores (--output_dir, --mixed_precision, --nominal_batch_size, ...), "
     + ", ".join(f"{alias} for {ours}" for alias, ours in ALIASES.items())
-    + "."
+    + "; -b for --batch-size and -j for --workers (torchvision's)."
 )
 
 
@@ -47,6 +49,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     g.add_argument(
         "--batch-size",
+        "-b",
         type=_batch_size,
         default=batch_size,
         help=f"per device per forward pass (default {batch_size}); auto: the largest that fits the GPU",
@@ -59,7 +62,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     )
     g.add_argument("--seed", type=int, default=0, help="seeds weights, order and augmentation (default 0)")
     workers = min(4, os.cpu_count() or 1)
-    g.add_argument("--workers", type=int, default=workers, help=f"DataLoader workers per device (default {workers})")
+    g.add_argument("--workers", "-j", type=int, default=workers, help=f"DataLoader workers per device (default {workers})")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="overrides accelerate's; fp16 needs a GPU")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
@@ -90,8 +93,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     )
     s = parser.add_argument_group("smoke tests (default: all)")
     s.add_argument("--max-train-steps", type=int, help="end training after N optimizer steps (the schedule is fitted to them)")
-    s.add_argument("--max-train-samples", type=int, help="train on the first N samples of the training split")
-    s.add_argument("--max-eval-samples", type=int, help="evaluate on the first N samples of each evaluation split")
+    s.add_argument("--max-train-samples", type=int, help="train on N samples spread evenly over the training split")
+    s.add_argument("--max-eval-samples", type=int, help="evaluate on N samples spread evenly over each evaluation split")
 
 
 def _trackers(value: str):

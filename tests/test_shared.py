@@ -308,6 +308,18 @@ def test_the_spellings_users_bring_are_read_as_ours(tmp_path):
         args = script.parse_args(familiar)
         assert (args.output_dir, args.mixed_precision, args.checkpoint_steps) == (tmp_path, "bf16", 5)
         assert (args.resume, args.eval_only, args.weight_decay, args.warmup_epochs) == ("latest", True, 0.05, 2.0)
+    hf_and_torchvision = ["--data", "d", "--output_dir", tmp_path, "--num_train_epochs", "3", "--learning_rate", "0.02",
+                          "-b", "8", "-j", "0", "--logging_steps", "5", "--max_train_samples", "40"]  # fmt: skip
+    for script in (train_audio, train_detection):
+        args = script.parse_args(hf_and_torchvision)
+        assert (args.epochs, args.lr, args.batch_size, args.workers, args.log_every, args.max_train_samples) == (
+            3,
+            0.02,
+            8,
+            0,
+            5,
+            40,
+        )
     assert "--output_dir" in train_audio.parse_args.__globals__["SPELLINGS"]
     with pytest.raises(SystemExit):
         train_detection.parse_args(["--data", "d", "--output_dir", tmp_path, "--weight_decy", "0.1"])
