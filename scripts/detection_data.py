@@ -33,6 +33,7 @@ MAX_PIXELS = 40_000_000  # larger images are skipped unread: one decoded 95-mega
 # probe_image enforces the cap from the header, as a counted skip; PIL's own check would warn (or raise) first.
 Image.MAX_IMAGE_PIXELS = None
 PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
+DARK = {"red", "blue", "magenta", "purple", "brown"}  # white names on these, black on the others
 PAD_VALUE = 114  # the grey YOLO letterboxes with
 
 
@@ -524,16 +525,18 @@ def draw_detections(image: Image.Image, boxes, labels, scores, names: list[str],
     if truth is not None and len(truth):
         tensor = draw_bounding_boxes(tensor, torch.as_tensor(truth), colors="white", width=1)
     if len(boxes):
-        tensor = draw_bounding_boxes(
-            tensor,
-            torch.as_tensor(boxes),
-            labels=[f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist(), strict=True)],
-            colors=[PALETTE[c % len(PALETTE)] for c in labels.tolist()],
-            width=2,
-            font=font_file(),
-            font_size=12,
-        )
+        named = [f"{names[c]} {s:.2f}" for c, s in zip(labels.tolist(), scores.tolist(), strict=True)]
+        tensor = draw_named_boxes(tensor, torch.as_tensor(boxes), labels.tolist(), named, width=2)
     return tensor
+
+
+def draw_named_boxes(image: torch.Tensor, boxes: torch.Tensor, classes: list[int], names: list[str], width: int = 1):
+    """Boxes coloured by class, each named on a label of its colour (readable on any picture)."""
+    colours = [PALETTE[c % len(PALETTE)] for c in classes]
+    text = ["white" if colour in DARK else "black" for colour in colours]
+    return draw_bounding_boxes(
+        image, boxes, names, colours, width=width, font=font_file(), font_size=12, label_colors=text, fill_labels=True
+    )
 
 
 def font_file() -> str:
@@ -573,8 +576,7 @@ def draw_batch(images: torch.Tensor, targets: list[dict], names: list[str], path
         pixels = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
         labels = (target["labels"] - 1).tolist()  # the model's labels count background as 0
         boxes = target["boxes"].detach().float().cpu()
-        colours = [PALETTE[c % len(PALETTE)] for c in labels]
-        tiles.append(draw_bounding_boxes(pixels, boxes, [names[c] for c in labels], colours, font=font_file(), font_size=12))
+        tiles.append(draw_named_boxes(pixels, boxes, labels, [names[c] for c in labels]))
     save_with_caption(make_grid(tiles, nrow=4, padding=4), "the first training batch, augmented, with its boxes", path)
 
 
