@@ -416,12 +416,14 @@ def _class_folders(root: Path, val_fraction: float) -> AudioData:
 
 
 def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: float) -> AudioData:
-    """A Hub dataset id (through the local cache when offline) or a save_to_disk folder. Audio is read as raw bytes or
-    paths and decoded with soundfile, so no torchcodec/FFmpeg is needed."""
+    """A Hub dataset id (through the local cache when offline), a save_to_disk folder or a folder of data files (such as
+    make_shards.py's parquet shards). Audio is read as raw bytes or paths and decoded with soundfile, so no
+    torchcodec/FFmpeg is needed."""
     import datasets
 
+    saved = (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file()  # by save_to_disk
     try:
-        loaded = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name)
+        loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise DataError(
             f"--data {name}: not a local folder and not loadable as a Hugging Face dataset ({err}). "
