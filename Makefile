@@ -46,6 +46,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check scripts shared tests benchmarks
+	$(VENV)/bin/ruff format --check scripts shared tests benchmarks
+	$(PY) -m pytest tests/test_budgets.py -q
 
 clean:
 	rm -rf demo_data runs
