@@ -39,7 +39,8 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
 
 def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int, shape: str = "cosine", final_lr_ratio: float = 0.01):
     """Linear warmup from 0, then cosine or linear decay to final_lr_ratio x lr; or torch's one-cycle. Counted in
-    optimizer steps (curves line up across device counts), it is stepped by the loop: prepared, once per process."""
+    optimizer steps (curves line up across device counts) and stepped by the loop once per optimizer step: it is not
+    passed to accelerator.prepare, which would step it once per process."""
     if shape == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
