@@ -174,10 +174,11 @@ def plot_curves(runs: list[dict], path: Path):
     plt.close(fig)
 
 
-def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
+def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int, cache_dir: Path | None) -> float:
     """Images/s that one worker of train_detection.py's training loader delivers (mosaic, as `--recipe` with `mosaic: 1.0`,
-    and every per-image augmentation; colour jitter is not in it: launchkit applies it batched on the device). The
-    image cache is built before the clock starts, as it is once per data set and image size."""
+    and every per-image augmentation; colour jitter is not in it: launchkit applies it batched on the device), reading
+    its image cache in cache_dir, or with --no-cache when None. The cache is built before the clock starts, as it is
+    once per data set and image size."""
     from types import SimpleNamespace
 
     import audio_loaders
@@ -185,6 +186,7 @@ def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
     from detection_data import detection_datasets, image_loader, load_data
 
     argv = ["--data", str(data_yaml), "--output-dir", "/nonexistent", "--img-size", str(img_size), "--workers", "1"]
+    argv += ["--no-cache"] if cache_dir is None else ["--cache-dir", str(cache_dir)]
     args = train_detection.parse_args(argv)  # the recipe resolved into args
     recipe = {**vars(args), "mosaic": 1.0}  # the same work as the peer's loader, whose mosaic is on
     datasets = detection_datasets(args, load_data(str(data_yaml)), img_size, recipe)
@@ -193,21 +195,57 @@ def launchkit_loader_rate(data_yaml: Path, img_size: int, images: int) -> float:
     return audio_loaders.rate(loader, images)
 
 
-def peer_loader_rate(work: Path, data_yaml: Path, img_size: int, images: int) -> float:
+def peer_loader_rate(work: Path, data_yaml: Path, img_size: int, images: int, cache: str = "off") -> float:
+    """The peer's training loader with its image cache "off" (cache=False), in "ram" or on "disk"."""
     cmd = [str(ensure_peer_venv()), str(HERE / "peer_ultralytics.py"), "loader",
-           "--data", str(data_yaml), "--imgsz", str(img_size), "--images", str(images)]  # fmt: skip
+           "--data", str(data_yaml), "--imgsz", str(img_size), "--images", str(images), "--cache", cache]  # fmt: skip
     out = subprocess.run(cmd, env=peer_env(work), capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_second"]
 
 
-def loader_table(work: Path, data_yaml: Path, img_size: int, images: int, reps: int) -> dict:
-    """Both input pipelines in turn (interleaved, so a busy moment hurts both), median of the repetitions."""
-    import statistics
+def npy_twin(data_yaml: Path) -> Path:
+    """A copy of the set for the peer's cache="disk": it writes image.npy beside each image, and reads any it finds in
+    every cache mode, so the runs without it must read a folder that never gets one."""
+    root = data_yaml.parent
+    twin, settings = root.with_name(root.name + "_npy"), (root / ".complete").read_text()
+    if not (twin / ".copied").exists() or (twin / ".copied").read_text() != settings:
+        shutil.rmtree(twin, ignore_errors=True)
+        shutil.copytree(root, twin, ignore=shutil.ignore_patterns("*.cache"))
+        (twin / "data.yaml").write_text(data_yaml.read_text().replace(f"path: {root}\n", f"path: {twin}\n"))
+        (twin / ".copied").write_text(settings)
+    return twin / "data.yaml"
 
-    rates = {"launchkit": [], "ultralytics": []}
-    for _ in range(reps):
-        rates["ultralytics"].append(peer_loader_rate(work, data_yaml, img_size, images))
-        rates["launchkit"].append(launchkit_loader_rate(data_yaml, img_size, images))
-    medians = {tool: statistics.median(r) for tool, r in rates.items()}
-    return {"img_size": img_size, "images": images, "rates": rates, "median": medians,
-            "ratio": medians["launchkit"] / medians["ultralytics"]}  # fmt: skip
+
+LOADERS = ("launchkit cache", "launchkit no cache", "ultralytics off", "ultralytics ram", "ultralytics disk")
+
+
+def loader_table(work: Path, sets: dict[str, tuple[Path, int]], img_size: int, images: int, reps: int) -> dict:
+    """sets: kind -> (data.yaml, side of its square source images). In each set the loaders of LOADERS (both tools
+    with their image caches on and off) in turn, interleaved so that a busy moment hurts all of them; medians of the
+    repetitions; ratios of launchkit with its cache to the peer with its faster one, and of both without a cache."""
+    import statistics
+    from functools import partial
+
+    table = {}
+    for kind, (data_yaml, side) in sets.items():
+        twin, cache_dir = npy_twin(data_yaml), work / "cache" / f"loader_{kind}"
+        measure = {
+            "ultralytics off": partial(peer_loader_rate, work, data_yaml, img_size, images, "off"),
+            "launchkit no cache": partial(launchkit_loader_rate, data_yaml, img_size, images, None),
+            "ultralytics ram": partial(peer_loader_rate, work, data_yaml, img_size, images, "ram"),
+            "launchkit cache": partial(launchkit_loader_rate, data_yaml, img_size, images, cache_dir),
+            "ultralytics disk": partial(peer_loader_rate, work, twin, img_size, images, "disk"),
+        }
+        rates = {name: [] for name in LOADERS}
+        for rep in range(reps):
+            print(f"  {kind} sources, repetition {rep + 1} of {reps} ...", flush=True)
+            for name, rate in measure.items():
+                rates[name].append(rate())
+        m = {name: statistics.median(r) for name, r in rates.items()}
+        best_peer = max(("ultralytics ram", "ultralytics disk"), key=m.get)
+        jpegs = list((data_yaml.parent / "images" / "train").glob("*.jpg"))
+        source = {"side": side, "train": len(jpegs), "kb": sum(f.stat().st_size for f in jpegs) / len(jpegs) / 1024}
+        table[kind] = {"source": source, "rates": rates, "median": m, "best_peer_cache": best_peer,
+                       "ratio_cached": m["launchkit cache"] / m[best_peer],
+                       "ratio_uncached": m["launchkit no cache"] / m["ultralytics off"]}  # fmt: skip
+    return {"img_size": img_size, "images": images, "reps": reps, "sets": table}

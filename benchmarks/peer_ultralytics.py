@@ -1,14 +1,14 @@
 """The peer's side of the comparison, run by the peer's own interpreter (benchmarks/.peer-venv), never by launchkit's.
 
     benchmarks/.peer-venv/bin/python benchmarks/peer_ultralytics.py train --data D/data.yaml --out RUN --epochs 20 --imgsz 320
-    benchmarks/.peer-venv/bin/python benchmarks/peer_ultralytics.py loader --data D/data.yaml --imgsz 640 --images 200
+    benchmarks/.peer-venv/bin/python benchmarks/peer_ultralytics.py loader --data D/data.yaml --imgsz 640 --images 200 --cache ram
 
 `train` is what a user types, `yolo train model=yolov8n.yaml data=... epochs=... imgsz=...` (from scratch, the
 peer's defaults otherwise, fp32 as it runs on a CPU), then predicts the test split at the thresholds its own
 validation uses (conf 0.001, NMS IoU 0.7, 300 per image) into RUN/test_predictions.json, keyed by file name, so
 that launchkit's evaluator scores both tools alike. RUN/summary.json holds the training wall time.
 `loader` times the peer's own training data loader (mosaic and the rest of its default augmentation) with one
-worker and prints images/s as JSON."""
+worker and its image cache off (`cache=False`), in RAM or on disk, and prints images/s as JSON."""
 
 import argparse
 import json
@@ -55,9 +55,10 @@ def loader(args):
     from ultralytics.data import build_dataloader, build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    cfg = get_cfg(overrides={"imgsz": args.imgsz, "data": str(args.data), "cache": False})
+    cache = {"off": False, "ram": "ram", "disk": "disk"}[args.cache]
+    cfg = get_cfg(overrides={"imgsz": args.imgsz, "data": str(args.data), "cache": cache})
     data = check_det_dataset(str(args.data))
-    dataset = build_yolo_dataset(cfg, data["train"], batch=16, data=data, mode="train", stride=32)
+    dataset = build_yolo_dataset(cfg, data["train"], batch=16, data=data, mode="train", stride=32)  # builds the cache
     dl = build_dataloader(dataset, batch=16, workers=1, shuffle=True)
     seen, started = 0, None
     while started is None or seen < args.images:
@@ -80,6 +81,7 @@ def main():
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--images", type=int, default=256, help="loader: images to time after the first batch")
+    p.add_argument("--cache", choices=["off", "ram", "disk"], default="off", help="loader: the peer's image cache")
     args = p.parse_args()
     train(args) if args.mode == "train" else loader(args)
 

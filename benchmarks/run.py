@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/run.py --only peer --peer-epochs 20 --peer-scale 0.5 --output /tmp/RESULTS_peer.md
                                                                                # the peer comparisons only, ~30 min
     .venv/bin/python benchmarks/run.py --only chaos --output /tmp/RESULTS_chaos.md  # kill -9 x 20 only, a few minutes
+    .venv/bin/python benchmarks/run.py --only loaders --output /tmp/RESULTS_loaders.md  # input pipelines only, ~20 min
 
 One process tree: this script writes the benchmark data once (benchmarks/.work/), then runs
 scripts/train_audio.py, scripts/train_detection.py and the baselines in benchmarks/ one after the
@@ -76,7 +77,8 @@ FULL = {
     "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
     "serve_requests": 512,
     "peer": {"train": 800, "val": 150, "test": 250, "size": 320, "epochs": [20, 50]},
-    "loader": {"train": 128, "size": 640, "images": 256, "clips": 320, "reps": 3},
+    # Sources of two kinds, photo-like grain on both; more training images than the peer's mosaic buffer (8 batches).
+    "loader": {"train": 400, "sources": {"small": 320, "large": 1600}, "size": 640, "images": 256, "clips": 320, "reps": 3},
     "speech": {"train_speakers": 30, "test_speakers": 20, "takes": 3, "epochs": 15},
 }
 QUICK = {
@@ -95,7 +97,7 @@ QUICK = {
     "serve_requests": 64,
     "only_s1_complete": True,
     "peer": {"train": 32, "val": 8, "test": 16, "size": 320, "epochs": [1]},
-    "loader": {"train": 32, "size": 640, "images": 32, "clips": 32, "reps": 1},
+    "loader": {"train": 32, "sources": {"small": 320, "large": 1600}, "size": 640, "images": 32, "clips": 32, "reps": 1},
     "speech": {"train_speakers": 4, "test_speakers": 3, "takes": 2, "epochs": 1},
 }
 
@@ -108,9 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every run (launchkit's default here)")
     p.add_argument(
         "--only",
-        choices=["all", "peer", "chaos"],
+        choices=["all", "peer", "chaos", "loaders"],
         default="all",
-        help="peer: only the comparisons with the peer tools; chaos: only the kill -9 run",
+        help="peer: only the comparisons with the peer tools; chaos: only the kill -9 run; loaders: only the input "
+        "pipelines per worker (a part of peer)",
     )
     p.add_argument("--peer-epochs", type=int, nargs="+", help="the detection comparison's epoch counts (default 20 50)")
     p.add_argument("--peer-scale", type=float, default=1.0, help="scale the held-out detection set's image counts")
@@ -245,13 +248,7 @@ def compare_with_peers(args, cfg: dict, work: Path, results: dict):
         work / "data" / "heldout", train=c["train"], val=c["val"], test=c["test"], size=c["size"]
     )
     results["peer"] = peer.comparison(work, data_yaml, c["epochs"], c["size"])
-    c = cfg["loader"]
-    print("input pipelines per worker ...", flush=True)
-    loader_yaml = heldout_detection.write_heldout_set(
-        work / "data" / f"heldout_{c['size']}", train=c["train"], val=8, test=8, size=c["size"]
-    )
-    results["loader"] = peer.loader_table(work, loader_yaml, c["size"], c["images"], c["reps"])
-    results["audio_loader"] = audio_loaders.audio_loader_table(write_data(work, cfg), work, c["clips"], c["reps"])
+    compare_loaders(cfg, work, results)
     c = cfg["speech"]
     print("audio on unseen speakers ...", flush=True)
     speech = heldout_speech.write_speech_set(
@@ -259,6 +256,19 @@ def compare_with_peers(args, cfg: dict, work: Path, results: dict):
     )
     env = training_runs.Runner(work).env
     results["speech"] = speech_comparison.comparison(work, speech, c["epochs"], args.workers, env)
+
+
+def compare_loaders(cfg: dict, work: Path, results: dict):
+    """The input pipelines per worker: detection on small and large source JPEGs against ultralytics' loader, both
+    tools' caches on and off; audio against the walk-through's."""
+    c = cfg["loader"]
+    print("input pipelines per worker ...", flush=True)
+    sets = {}
+    for kind, side in c["sources"].items():
+        root = work / "data" / f"loader_{side}"
+        sets[kind] = (heldout_detection.write_heldout_set(root, train=c["train"], val=8, test=8, size=side, grain=8), side)
+    results["loader"] = peer.loader_table(work, sets, c["size"], c["images"], c["reps"])
+    results["audio_loader"] = audio_loaders.audio_loader_table(write_data(work, cfg), work, c["clips"], c["reps"])
 
 
 def main(argv=None):
@@ -269,6 +279,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     results = {
         "quick": args.quick,
+        "only": args.only,
         "cfg": cfg,
         "output": training_runs.repo_relative(str(args.output)),
         "machine": machine(),
@@ -282,6 +293,8 @@ def main(argv=None):
         results["chaos"] = chaos.benchmark(work, cfg["chaos_kills"])
     if args.only in ("all", "peer"):
         compare_with_peers(args, cfg, work, results)
+    if args.only == "loaders":
+        compare_loaders(cfg, work, results)
     results["load"].append(os.getloadavg()[0])
     results["wall"] = time.perf_counter() - started
 
