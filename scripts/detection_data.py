@@ -709,11 +709,11 @@ class DetectionDataset(torch.utils.data.Dataset):
         }
 
 
-IMAGE_CACHE_VERSION = 2  # bump when the cached representation changes
+IMAGE_CACHE_VERSION = 3  # bump when the cached representation changes
 
 
 class ImageCache:
-    """A split's images decoded once, scaled to a long side of img_size (never up), as uint8 HWC one after another in
+    """A split's images decoded once, scaled to a long side of img_size, as uint8 HWC one after another in
     CACHE/<key>.u8: a memory map workers, processes and later runs read instead of decoding (a 640 px JPEG takes PIL
     about 2 ms, four times per mosaic sample). Key: the image files' stamps or the Hub split's fingerprint, img_size."""
 
@@ -733,7 +733,9 @@ class ImageCache:
 
 
 def scaled_size(width: int, height: int, img_size: int) -> tuple[int, int]:
-    scale = min(1.0, img_size / max(width, height))
+    """An image at a long side of img_size, up or down: a small source is scaled once into the cache, not once per
+    mosaic tile it appears in (320 px JPEGs at 640: 2.3x the images per second per worker)."""
+    scale = img_size / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 

@@ -256,7 +256,7 @@ def test_image_cache_holds_each_upright_image_scaled_to_img_size_and_is_built_on
     from detection_data import ImageCache, open_rgb
 
     noise_image(tmp_path / "images" / "train" / "wide.png", (300, 150), 0)  # scaled down to 200 x 100
-    noise_image(tmp_path / "images" / "train" / "small.png", (64, 48), 1)  # smaller than img_size: kept as it is
+    noise_image(tmp_path / "images" / "train" / "small.png", (64, 48), 1)  # smaller than img_size: scaled up once
     write_image(tmp_path / "images" / "train" / "rotated.jpg", size=(240, 120), exif_orientation=6)  # upright 120 x 240
     write_image(tmp_path / "images" / "val" / "v.jpg")
     samples = load_data(str(write_yaml(tmp_path, path=str(tmp_path), train="images/train", val="images/val", names=["a"])))
@@ -264,7 +264,7 @@ def test_image_cache_holds_each_upright_image_scaled_to_img_size_and_is_built_on
     cache = ImageCache(samples, None, 200, tmp_path / "cache")
     for i, s in enumerate(samples):
         upright = open_rgb(s.source)[0]
-        expected = {"wide.png": (200, 100), "small.png": (64, 48), "rotated.jpg": (100, 200)}[Path(s.source).name]
+        expected = {"wide.png": (200, 100), "small.png": (200, 150), "rotated.jpg": (100, 200)}[Path(s.source).name]
         if upright.size != expected:
             upright = upright.resize(expected, Image.BILINEAR)
         assert torch.equal(cache.image(i), torch.from_numpy(np.array(upright)).permute(2, 0, 1)), s.source
@@ -288,10 +288,10 @@ def test_no_image_cache_when_it_would_fill_the_disk(tmp_path, monkeypatch, capsy
 
     sample = load_data_sample(tmp_path)
     args = train_detection.parse_args(["--data", "x", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")])
-    monkeypatch.setattr(detection_data, "disk_free", lambda folder: 2 * 3 * 64 * 48 - 1)  # just under twice its size
+    monkeypatch.setattr(detection_data, "disk_free", lambda folder: 2 * 3 * 224 * 168 - 1)  # just under twice its size at 224 px
     assert detection_data.training_image_cache(args, [sample], None, 224) is None
     assert "image cache off" in capsys.readouterr().out and not (tmp_path / "c").exists()
-    monkeypatch.setattr(detection_data, "disk_free", lambda folder: 2 * 3 * 64 * 48)
+    monkeypatch.setattr(detection_data, "disk_free", lambda folder: 2 * 3 * 224 * 168)
     assert detection_data.training_image_cache(args, [sample], None, 224) is not None
 
 
