@@ -304,8 +304,8 @@ def loader_section(results: dict) -> list[str]:
         "",
         f"One DataLoader worker, batches of 16, {loader['images']} images after the first batch, median of {loader['reps']} "
         f"interleaved runs. Sources: benchmarks/heldout_detection.py's training images with photo-like grain, "
-        f"{train} per set{buffer_note}, scaled to {loader['img_size']} px. launchkit: its image cache (decoded once, long "
-        f"side at most {loader['img_size']} px) "
+        f"{train} per set{buffer_note}, scaled to {loader['img_size']} px. launchkit: its image cache (decoded once at a "
+        f"long side of {loader['img_size']} px) "
         "or `--no-cache`; ultralytics: `cache=False`, `cache=ram` or `cache=disk` (an .npy beside each image). launchkit's "
         "colour jitter is not in its loader (it runs batched on the device), the peer's HSV jitter is in its own.",
         "",
