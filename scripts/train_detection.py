@@ -150,7 +150,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    train(parse_args(argv))
+
+
+def train(args):
+    """One run in args.output_dir: train and test, or with --eval-only score a model."""
     recipe = {key: getattr(args, key) for key in RECIPE}
     data = detection_data.load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
     for split, samples in data.splits.items():
@@ -345,7 +349,7 @@ def main(argv=None):
     accelerator.end_training()
 
 
-# ==================================================================== helpers of main(), in the order it calls them
+# ==================================================================== helpers of train(), in the order it uses them
 def model_config_for(args, data, weights, recipe: dict) -> dict:
     """The config of the model to build: new, or read from --weights (whose labels --eval-only data is matched to)."""
     if args.eval_only:
