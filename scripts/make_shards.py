@@ -39,7 +39,8 @@ from shared.runtime import write_json
 
 HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # training's split names -> the Hub's
 BYTES = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}  # how Audio and Image store a file
-IMAGE_SKIPS = ("corrupt_image", "missing_image", "too_large", "unreadable_label")  # DataReport kinds that drop an image
+# The DataReport kinds that drop a whole image (the others fix or drop a box or a label line).
+IMAGE_SKIPS = {kind for kind, action in detection_data.DataReport.ACTIONS.items() if action.startswith("image skipped")}
 
 
 @dataclass

@@ -14,14 +14,13 @@ run builds it again.
 
 import argparse
 import fcntl
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 
-from shared.cache import cache_root
+from shared.cache import cache_root, not_through_symlinks
 
 UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
@@ -68,7 +67,7 @@ def shown(entry: dict, root: Path) -> str:
 def delete_unless_building(entry: dict) -> bool:
     """Deleted under the entry's build lock, manifest first: a run that looks meanwhile sees no entry, not half of one."""
     lock = entry["manifest"].with_suffix(".lock")
-    with open(lock, "a", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o666)) as handle:
+    with open(lock, "a", opener=not_through_symlinks) as handle:  # as a build opens it
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -423,7 +423,8 @@ def score_splits(accelerator, args, model, datasets, loaders, config, metric) ->
     """mAP on val and test; the predictions as COCO results beside a COCO ground truth, so anyone can re-check; the
     pictures of the last split (test when there is one): PR curves and confusion matrix."""
     scores, labels = {}, config["labels"]
-    for split in [s for s in ("val", "test") if s in loaders]:
+    splits = [s for s in ("val", "test") if s in loaders]
+    for split in splits:
         samples = datasets[split].samples
         scores[split], predictions = evaluate(model, loaders[split], accelerator, samples, labels, metric, args.map_backend)
         curves = scores[split].pop("pr_curves")  # drawn, not kept: metrics.json holds numbers
@@ -432,10 +433,11 @@ def score_splits(accelerator, args, model, datasets, loaders, config, metric) ->
             write_json(args.output_dir / f"ground_truth_{split}.json", detection_data.to_coco(samples, labels))
             if split == "val":
                 detection_data.draw_grid(datasets["val"], predictions, labels, args.output_dir / "val_predictions.png")
-            detection_data.plot_pr_curves(curves, args.output_dir / "pr_curves.png", split)
-            title = f"confusion matrix: {split} (score >= 0.25, IoU >= 0.5)"
-            matrix = scores[split]["confusion_matrix"]
-            plot_confusion_matrix(matrix, [*labels, "background"], args.output_dir / "confusion_matrix.png", title)
+            if split == splits[-1]:
+                detection_data.plot_pr_curves(curves, args.output_dir / "pr_curves.png", split)
+                title = f"confusion matrix: {split} (score >= 0.25, IoU >= 0.5)"
+                matrix = scores[split]["confusion_matrix"]
+                plot_confusion_matrix(matrix, [*labels, "background"], args.output_dir / "confusion_matrix.png", title)
     return scores
 
 

@@ -34,7 +34,7 @@ def build_once(array: Path, build: Callable[[Callable[[bytes], None]], dict]) ->
             os.utime(manifest)
         return record
     array.parent.mkdir(parents=True, exist_ok=True)
-    with open(array.with_suffix(".lock"), "a", opener=_not_through_symlinks) as lock:  # "a": never truncate it
+    with open(array.with_suffix(".lock"), "a", opener=not_through_symlinks) as lock:  # "a": never truncate it
         fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, also when the process dies
         record, damage = _checked(array, manifest)  # another process may have built it while this one waited
         if record is None:
@@ -104,7 +104,7 @@ def _written(path: Path, fill: Callable):
     """fill(file)'s result, having filled a new file under an unpredictable name beside path and renamed it to path:
     never seen half written, and in a folder others can write a planted file or symlink is never written through."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    out = open(tmp, "xb", opener=_not_through_symlinks)  # "x": O_EXCL, fails rather than open what is there
+    out = open(tmp, "xb", opener=not_through_symlinks)  # "x": O_EXCL, fails rather than open what is there
     try:
         with out:
             result = fill(out)
@@ -115,7 +115,7 @@ def _written(path: Path, fill: Callable):
     return result
 
 
-def _not_through_symlinks(path, flags):
+def not_through_symlinks(path, flags):
     return os.open(path, flags | os.O_NOFOLLOW, 0o666)  # 0o666 less the umask, as open() creates files
 
 

@@ -58,6 +58,8 @@ def _numeric(value: str) -> bool:
 
 def log_pictures(accelerator, pictures: list[Path], step: int):
     """The run's PNGs to every tracker that takes pictures: as images (TensorBoard, W&B, ...), as files (MLflow)."""
+    if not accelerator.trackers:  # --report-to none: nothing to read the files for
+        return
     pictures = [p for p in pictures if p.is_file()]
     images = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in pictures}
     for tracker in accelerator.trackers:
