@@ -17,6 +17,7 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import torchaudio.functional as AF
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
-from shared.runtime import print_summary, write_json
+from shared.runtime import print_summary, stream_loader, write_json
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
@@ -89,6 +90,8 @@ class Split:
         by class keeps every class in proportion."""
         if limit is None or limit >= len(self.targets):
             return self
+        if isinstance(self.sources, ShardStream):  # a stream has no random access: its first `limit` clips
+            return Split(self.sources.take(limit), self.targets[:limit], self.names[:limit])
         rows = np.linspace(0, len(self.targets) - 1, limit).round().astype(int)
         sources = self.sources.select(rows) if isinstance(self.sources, HubAudio) else [self.sources[i] for i in rows]
         return Split(sources, self.targets[rows], [self.names[i] for i in rows])
@@ -169,6 +172,8 @@ def load_run_data(run: dict, clip_seconds: float | None = None) -> AudioData:
     percentages = run.get("unknown_percentage", 10.0), run.get("silence_percentage", 10.0)
     given = {k: run[k] for k in ("fold", "val_fold", "audio_column", "label_column", "val_fraction") if k in run}
     keywords = KeywordTask(tuple(words), *percentages) if words else None
+    if run.get("streaming"):
+        return _streamed_dataset(run["data"], run.get("audio_column", "audio"), run.get("label_column", "label"))
     return load_audio_data(
         run["data"], run.get("format"), **given, keywords=keywords, clip_seconds=clip_seconds or run.get("clip_seconds")
     )
@@ -488,6 +493,104 @@ class HubAudio:
         return self.dataset._fingerprint
 
 
+class ShardStream:
+    """--streaming: one split of a dataset in shards (make_shards.py's parquet, any data files `datasets` reads, or a Hub
+    id) as a `datasets` IterableDataset, and the files it reads (what a run's fingerprint takes)."""
+
+    def __init__(self, dataset, files: list[str]):
+        self.dataset, self.files = dataset, files
+
+    def take(self, limit: int) -> "ShardStream":
+        return ShardStream(self.dataset.take(limit), self.files)
+
+    def items(self) -> list[tuple]:
+        return [(Path(f),) if Path(f).is_file() else (f,) for f in self.files]
+
+
+def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioData:
+    """--streaming: the splits of a shard folder or Hub id, read as training goes. Only the label column is read ahead
+    (the class counts and the fingerprint need it); it must be a ClassLabel, as make_shards.py writes it."""
+    import datasets
+
+    try:
+        streams = datasets.load_dataset(name, streaming=True)
+        files = datasets.load_dataset_builder(name).config.data_files or {}
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise DataError(
+            f"--data {name} --streaming: not a folder of data files nor a Hugging Face dataset id ({err}). "
+            "Make shards with scripts/make_shards.py, or name a Hub dataset that is reachable or cached."
+        ) from None
+    sources = {"train": "train", "val": next((n for n in VAL_NAMES if n in streams), None), "test": "test"}
+    sources = {part: source for part, source in sources.items() if source in streams}
+    if {"train", "val"} - set(sources):
+        raise DataError(
+            f"--data {name} --streaming: needs a train and a validation split (has {list(streams)}); a stream cannot "
+            "hold part of train out. scripts/make_shards.py writes both."
+        )
+    features = streams["train"].features or {}
+    if not isinstance(features.get(label_column), datasets.ClassLabel):
+        raise DataError(
+            f"--data {name} --streaming: column {label_column!r} is not a ClassLabel (features: {features}); name the "
+            "class column with --label-column, or make the shards with scripts/make_shards.py"
+        )
+    splits = {}
+    for part, source in sources.items():
+        labels_only = streams[source].select_columns([label_column])
+        targets = np.fromiter((row[label_column] for row in labels_only), dtype=np.int64)
+        stream = ShardStream(streams[source].select_columns([audio_column, label_column]).decode(False), files.get(source, []))
+        splits[part] = Split(stream, targets, [f"{name}[{source}]"] * len(targets))
+    notes = [f"streamed splits: {', '.join(f'{p}={s}' for p, s in sources.items())}"]
+    return AudioData("hub", list(features[label_column].names), splits, notes=notes)
+
+
+class StreamedClips:
+    """--streaming: a split read from its shards while training, where CachedClips reads its cache: each process reads
+    its share (datasets' split_dataset_by_node), training shuffles through a buffer, and each clip is decoded in a
+    DataLoader worker exactly as CachedClips decodes it. A clip that cannot be decoded is skipped with a warning."""
+
+    def __init__(self, split: Split, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]):
+        self.split, self.targets, self.skipped, self.num_samples = split, split.targets, [], num_samples
+        self.decode = partial(_decode_row, sample_rate=sample_rate, num_samples=num_samples, span=span, columns=columns)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int):
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(self.split.sources.dataset, accelerator.process_index, accelerator.num_processes)
+        if shuffle_buffer:
+            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        stream = stream.map(self.decode, remove_columns=list(self.split.sources.dataset.column_names or [])).filter(
+            lambda row: row["wave"] is not None
+        )
+        share = math.ceil(len(self) / accelerator.num_processes)
+        pad = None if shuffle_buffer else (lambda row: {**row, "target": -1})  # evaluation: padding is dropped
+        return stream_loader(accelerator, stream, batch_size, workers, share, _collate_rows, pad)
+
+    def first_windows(self, count: int) -> torch.Tensor:
+        """The first `count` clips' first windows, for the log-mel mean/std (a stream has no evenly spaced rows)."""
+        rows = (self.decode(row) for row in self.split.sources.dataset.take(count))
+        return torch.stack([fix_length(torch.from_numpy(r["wave"]), self.num_samples) for r in rows if r["wave"] is not None])
+
+
+def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]) -> dict:
+    audio, target = row[columns[0]], row[columns[1]]
+    try:
+        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
+        wave = read_audio(source, sample_rate, span)
+    except BadClip as err:
+        print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
+        return {"wave": None, "target": target, "length": 0}
+    length = min(max(wave.shape[-1], num_samples), span)
+    return {"wave": to_pcm16(fix_length(wave, span)), "target": target, "length": length}
+
+
+def _collate_rows(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    waves = torch.stack([torch.as_tensor(row["wave"]) for row in rows])  # workers hand numpy over as tensors
+    return waves, torch.tensor([row["target"] for row in rows]), torch.tensor([row["length"] for row in rows])
+
+
 def _labelled_files(root: Path, labels: list[str], required: bool = True) -> list[tuple[str, int]]:
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in labels)
     if extra:
@@ -709,6 +812,8 @@ def require_every_class(root: str, labels: list[str], train: CachedClips):
 def normalisation_sample(train: CachedClips, count: int = 256) -> torch.Tensor:
     """Evenly spaced training clips for the log-mel mean/std (the same on every process, no randomness), each clip's
     first window, the one evaluation sees."""
+    if isinstance(train, StreamedClips):
+        return train.first_windows(count)
     picks = torch.linspace(0, len(train) - 1, min(count, len(train))).long().unique()
     return torch.stack([train[int(i)][0][: train.num_samples] for i in picks])
 
@@ -722,6 +827,8 @@ def class_weights(train: CachedClips, num_classes: int) -> torch.Tensor:
 def clip_items(split: Split) -> list[tuple]:
     """Each clip as shared.runtime.files_fingerprint takes it: its file (by content) and window, or its row of a Hub
     dataset (by the dataset's fingerprint), and its class."""
+    if isinstance(split.sources, ShardStream):
+        return split.sources.items()
     if isinstance(split.sources, HubAudio):
         return [(split.sources.fingerprint(), i, t) for i, t in enumerate(split.targets.tolist())]
     where = [(Path(s),) if isinstance(s, str) else (Path(s.path), s.start, s.frames) for s in split.sources]
@@ -882,6 +989,13 @@ def add_data_args(parser: argparse.ArgumentParser, train_span: int):
         f"Validation, test and predict take each clip's start; training takes a random window of the first "
         f"{train_span} x this length of longer clips (a new place every epoch)",
     )
+    d.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read --data's shards while training (scripts/make_shards.py's folder, other data files, or a Hub id) "
+        "through datasets' iterable datasets: nothing decoded ahead, no cache",
+    )
+    d.add_argument("--shuffle-buffer", type=int, default=1000, help="--streaming: training shuffles through this many clips")
     cache = cache_root() / "audio"
     d.add_argument("--cache-dir", type=Path, default=cache, help=f"decoded waveforms (default {cache})")
 

@@ -190,8 +190,12 @@ def plan_shards(sizes: list[int], shard_size: tuple[str, int]) -> list[range]:
     """Consecutive rows per shard, so the shards read in name order give the split in training's order. A file larger
     than the size limit gets a shard of its own."""
     kind, limit = shard_size
-    if kind == "rows":
-        return [range(start, min(start + limit, len(sizes))) for start in range(0, len(sizes), limit)]
+    if kind == "rows":  # as even as the count allows: DDP processes given whole shards then get about the same rows
+        count = -(-len(sizes) // limit)
+        if not count:
+            return []
+        edges = [round(i * len(sizes) / count) for i in range(count + 1)]
+        return [range(a, b) for a, b in zip(edges, edges[1:], strict=False)]
     shards, start, total = [], 0, 0
     for k, size in enumerate(sizes):
         if k > start and total + size > limit:

@@ -123,6 +123,8 @@ def parse_args(argv=None):
         parser.error(f"--time-shift {args.time_shift}: a fraction of the clip, at least 0 and below 1 (e.g. 0.1)")
     if not 0 <= args.speed < 1:
         parser.error(f"--speed {args.speed}: a fraction, at least 0 and below 1 (e.g. 0.1)")
+    if args.streaming and (args.eval_only or args.fold is not None):
+        parser.error("--streaming trains on shards made for one split of the data: without --eval-only and --fold")
     return args
 
 
@@ -205,9 +207,10 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
     weight = audio_data.class_weights(clips["train"], len(config["labels"])) if args.class_weights else None
     criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing).to(accelerator.device)
-    loaders = {name: clip_loader(c, args, plan, shuffle=name == "train") for name, c in clips.items()}
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
-    loaders = dict(zip(loaders, prepared, strict=True))
+    loaders = {name: clip_loader(accelerator, c, args, plan, shuffle=name == "train") for name, c in clips.items()}
+    # Streamed loaders come ready: each process already reads its own share.
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *([] if args.streaming else loaders.values()))
+    loaders = dict(zip(loaders, prepared, strict=True)) if prepared else loaders
     train_dl = loaders["train"]
     seed_per_process(accelerator, args.seed)  # after the weights: each process now draws its own augmentation
     steps_per_epoch = math.ceil(len(train_dl) / plan.accumulation_steps)
@@ -265,7 +268,7 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
                 checkpoints.save(mid_epoch_progress(state, losses))  # with the epoch's losses so far
             if stopped:
                 accelerator.print(stop_message(f"at epoch {epoch + 1}", state.step))
-            if stopped or state.step == total_steps:
+            if stopped or state.step == args.max_train_steps:
                 break
         bar.close()
         if stopped:
@@ -290,7 +293,7 @@ def train(args, stop: GracefulStop | None = None, more_runs_follow: bool = False
         if args.patience and state.stale_epochs >= args.patience:
             accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {state.best_epoch + 1})")
             break
-        if state.step == total_steps:  # --max-train-steps reached
+        if state.step == args.max_train_steps:
             break
         if agree(accelerator, stop, None, epoch=epoch, step=state.step):  # a stop asked during the evaluation
             accelerator.print(stop_message(f"after epoch {epoch + 1}", state.step))
@@ -334,13 +337,20 @@ def decode_splits(args, data, config) -> dict[str, audio_data.CachedClips]:
         if args.eval_only and name == "train":
             continue
         span = num_samples * (TRAIN_SPAN if name == "train" and not args.no_augment else 1)
-        clips[name] = audio_data.CachedClips(
-            split, config["sample_rate"], num_samples, args.cache_dir, args.workers, name, span=span
-        )
+        if args.streaming:
+            clips[name] = audio_data.StreamedClips(
+                split, config["sample_rate"], num_samples, span, (args.audio_column, args.label_column)
+            )
+        else:
+            clips[name] = audio_data.CachedClips(
+                split, config["sample_rate"], num_samples, args.cache_dir, args.workers, name, span=span
+            )
     return clips
 
 
-def clip_loader(clips: audio_data.CachedClips, args, plan, shuffle: bool):
+def clip_loader(accelerator, clips: audio_data.CachedClips, args, plan, shuffle: bool):
+    if args.streaming:
+        return clips.loader(accelerator, plan.batch_size, args.workers, args.shuffle_buffer if shuffle else None, args.seed)
     # Own generators: starting an epoch must not draw from the global RNG that augmentation uses, or a
     # run resumed mid-epoch would augment differently from an uninterrupted one.
     generator = torch.Generator().manual_seed(args.seed)
@@ -356,11 +366,12 @@ def evaluate(model, loader, accelerator, metric, labels: list[str]) -> dict:
     for waves, targets, _ in evaluation_bar(accelerator, loader):
         with accelerator.autocast():
             logits = model(waves)
-        loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        loss = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=-1)
         pred, ref, loss = accelerator.gather_for_metrics((logits.argmax(dim=1), targets, loss))
-        preds.append(pred)
-        refs.append(ref)
-        losses.append(loss)
+        kept = ref >= 0  # --streaming: the rows that only even out the processes' batches are dropped
+        preds.append(pred[kept])
+        refs.append(ref[kept])
+        losses.append(loss[kept])
     result = metric.compute(predictions=torch.cat(preds).tolist(), references=torch.cat(refs).tolist(), labels=labels)
     result["loss"] = torch.cat(losses).mean().item()
     return result
@@ -412,7 +423,7 @@ def evaluate_saved_model(accelerator, args, plan, data, clips, config, weights, 
     model.load_state_dict(weights[0])
     if accelerator.device.type == "cpu" and not args.no_tiny_map_convs:
         audio_model.use_tiny_map_convs(model)
-    loaders = {name: clip_loader(c, args, plan, shuffle=False) for name, c in clips.items()}
+    loaders = {name: clip_loader(accelerator, c, args, plan, shuffle=False) for name, c in clips.items()}
     model, *prepared = accelerator.prepare(model, *loaders.values())
     summary = {"task": audio_model.TASK, "weights": str(args.weights), "labels": config["labels"]}
     for name, loader in zip(loaders, prepared, strict=True):

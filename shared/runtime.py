@@ -2,6 +2,7 @@
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
+from accelerate.data_loader import DataLoaderShard
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find_executable_batch_size, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find_executable_batch_size, gather, set_seed
 
 # files_fingerprint reads this much at each file's start, middle and end: enough to tell a replaced file, cheap for 100k.
 SAMPLED_BYTES = 4096
@@ -305,6 +307,48 @@ def make_loader(dataset, *, batch_size, shuffle, workers, collate_fn=None, drop_
         persistent_workers=workers > 0,
         generator=generator,
     )
+
+
+class EvenBatches(torch.utils.data.IterableDataset):
+    """--streaming: one process's share of a stream in batches, its rows prepared in DataLoader workers and batched here.
+    DDP needs every process to take the same number of steps, and datasets' split_dataset_by_node may give processes a
+    few rows more or fewer: after each batch the processes agree on the largest, and one short of rows fills its batch
+    from its own first rows (training: every row once per epoch, a few of them twice) or with pad(row) rows that
+    evaluation drops (every row counted once)."""
+
+    def __init__(self, stream, batch_size: int, workers: int, share: int, collate, pad=None):
+        self.stream, self.batch_size, self.workers, self.share, self.collate, self.pad = (
+            stream, batch_size, workers, share, collate, pad
+        )  # fmt: skip
+
+    def set_epoch(self, epoch: int):
+        self.stream.set_epoch(epoch)  # a new shuffle of shards and buffer each epoch, the same on a resume
+
+    def __len__(self):
+        return -(-self.share // self.batch_size)
+
+    def __iter__(self):
+        workers = min(self.workers, self.stream.n_shards)  # datasets gives each worker whole shards
+        rows = iter(torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=workers, generator=torch.Generator()))
+        first = []
+        while True:
+            batch = list(itertools.islice(rows, self.batch_size))
+            first = first or batch
+            largest = int(gather(torch.tensor([len(batch)], device=PartialState().device)).max())
+            if not largest:
+                return
+            if not first:
+                raise SystemExit("--streaming: this process was given no rows; use fewer processes or more shards")
+            fill = list(itertools.islice(itertools.cycle(first), largest - len(batch)))
+            yield self.collate(batch + (fill if self.pad is None else [self.pad(row) for row in fill]))
+
+
+def stream_loader(accelerator: Accelerator, stream, batch_size: int, workers: int, share: int, collate, pad=None):
+    """EvenBatches in Accelerate's own DataLoader (not prepared, which would split the stream again): batches on the
+    device, the end of the epoch known to gradient accumulation, skip_first_batches for a resume."""
+    batches = EvenBatches(stream, batch_size, workers, share, collate, pad)
+    # Own generators, as make_loader's: starting an iteration must not draw from the RNG augmentation uses.
+    return DataLoaderShard(batches, device=accelerator.device, batch_size=None, generator=torch.Generator())
 
 
 def write_args_json(args, accelerator: Accelerator, plan: BatchPlan, **extra):

@@ -228,6 +228,20 @@ def results_without_timing(run_dir):
     return [{k: v for k, v in row.items() if k not in NOT_COMPARABLE} for row in csv.DictReader((run_dir / "results.csv").open())]
 
 
+def stopped_at_first_checkpoint(args, out):
+    """Start train_audio.py, SIGTERM it once its first checkpoint is written; the checkpoint it stopped with."""
+    cmd = [sys.executable, str(REPO / "scripts" / "train_audio.py"), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=script_env(**ONE_THREAD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step_*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "checkpoint saved" in stdout and not (out / "metrics.json").exists()
+    return sorted((out / "checkpoints").glob("step_*"))[-1]
+
+
 def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(commands, tmp_path, cache):
     """With every augmentation on (SpecAugment, gain, background noise, mixup): the RNG state is restored too."""
 
@@ -238,16 +252,7 @@ def test_mid_epoch_stop_and_resume_match_the_uninterrupted_run(commands, tmp_pat
     run_script("train_audio.py", *with_augmentation(one), env=ONE_THREAD)
     out = tmp_path / "resumed"
     args = with_augmentation(out) + ["--checkpoint-steps", 1]
-    cmd = [sys.executable, str(REPO / "scripts" / "train_audio.py"), *map(str, args)]
-    proc = subprocess.Popen(cmd, env=script_env(**ONE_THREAD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((out / "checkpoints").glob("step_*")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "checkpoint saved" in stdout and not (out / "metrics.json").exists()
-    latest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    latest = stopped_at_first_checkpoint(args, out)
     progress = json.loads((latest / "progress.json").read_text())
     assert progress["epoch"] == 0 and 0 < progress["batch_in_epoch"] < 8, progress  # stopped inside the first epoch
 

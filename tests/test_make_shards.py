@@ -183,7 +183,7 @@ def test_coco_json_shards_hold_the_held_out_validation(tmp_path):
 def test_shard_size_in_rows_or_megabytes():
     assert make_shards.parse_shard_size("3") == ("rows", 3)
     assert make_shards.parse_shard_size("2MB") == ("bytes", 2_000_000)
-    assert make_shards.plan_shards([1] * 7, ("rows", 3)) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert make_shards.plan_shards([1] * 7, ("rows", 3)) == [range(0, 2), range(2, 5), range(5, 7)]  # even, at most 3
     # By size: a shard closes before the file that would take it past the limit; a larger file stands alone.
     assert make_shards.plan_shards([4, 4, 9, 1, 1], ("bytes", 8)) == [range(0, 2), range(2, 3), range(3, 5)]
     assert make_shards.plan_shards([], ("bytes", 8)) == []
