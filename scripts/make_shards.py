@@ -6,6 +6,7 @@ with the splits and labels training would use and every unusable file left out a
     python scripts/make_shards.py audio --data us8k --fold 3 --output shards/us8k_fold3 --shard-size 2000
     python scripts/make_shards.py detection --data demo_data/shapes/data.yaml --output shards/shapes
     python scripts/train_audio.py --data shards/speech --format hub --output-dir runs/audio   # or load_dataset(folder)
+    python scripts/train_audio.py --data shards/speech --streaming --output-dir runs/audio    # read while training
 
 OUTPUT gets data/{split}-{i:05d}-of-{n:05d}.parquet (splits train, validation and test), README.md (rows and shards
 per split) and shards.json (rows and shards per split, every skipped file with its reason).

@@ -8,8 +8,9 @@
     python scripts/train_audio.py --data /data/speech_commands_v0.02 --output-dir runs/kws12 \\
         --wanted-words yes,no,up,down,left,right,on,off,stop,go                                 # the 12-class task
 
-Data layouts are detected (see --format). Clips are decoded once with soundfile into an on-disk cache; crops, time
-shift, gain, background noise, mel spectrograms, SpecAugment and mixup run batched on the device. OUTPUT_DIR gets
+Data layouts are detected (see --format). Clips are decoded once with soundfile into an on-disk cache (--streaming:
+read from shards while training, see scripts/make_shards.py); crops, time shift, gain, background noise, mel
+spectrograms, SpecAugment and mixup run batched on the device. OUTPUT_DIR gets
 args.json, data_report.json, results.csv, metrics.json, model/ (what predict_audio.py loads, with a model card),
 checkpoints/, logs/ (TensorBoard; --report-to for others), curves.png and confusion_matrix.png. --eval-only --weights
 RUN/model scores a saved model; --weights alone fine-tunes from it. --fold all: a run per fold in OUTPUT_DIR/fold_K/
