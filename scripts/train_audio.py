@@ -349,7 +349,7 @@ def decode_splits(args, data, config) -> dict[str, audio_data.CachedClips]:
     return clips
 
 
-def clip_loader(accelerator, clips: audio_data.CachedClips, args, plan, shuffle: bool):
+def clip_loader(accelerator, clips: audio_data.CachedClips | audio_data.StreamedClips, args, plan, shuffle: bool):
     if args.streaming:
         return clips.loader(accelerator, plan.batch_size, args.workers, args.shuffle_buffer if shuffle else None, args.seed)
     # Own generators: starting an epoch must not draw from the global RNG that augmentation uses, or a
@@ -367,9 +367,9 @@ def evaluate(model, loader, accelerator, metric, labels: list[str]) -> dict:
     for waves, targets, _ in evaluation_bar(accelerator, loader):
         with accelerator.autocast():
             logits = model(waves)
-        loss = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=-1)
+        loss = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=audio_data.PADDING)
         pred, ref, loss = accelerator.gather_for_metrics((logits.argmax(dim=1), targets, loss))
-        kept = ref >= 0  # --streaming: the rows that only even out the processes' batches are dropped
+        kept = ref != audio_data.PADDING  # --streaming: rows that only even out the processes' batches
         preds.append(pred[kept])
         refs.append(ref[kept])
         losses.append(loss[kept])
