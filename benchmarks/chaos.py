@@ -37,7 +37,7 @@ TIMING_COLUMNS = {"seconds", "train_samples_per_second"}
 # Progress levels: 0 starting, DECODE decoding (or past it), 2 + k the checkpoint of step k written, FINAL training
 # done (the final test runs), METRICS metrics.json written (plots, model card and exit follow).
 DECODE, FINAL, METRICS = 1, 10**9, 10**9 + 1
-POLL_SECONDS = 0.01  # the decode of the tests' data takes a few hundred ms
+POLL_SECONDS = 0.002  # the tests' decode takes a few hundred ms, their final test about 50 ms
 
 
 @dataclass

@@ -60,7 +60,8 @@ def test_sigkill_while_decoding_mid_epoch_and_in_the_final_test_changes_nothing(
     rng = random.Random(8)
     # In the second epoch: the start after it resumes mid-epoch with a results.csv row to keep.
     mid_epoch = rng.randrange(steps_per_epoch + 1, 2 * steps_per_epoch)
-    kills = [Kill(DECODE), after_step(mid_epoch, rng.uniform(0, 0.2)), Kill(FINAL, rng.uniform(0, 0.1))]
+    # The final test of these tiny runs lasts about 50 ms, less on a fast machine: that kill comes the moment it starts.
+    kills = [Kill(DECODE), after_step(mid_epoch, rng.uniform(0, 0.2)), Kill(FINAL)]
     records = chaos_run(command("killed"), kills, env, timeout=300)
     assert reference.wait(300) == 0, reference.log.read_text()[-3000:]
     print("\n" + describe(records))
