@@ -1,6 +1,7 @@
 """train_audio.py --streaming: shards read through datasets' iterable datasets while training. Two processes with two
 DataLoader workers each see every training clip in an epoch (a padding row or two aside) and count every evaluation
-clip exactly once, uneven shard tails included; a run stopped mid-epoch and resumed ends as the uninterrupted run."""
+clip exactly once, uneven shard tails included; a run stopped mid-epoch (SIGTERM, or kill -9) and resumed ends as the
+uninterrupted run."""
 
 import collections
 import hashlib
@@ -15,6 +16,8 @@ import pytest
 from audio_data import _decode_row
 from conftest import REPO, free_port, run_script, script_env
 from test_audio_train import ONE_THREAD, parameters, results_without_timing, stopped_at_first_checkpoint
+
+from benchmarks.chaos import after_step, chaos_run, describe
 
 RATE, WINDOW = 8000, 4000  # 0.5 s clips
 COVERAGE = """
@@ -86,7 +89,7 @@ def test_two_processes_see_every_clip_once(speech, tmp_path, rows_per_shard):
     assert len(train) - len(expected["train"]) < 4  # only the rows that even out the two processes' batches repeat
 
 
-def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(speech, tmp_path):
+def test_a_streamed_run_stopped_or_killed_mid_epoch_resumes_to_the_uninterrupted_result(speech, tmp_path):
     shards = shards_of(speech, tmp_path / "shards", 10)
 
     def args(out):
@@ -110,6 +113,16 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(sp
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert results_without_timing(out) == results_without_timing(one)
     assert float(results_without_timing(one)[-1]["val_accuracy"]) > 0.6  # learned: three classes, chance is 1/3
+
+    # kill -9 inside the second epoch (its shuffle differs from the first's), in the middle of the workers' decoding.
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "scripts" / "train_audio.py"), *map(str, args(killed))]
+    command += ["--checkpoint-steps", "1", "--cache-dir", str(tmp_path / "unused")]
+    records = chaos_run(command, [after_step(5, 0.05)], script_env(**ONE_THREAD), timeout=300)
+    assert [r["landed"] for r in records] == ["epoch 2, after step 5 saved", "exited 0"], describe(records)
+    a, b = parameters(one), parameters(killed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert results_without_timing(killed) == results_without_timing(one)
 
 
 def test_streaming_refuses_what_a_stream_cannot_do(speech, tmp_path):
