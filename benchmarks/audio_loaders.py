@@ -25,7 +25,8 @@ def launchkit_rate(data: Path, clip_seconds: float, cache_dir: Path, clips: int)
     cached = CachedClips(
         split, args.sample_rate, num_samples, cache_dir, label="train", span=num_samples * train_audio.TRAIN_SPAN
     )
-    return rate(train_audio.clip_loader(cached, args, SimpleNamespace(batch_size=BATCH), shuffle=True), clips)
+    loader = train_audio.clip_loader(None, cached, args, SimpleNamespace(batch_size=BATCH), shuffle=True)  # no --streaming
+    return rate(loader, clips)
 
 
 def baseline_rate(data: Path, clip_seconds: float, clips: int) -> float:

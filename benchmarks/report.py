@@ -395,6 +395,42 @@ def chaos_verdict(chaos: dict) -> str:
     )
 
 
+def streaming_section(results: dict) -> list[str]:
+    """The decode cache against --streaming (benchmarks/streaming.py); none in a run made without it."""
+    bench = results.get("streaming")
+    if bench is None:
+        return []
+    cached, streamed = bench["modes"]["cached"], bench["modes"]["streaming"]
+    gb, mb = 1e9, 1e6
+    rows = (
+        ("time to the first optimizer step (whole command, empty cache)", "first_step_seconds", "{:.1f} s", 1),
+        ("clips/s per DataLoader worker (training loader alone, 1 worker)", "loader_clips_per_second", "{:.0f}", 1),
+        (f"training clips/s, 2 workers (steps {bench['warm_steps']}-{bench['steps']})", "train_clips_per_second", "{:.1f}", 1),
+        ("peak memory, process tree (summed PSS)", "peak_pss_bytes", "{:.2f} GB", gb),
+        ("disk besides the input (cache)", "disk_bytes", "{:.0f} MB", mb),
+    )
+    inputs = bench["input_bytes"]
+    return [
+        f"## Cached vs streaming: {bench['clips']:,} one-second 16 kHz clips",
+        "",
+        f"train_audio.py from the audio files through its decode cache, against train_audio.py --streaming from the "
+        f"same clips as parquet shards (1,000 rows each); the default model, batch {bench['batch']}, one mode after the other. "
+        f"Input: {inputs['files'] / gb:.2f} GB of files, {inputs['shards'] / gb:.2f} GB of shards.",
+        "",
+        "| | cached | streaming | streaming / cached |",
+        "|---|---|---|---|",
+        *(
+            f"| {what} | {form.format(cached[key] / unit)} | {form.format(streamed[key] / unit)} | "
+            f"{ratio(streamed[key], cached[key])} |"
+            for what, key, form, unit in rows
+        ),
+        "",
+        f"Streaming per worker against cached per worker (goal: within 10%): {verdict(bench['loader_ratio'], 0.9)}; "
+        f"in training, {bench['train_ratio']:.2f}x.",
+        "",
+    ]
+
+
 def compile_row(results: dict) -> list[str]:
     """The torch.compile probe's row of the step table; none in a --quick run, which does not probe."""
     probe = results.get("compile")
@@ -438,7 +474,7 @@ def profiles_section(results: dict) -> list[str]:
 
 
 def commands_section(results: dict) -> list[str]:
-    if not results["commands"] and "peer" not in results and "speech" not in results:
+    if not results["commands"] and not {"peer", "speech", "streaming"} & set(results):
         return []  # run.py --only loaders|chaos: every figure was measured in this process
     return [
         "## Exact commands",
@@ -449,6 +485,7 @@ def commands_section(results: dict) -> list[str]:
         *results["commands"],
         *results.get("peer", {}).get("commands", []),
         *results.get("speech", {}).get("commands", []),
+        *results.get("streaming", {}).get("commands", []),
         "```",
         "",
     ]
@@ -471,11 +508,20 @@ SECTIONS = (
     loader_section,
     speech_section,
     chaos_section,
+    streaming_section,
     commands_section,
 )
 
 
-PEER_ONLY_SECTIONS = (header, peer_section, loader_section, speech_section, chaos_section, commands_section)  # run.py --only
+PEER_ONLY_SECTIONS = (
+    header,
+    peer_section,
+    loader_section,
+    speech_section,
+    chaos_section,
+    streaming_section,
+    commands_section,
+)  # run.py --only
 
 
 def render(results: dict) -> str:

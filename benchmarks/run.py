@@ -7,6 +7,7 @@
                                                                                # the peer comparisons only, ~30 min
     .venv/bin/python benchmarks/run.py --only chaos --output /tmp/RESULTS_chaos.md  # kill -9 x 20 only, a few minutes
     .venv/bin/python benchmarks/run.py --only loaders --output /tmp/RESULTS_loaders.md  # input pipelines only, ~20 min
+    .venv/bin/python benchmarks/run.py --only streaming --output /tmp/RESULTS_streaming.md  # 100 k clips: ~30 min
 
 One process tree: this script writes the benchmark data once (benchmarks/.work/), then runs
 scripts/train_audio.py, scripts/train_detection.py and the baselines in benchmarks/ one after the
@@ -19,7 +20,8 @@ exact commands and the machine) is rendered from that file by benchmarks/report.
 
 Modules: training_runs.py (the subprocess runs and the decode cache), resnet_steps.py (in-process step
 tables, the 4 s ceiling, profiles, torch.compile), coco_timing.py, serving.py (serve.py under load, export_model.py
-parity and latency), compute.py, datagen.py, chaos.py (an audio run SIGKILLed 20 times), report.py; after those,
+parity and latency), compute.py, datagen.py, chaos.py (an audio run SIGKILLed 20 times), streaming.py (the decode
+cache against --streaming on 100 k clips), report.py; after those,
 the comparisons with the tools users would pick instead on held-out data: peer.py with peer_ultralytics.py and
 heldout_detection.py (ultralytics, in its own venv benchmarks/.peer-venv), speech_comparison.py with heldout_speech.py
 (the walk-through's audio pipeline)."""
@@ -55,6 +57,7 @@ import report
 import resnet_steps
 import serving
 import speech_comparison
+import streaming
 import training_runs
 
 BUDGET_SECONDS = 570  # the full run must end within 10 minutes; the optional --compile probe gets what is left
@@ -74,6 +77,7 @@ FULL = {
     "knob_steps": 5,
     "compile": True,
     "chaos_kills": 20,
+    "streaming": {"clips": 100_000, "steps": 60, "loader_clips": 1024},  # one-second clips: 3.2 GB as files
     "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
     "serve_requests": 512,
     "peer": {"train": 800, "val": 150, "test": 250, "size": 320, "epochs": [20, 50]},
@@ -93,6 +97,7 @@ QUICK = {
     "knob_steps": 2,
     "compile": False,
     "chaos_kills": 3,
+    "streaming": {"clips": 600, "steps": 15, "loader_clips": 128},
     "serve_clients": 16,
     "serve_requests": 64,
     "only_s1_complete": True,
@@ -110,10 +115,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every run (launchkit's default here)")
     p.add_argument(
         "--only",
-        choices=["all", "peer", "chaos", "loaders"],
+        choices=["all", "peer", "chaos", "loaders", "streaming"],
         default="all",
         help="peer: only the comparisons with the peer tools; chaos: only the kill -9 run; loaders: only the input "
-        "pipelines per worker (a part of peer)",
+        "pipelines per worker (a part of peer); streaming: only the cached vs --streaming table",
     )
     p.add_argument("--peer-epochs", type=int, nargs="+", help="the detection comparison's epoch counts (default 20 50)")
     p.add_argument("--peer-scale", type=float, default=1.0, help="scale the held-out detection set's image counts")
@@ -291,6 +296,8 @@ def main(argv=None):
         measure_launchkit(args, cfg, work, started, results)
     if args.only in ("all", "chaos"):  # after the 10-minute budget, before the long peer runs
         results["chaos"] = chaos.benchmark(work, cfg["chaos_kills"])
+    if args.only in ("all", "streaming"):
+        results["streaming"] = streaming.benchmark(work, **cfg["streaming"])
     if args.only in ("all", "peer"):
         compare_with_peers(args, cfg, work, results)
     if args.only == "loaders":
