@@ -409,13 +409,16 @@ def streaming_section(results: dict) -> list[str]:
         ("peak memory, process tree (summed PSS)", "peak_pss_bytes", "{:.2f} GB", gb),
         ("disk besides the input (cache)", "disk_bytes", "{:.0f} MB", mb),
     )
-    inputs = bench["input_bytes"]
+    inputs, busy = bench["input_bytes"], max(results["load"]) > results["machine"]["cpus"]
     return [
         f"## Cached vs streaming: {bench['clips']:,} one-second 16 kHz clips",
         "",
         f"train_audio.py from the audio files through its decode cache, against train_audio.py --streaming from the "
         f"same clips as parquet shards (1,000 rows each); the default model, batch {bench['batch']}, one mode after the other. "
-        f"Input: {inputs['files'] / gb:.2f} GB of files, {inputs['shards'] / gb:.2f} GB of shards.",
+        f"Input: {inputs['files'] / gb:.2f} GB of files, {inputs['shards'] / gb:.2f} GB of shards. Machine: "
+        f"{results['machine']['cpu']}, {results['machine']['cpus']} CPUs, load average (1 min) "
+        f"{' then '.join(f'{x:.2f}' for x in results['load'])}"
+        + (": **other work shared the cores**, do not quote these figures." if busy else "."),
         "",
         "| | cached | streaming | streaming / cached |",
         "|---|---|---|---|",
