@@ -32,6 +32,7 @@ from shared.runtime import (
     columns_ahead,
     hub_split_names,
     open_streams,
+    prepared_share,
     print_summary,
     stored_file,
     stream_loader,
@@ -549,14 +550,8 @@ class StreamedClips:
         return len(self.targets)
 
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int):
-        from datasets.distributed import split_dataset_by_node
-
-        stream = split_dataset_by_node(self.split.sources.dataset, accelerator.process_index, accelerator.num_processes)
-        if shuffle_buffer:
-            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        stream = stream.map(self.decode, remove_columns=list(self.split.sources.dataset.column_names or [])).filter(
-            lambda row: row["wave"] is not None
-        )
+        dataset = self.split.sources.dataset
+        stream = prepared_share(accelerator, dataset, self.decode, list(dataset.column_names or []), shuffle_buffer, seed)
         share = math.ceil(len(self) / accelerator.num_processes)
         pad = None if shuffle_buffer else (lambda row: {**row, "target": PADDING})  # evaluation drops these rows
         return stream_loader(accelerator, stream, batch_size, workers, share, _collate_rows, pad)
@@ -564,17 +559,18 @@ class StreamedClips:
     def first_windows(self, count: int) -> torch.Tensor:
         """The first `count` clips' first windows, for the log-mel mean/std (a stream has no evenly spaced rows)."""
         rows = (self.decode(row) for row in self.split.sources.dataset.take(count))
-        return torch.stack([fix_length(torch.from_numpy(r["wave"]), self.num_samples) for r in rows if r["wave"] is not None])
+        return torch.stack([fix_length(torch.from_numpy(r["wave"]), self.num_samples) for r in rows if r is not None])
 
 
-def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]) -> dict:
-    """A streamed row as CachedClips gives a clip: the samples the cache keeps, padded to span so a batch stacks."""
+def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]) -> dict | None:
+    """A streamed row as CachedClips gives a clip: the samples the cache keeps, padded to span so a batch stacks (None
+    for a clip that cannot be decoded)."""
     audio, target = row[columns[0]], row[columns[1]]
     try:
         pcm = kept_pcm(read_audio(stored_file(audio), sample_rate, span), num_samples, span)
     except BadClip as err:
         print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
-        return {"wave": None, "target": target, "length": 0}
+        return None
     return {"wave": np.pad(pcm, (0, span - len(pcm))), "target": target, "length": len(pcm)}
 
 

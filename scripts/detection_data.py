@@ -27,7 +27,15 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
 from shared.model_io import label_index
-from shared.runtime import columns_ahead, make_loader, open_streams, print_summary, stored_file, stream_loader
+from shared.runtime import (
+    columns_ahead,
+    make_loader,
+    open_streams,
+    prepared_share,
+    print_summary,
+    stored_file,
+    stream_loader,
+)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 FORMATS = ("yolo", "coco", "hub")
@@ -826,30 +834,26 @@ class StreamedImages(DetectionDataset):
 
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int, collate):
         import datasets
-        from datasets.distributed import split_dataset_by_node
 
         rows = datasets.IterableDataset.from_generator(indexed_images, gen_kwargs={"shards": self.shards})
-        stream = split_dataset_by_node(rows, accelerator.process_index, accelerator.num_processes)
-        if shuffle_buffer:
-            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        stream = stream.map(self.prepare, remove_columns=["index", "image"]).filter(lambda row: row["pixels"] is not None)
+        stream = prepared_share(accelerator, rows, self.prepare, ["index", "image"], shuffle_buffer, seed)
         share = math.ceil(len(self) / accelerator.num_processes)
         pad = None if shuffle_buffer else pad_row  # evaluation drops these rows
         return stream_loader(
             accelerator, stream, batch_size, workers, share, lambda rows: collate([(r["pixels"], r["target"]) for r in rows]), pad
         )
 
-    def prepare(self, row: dict) -> dict:
-        """A row as DetectionDataset gives its sample; pixels None for a row left out (--max-*-samples, too large) or
-        one that cannot be decoded (with a warning naming it)."""
+    def prepare(self, row: dict) -> dict | None:
+        """A row as DetectionDataset gives its sample; None for a row left out (--max-*-samples, too large) or one that
+        cannot be decoded (with a warning naming it)."""
         index = self.position.get(row["index"])
         if index is None:
-            return {"pixels": None, "target": None}
+            return None
         try:
             image = open_rgb(Image.open(stored_file(row["image"])))[0]
         except Exception as err:  # PIL raises many types for broken files; all mean "cannot use this image"
             print(f"warning: skipped row {row['index']} of the stream ({type(err).__name__}: {err})", flush=True)
-            return {"pixels": None, "target": None}
+            return None
         s = self.samples[index]
         if self.scale_to:
             image = image.resize(scaled_size(s.width, s.height, self.scale_to), Image.BILINEAR)

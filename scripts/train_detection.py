@@ -377,6 +377,7 @@ def run_fingerprint(accelerator, args, plan, data, config, recipe: dict) -> dict
         **recipe,
         **files_fingerprint(detection_data.image_identities(data)),
         **{k: getattr(args, k) for k in RUN_IDENTITY},
+        **({"workers": args.workers} if args.streaming else {}),  # a stream's order: how its shards meet the workers
     }
 
 

@@ -1,4 +1,5 @@
-"""Accelerator setup, the command-line flags every training script shares, the data's fingerprint and the run summary."""
+"""Accelerator setup, the command-line flags every training script shares, the data's fingerprint, the streams of
+--streaming and the run summary."""
 
 import argparse
 import hashlib
@@ -342,6 +343,20 @@ class EvenBatches(torch.utils.data.IterableDataset):
                 raise SystemExit("--streaming: this process was given no rows; use fewer processes or more shards")
             fill = list(itertools.islice(itertools.cycle(first), largest - len(batch)))
             yield self.collate(batch + (fill if self.pad is None else [self.pad(row) for row in fill]))
+
+
+def prepared_share(accelerator: Accelerator, stream, prepare, columns: list[str], shuffle_buffer: int | None, seed: int):
+    """--streaming: this process's share of a `datasets` IterableDataset (split_dataset_by_node), for training shuffled
+    through a seeded buffer (reshuffled by set_epoch), each row turned by prepare, in the DataLoader workers, into the
+    dict a batch takes, or None for a row to leave out. The stream's `columns` are not passed on."""
+    from datasets.distributed import split_dataset_by_node
+
+    stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
+    if shuffle_buffer:
+        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    prepared = stream.map(lambda row: {"prepared": prepare(row)}, remove_columns=columns)
+    kept = prepared.filter(lambda row: row["prepared"] is not None)
+    return kept.map(lambda row: row["prepared"], remove_columns=["prepared"])
 
 
 def stream_loader(accelerator: Accelerator, stream, batch_size: int, workers: int, share: int, collate, pad=None):
