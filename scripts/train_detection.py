@@ -114,7 +114,7 @@ RECIPE = {
 }
 RENAMED = {"lr0": "lr", "lrf": "final_lr_ratio"}  # old --hyp keys, still read
 # With the recipe, what fixes what is trained and in which order: a resumed run must have the same.
-RUN_IDENTITY = ("model", "nominal_batch_size", "epochs", "seed", "val_fraction", "no_augment", "sync_bn", "shuffle_buffer")
+RUN_IDENTITY = ("model", "nominal_batch_size", "epochs", "seed", "val_fraction", "no_augment", "sync_bn")
 
 
 def parse_args(argv=None):
@@ -377,7 +377,8 @@ def run_fingerprint(accelerator, args, plan, data, config, recipe: dict) -> dict
         **recipe,
         **files_fingerprint(detection_data.image_identities(data)),
         **{k: getattr(args, k) for k in RUN_IDENTITY},
-        **({"workers": args.workers} if args.streaming else {}),  # a stream's order: how its shards meet the workers
+        # A stream's order: its shuffle buffer, and how its shards meet the workers.
+        **({"shuffle_buffer": args.shuffle_buffer, "workers": args.workers} if args.streaming else {}),
     }
 
 
