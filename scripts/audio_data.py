@@ -26,7 +26,18 @@ import torch
 import torchaudio.functional as AF
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
-from shared.runtime import print_summary, stream_loader, write_json
+from shared.runtime import (
+    VAL_NAMES,
+    add_streaming_args,
+    columns_ahead,
+    hub_split_names,
+    open_streams,
+    prepared_share,
+    print_summary,
+    stored_file,
+    stream_loader,
+    write_json,
+)
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 FORMATS = ("urbansound8k", "esc50", "speech_commands", "folders", "hub")
@@ -36,7 +47,6 @@ FOLD_LAYOUTS = {
     "urbansound8k": ("metadata/UrbanSound8K.csv", "slice_file_name", "class", "classID", "audio/fold{k}"),
     "esc50": ("meta/esc50.csv", "filename", "category", "target", "audio"),
 }
-VAL_NAMES = ("val", "valid", "validation")
 NOISE_FOLDER = "_background_noise_"
 UNKNOWN, SILENCE = "_unknown_", "_silence_"
 CACHE_VERSION = 3  # bump when the cached representation changes
@@ -446,7 +456,7 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
                     f"--data {name}: column {column!r} does not exist; columns are {split.column_names}. "
                     f"Name the right one with {flag}."
                 )
-    sources = _hub_split_names(loaded)
+    sources = hub_split_names(loaded)
     named = isinstance(loaded["train"].features[label_column], datasets.ClassLabel)
     labels = (
         list(loaded["train"].features[label_column].names) if named else sorted({str(v) for v in loaded["train"][label_column]})
@@ -473,17 +483,6 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
     return AudioData("hub", labels, splits, notes=notes)
 
 
-def _hub_split_names(available) -> dict[str, str]:
-    """Training's split names -> a dataset's (train, the first of VAL_NAMES, test), for those it has."""
-    sources = {"train": "train", "val": next((n for n in VAL_NAMES if n in available), None), "test": "test"}
-    return {part: source for part, source in sources.items() if source in available}
-
-
-def audio_source(item: dict):
-    """An undecoded Audio value ({"bytes", "path"}) as soundfile reads it: its bytes, or the file it names."""
-    return io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-
-
 class HubAudio:
     """The audio column of a Hub dataset as a sequence of soundfile-readable sources (bytes or paths)."""
 
@@ -494,7 +493,7 @@ class HubAudio:
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return audio_source(self.dataset[int(i)][self.column])
+        return stored_file(self.dataset[int(i)][self.column])
 
     def select(self, indices):
         return HubAudio(self.dataset.select(indices), self.column)
@@ -522,44 +521,20 @@ def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioD
     (the class counts and the fingerprint need it); it must be a ClassLabel, as make_shards.py writes it."""
     import datasets
 
-    try:
-        builder = datasets.load_dataset_builder(name)
-        streams, files = builder.as_streaming_dataset(), builder.config.data_files or {}
-    except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise DataError(
-            f"--data {name} --streaming: not a folder of data files nor a Hugging Face dataset id ({err}). "
-            "Make shards with scripts/make_shards.py, or name a Hub dataset that is reachable or cached."
-        ) from None
-    sources = _hub_split_names(streams)
-    if {"train", "val"} - set(sources):
-        raise DataError(
-            f"--data {name} --streaming: needs a train and a validation split (has {list(streams)}); a stream cannot "
-            "hold part of train out. scripts/make_shards.py writes both."
-        )
+    streams, files, sources = open_streams(name)
     features = streams["train"].features or {}
     if not isinstance(features.get(label_column), datasets.ClassLabel):
         raise DataError(
             f"--data {name} --streaming: column {label_column!r} is not a ClassLabel (features: {features}); name the "
             "class column with --label-column, or make the shards with scripts/make_shards.py"
         )
-    splits, labels = {}, _label_streams(name, label_column, streams)
+    splits, labels = {}, columns_ahead(name, [label_column], streams)
     for part, source in sources.items():
         targets = np.fromiter((row[label_column] for row in labels[source]), dtype=np.int64)
         stream = ShardStream(streams[source].select_columns([audio_column, label_column]).decode(False), files.get(source, []))
         splits[part] = Split(stream, targets, [f"{name}[{source}]"] * len(targets))
     notes = [f"streamed splits: {', '.join(f'{p}={s}' for p, s in sources.items())}"]
     return AudioData("hub", list(features[label_column].names), splits, notes=notes)
-
-
-def _label_streams(name: str, label_column: str, streams) -> dict:
-    """Each split's label column: parquet reads that column alone (a 46 MB shard folder: 0.04 s instead of 3.6 s);
-    other formats take no column list, and are read whole with the label kept."""
-    import datasets
-
-    try:
-        return datasets.load_dataset_builder(name, columns=[label_column]).as_streaming_dataset()
-    except (TypeError, ValueError):  # builders without the option refuse it with either
-        return {split: stream.select_columns([label_column]) for split, stream in streams.items()}
 
 
 class StreamedClips:
@@ -575,14 +550,8 @@ class StreamedClips:
         return len(self.targets)
 
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int):
-        from datasets.distributed import split_dataset_by_node
-
-        stream = split_dataset_by_node(self.split.sources.dataset, accelerator.process_index, accelerator.num_processes)
-        if shuffle_buffer:
-            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        stream = stream.map(self.decode, remove_columns=list(self.split.sources.dataset.column_names or [])).filter(
-            lambda row: row["wave"] is not None
-        )
+        dataset = self.split.sources.dataset
+        stream = prepared_share(accelerator, dataset, self.decode, list(dataset.column_names or []), shuffle_buffer, seed)
         share = math.ceil(len(self) / accelerator.num_processes)
         pad = None if shuffle_buffer else (lambda row: {**row, "target": PADDING})  # evaluation drops these rows
         return stream_loader(accelerator, stream, batch_size, workers, share, _collate_rows, pad)
@@ -590,17 +559,18 @@ class StreamedClips:
     def first_windows(self, count: int) -> torch.Tensor:
         """The first `count` clips' first windows, for the log-mel mean/std (a stream has no evenly spaced rows)."""
         rows = (self.decode(row) for row in self.split.sources.dataset.take(count))
-        return torch.stack([fix_length(torch.from_numpy(r["wave"]), self.num_samples) for r in rows if r["wave"] is not None])
+        return torch.stack([fix_length(torch.from_numpy(r["wave"]), self.num_samples) for r in rows if r is not None])
 
 
-def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]) -> dict:
-    """A streamed row as CachedClips gives a clip: the samples the cache keeps, padded to span so a batch stacks."""
+def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]) -> dict | None:
+    """A streamed row as CachedClips gives a clip: the samples the cache keeps, padded to span so a batch stacks (None
+    for a clip that cannot be decoded)."""
     audio, target = row[columns[0]], row[columns[1]]
     try:
-        pcm = kept_pcm(read_audio(audio_source(audio), sample_rate, span), num_samples, span)
+        pcm = kept_pcm(read_audio(stored_file(audio), sample_rate, span), num_samples, span)
     except BadClip as err:
         print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
-        return {"wave": None, "target": target, "length": 0}
+        return None
     return {"wave": np.pad(pcm, (0, span - len(pcm))), "target": target, "length": len(pcm)}
 
 
@@ -1011,13 +981,7 @@ def add_data_args(parser: argparse.ArgumentParser, train_span: int):
         f"Validation, test and predict take each clip's start; training takes a random window of the first "
         f"{train_span} x this length of longer clips (a new place every epoch)",
     )
-    d.add_argument(
-        "--streaming",
-        action="store_true",
-        help="read --data's shards while training (scripts/make_shards.py's folder, other data files, or a Hub id) "
-        "through datasets' iterable datasets: nothing decoded ahead, no cache",
-    )
-    d.add_argument("--shuffle-buffer", type=int, default=1000, help="--streaming: training shuffles through this many clips")
+    add_streaming_args(d, "clips")
     cache = cache_root() / "audio"
     d.add_argument("--cache-dir", type=Path, default=cache, help=f"decoded waveforms (default {cache})")
 

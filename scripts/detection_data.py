@@ -1,13 +1,15 @@
 """Detection data: YOLO, COCO json and Hub datasets read into samples per split (boxes xyxy in pixels of the upright
-image, labels 0-based), bad input fixed or skipped and counted in a DataReport; box-aware augmentation; batching."""
+image, labels 0-based), bad input fixed or skipped and counted in a DataReport; box-aware augmentation; batching;
+--streaming: parquet shards read while training (StreamedImages)."""
 
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,15 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from shared.cache import MappedArray, build_once, cache_root, decoded_in_order, file_stamp
 from shared.model_io import label_index
-from shared.runtime import make_loader, print_summary
+from shared.runtime import (
+    columns_ahead,
+    make_loader,
+    open_streams,
+    prepared_share,
+    print_summary,
+    stored_file,
+    stream_loader,
+)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 FORMATS = ("yolo", "coco", "hub")
@@ -35,6 +45,9 @@ Image.MAX_IMAGE_PIXELS = None
 PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "brown", "pink"]
 DARK = {"red", "blue", "magenta", "purple", "brown"}  # white names on these, black on the others
 PAD_VALUE = 114  # the grey YOLO letterboxes with
+PADDING = -1  # --streaming: the image_id of rows that only even out the processes' evaluation batches
+MOSAIC_POOL = 64  # --streaming: a mosaic draws its other three images from this many a worker decoded last
+GROUND_TRUTH = ["width", "height", "objects"]  # the columns --streaming reads ahead: all but the image
 
 
 @dataclass
@@ -56,6 +69,7 @@ class DetectionData:
     hub: dict = field(default_factory=dict)  # split -> datasets.Dataset for Hub data
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> the file, folder or Hub split it came from
+    shards: dict[str, list] = field(default_factory=dict)  # --streaming: split -> its (first row, parquet file)s
 
 
 class DataReport:
@@ -160,9 +174,14 @@ def probe_all(paths: list[Path], max_pixels: int = MAX_PIXELS):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_data(data: str, val_fraction: float = 0.1, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -> DetectionData:
+def load_data(
+    data: str, val_fraction: float = 0.1, fmt: str | None = None, max_pixels: int = MAX_PIXELS, streaming: bool = False
+) -> DetectionData:
     """--data: a data.yaml (YOLO), a COCO instances json, a save_to_disk folder, or with fmt "hub" a Hub dataset id.
-    fmt forces the parser; without it the format is told from the path."""
+    fmt forces the parser; without it the format is told from the path. streaming: --data is a folder of parquet
+    shards or a Hub id, read while training (streamed_data)."""
+    if streaming:
+        return streamed_data(data, max_pixels)
     path = Path(data)
     fmt = fmt or detect_format(path)
     if fmt == "hub":
@@ -442,8 +461,7 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1, max_pixe
                 f"{name}: split {hub_split} needs columns `image` and `objects` (with `bbox` and `category`); "
                 f"it has {list(ds.features)}"
             )
-        category = ds.features["objects"]["category"]
-        names = names or list(getattr(getattr(category, "feature", category), "names", None) or [])
+        names = names or class_names(ds.features)
         hub[split] = ds
         splits[split] = read_hub_split(ds, split, report, names)
         sources[split] = f"{name} split {hub_split}"
@@ -457,12 +475,25 @@ def from_hub_dataset(dsd, name: str = "hub", val_fraction: float = 0.1, max_pixe
     return DetectionData(names, splits, report, hub=hub, description=f"Hub dataset {name}", sources=sources)
 
 
+def class_names(features) -> list[str]:
+    """The names of `objects.category` when it is a ClassLabel (or a list of them), else []."""
+    category = features["objects"]["category"]
+    return list(getattr(getattr(category, "feature", category), "names", None) or [])
+
+
 def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list[Sample]:
+    if {"width", "height"} <= set(ds.features):
+        sizes = zip(ds["width"], ds["height"], strict=True)
+    else:
+        sizes = (open_rgb(ds[i]["image"])[0].size for i in range(len(ds)))
+    return hub_samples(zip(sizes, ds["objects"], strict=False), split, report, names)
+
+
+def hub_samples(rows, split: str, report: DataReport, names: list[str]) -> list[Sample]:
+    """Row i ((width, height), objects{bbox, category}) as image i, its boxes cleaned; too large images skipped."""
     samples = []
-    sizes = zip(ds["width"], ds["height"], strict=False) if {"width", "height"} <= set(ds.features) else None
-    for i, obj in enumerate(ds["objects"]):
+    for i, ((w, h), obj) in enumerate(rows):
         file = f"{split}/{i}"
-        w, h = next(sizes) if sizes is not None else open_rgb(ds[i]["image"])[0].size
         if w * h > report.max_pixels:
             report.add(split, file, "too_large")
             continue
@@ -485,6 +516,48 @@ def split_off(splits: dict, sources: dict, fraction: float) -> dict:
     splits["train"], splits["val"] = [samples[i] for i in sorted(order[n_val:])], [samples[i] for i in sorted(order[:n_val])]
     sources["val"] = f"{sources['train']} ({fraction:.0%} of it)"
     return splits
+
+
+def streamed_data(name: str, max_pixels: int = MAX_PIXELS) -> DetectionData:
+    """--streaming: the splits of a folder of parquet shards (make_shards.py's) or a Hub id, read while training. All
+    columns but the image are read ahead: the boxes of training, the ground truth of evaluation, the class counts.
+    Each image is then read from its file by row, so it carries its index in the split (the Sample it belongs to)."""
+    streams, files, sources = open_streams(name)
+    features = streams["train"].features or {}
+    if not set(GROUND_TRUTH + ["image"]) <= set(features) or not class_names(features):
+        raise SystemExit(
+            f"--data {name} --streaming: needs columns image, width, height and objects{{bbox, category}} with category a "
+            f"ClassLabel (has {features}); write the shards with scripts/make_shards.py detection"
+        )
+    other = next((f for split in sources.values() for f in files[split] if not f.endswith(".parquet")), None)
+    if other:
+        raise SystemExit(f"--data {name} --streaming: reads parquet shards, not {other}; write them with scripts/make_shards.py")
+    report, ahead, names = DataReport(max_pixels), columns_ahead(name, GROUND_TRUTH, streams), class_names(features)
+    splits = {
+        part: hub_samples((((r["width"], r["height"]), r["objects"]) for r in ahead[source]), part, report, names)
+        for part, source in sources.items()
+    }
+    return DetectionData(
+        names,
+        splits,
+        report,
+        description=f"streamed parquet shards {name}",
+        sources={part: f"{name} split {source}" for part, source in sources.items()},
+        shards={part: first_rows(files[source]) for part, source in sources.items()},
+    )
+
+
+def first_rows(files: list[str]) -> list[tuple[int, str]]:
+    """Each parquet file with the index in its split of its first row (from the files' footers)."""
+    import pyarrow.parquet as pq
+    from datasets.utils.file_utils import xopen
+
+    starts, start = [], 0
+    for file in files:
+        starts.append((start, file))
+        with xopen(file, "rb") as f:
+            start += pq.ParquetFile(f).metadata.num_rows
+    return starts
 
 
 def require_boxes(data: DetectionData, report_path: Path):
@@ -549,8 +622,7 @@ def font_file() -> str:
 def draw_grid(dataset: "DetectionDataset", predictions: list[dict], names, path: Path, count: int = 16, conf: float = 0.3):
     """Validation images scaled to 320 px tiles, predictions (score >= conf) over the ground truth, under a legend."""
     tiles, tile = [], 320
-    for index, pred in enumerate(predictions[:count]):
-        image = dataset.load(index)
+    for index, (image, pred) in enumerate(zip(dataset.first_images(count), predictions, strict=False)):
         scale = tile / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         boxes, labels, scores = (pred[key][pred["scores"] >= conf] for key in ("boxes", "labels", "scores"))
@@ -677,24 +749,29 @@ class DetectionDataset(torch.utils.data.Dataset):
         s = self.samples[index]
         return open_rgb(self.hub_dataset[s.source]["image"] if self.hub_dataset is not None else s.source)[0]
 
+    def first_images(self, count: int) -> list[Image.Image]:
+        return [self.load(index) for index in range(min(count, len(self)))]
+
     def tile(self, index: int) -> Tile:
         """The image before augmentation, from the cache when there is one (then scaled down, its boxes too)."""
-        s = self.samples[index]
-        boxes, labels = torch.from_numpy(s.boxes), torch.from_numpy(s.labels)
         if self.cache is None:
-            return Tile(F.pil_to_tensor(self.load(index)), boxes, labels)
-        image = self.cache.image(index)
-        return Tile(image, boxes * torch.tensor([image.shape[2] / s.width, image.shape[1] / s.height] * 2), labels)
+            return full_size_tile(self.load(index), self.samples[index])
+        return scaled_tile(self.cache.image(index), self.samples[index])
 
     def __getitem__(self, index: int):
+        return self.augmented(index, self, index)
+
+    def augmented(self, index: int, pool, position: int):
+        """Sample `index` as training or evaluation takes it, augmented with draws seeded by (seed, epoch, index). Its
+        image is pool.tile(position); a mosaic draws the other three from pool (this dataset, or a stream's RecentTiles)."""
         s = self.samples[index]
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed also seeds CUDA, with a stack trace that took a third of the time.
             torch.default_generator.manual_seed(hash((self.seed, int(self.epoch), index)) & 0x7FFF_FFFF)
             if self.mosaic is not None and self.mosaic.applies(int(self.epoch)):
-                image, target = self.mosaic(self, index)
+                image, target = self.mosaic(pool, position)
             else:
-                tile = self.tile(index)
+                tile = pool.tile(position)
                 boxes = tv_tensors.BoundingBoxes(tile.boxes, format="XYXY", canvas_size=tuple(tile.image.shape[1:]))
                 image, target = self.transform(tv_tensors.Image(tile.image), {"boxes": boxes, "labels": tile.labels})
             colour = self.colour_jitter.sample() if self.colour_jitter else torch.ones(3)
@@ -707,6 +784,105 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (s.height, s.width),
             "size": (h, w),
         }
+
+
+def full_size_tile(image: Image.Image, s: Sample) -> Tile:
+    return Tile(F.pil_to_tensor(image), torch.from_numpy(s.boxes), torch.from_numpy(s.labels))
+
+
+def scaled_tile(image: torch.Tensor, s: Sample) -> Tile:
+    """An image at another size than the sample's (the image cache's), its boxes scaled with it."""
+    scale = torch.tensor([image.shape[2] / s.width, image.shape[1] / s.height] * 2)
+    return Tile(image, torch.from_numpy(s.boxes) * scale, torch.from_numpy(s.labels))
+
+
+class RecentTiles:
+    """--streaming: the images a DataLoader worker decoded last, what a mosaic draws its other three from: a stream has
+    no random access, so where the cached path draws from the whole split, this draws from the last MOSAIC_POOL images
+    of the worker's share. Emptied when an epoch starts, so a resumed epoch, replayed from its start, fills it alike."""
+
+    def __init__(self, size: int):
+        self.tiles, self.epoch = deque(maxlen=size), None
+
+    def add(self, tile: Tile, epoch: int) -> int:
+        """Keep tile; its position in the pool."""
+        if epoch != self.epoch:
+            self.tiles.clear()
+            self.epoch = epoch
+        self.tiles.append(tile)
+        return len(self.tiles) - 1
+
+    def __len__(self):
+        return len(self.tiles)
+
+    def tile(self, position: int) -> Tile:
+        return self.tiles[position]
+
+
+class StreamedImages(DetectionDataset):
+    """--streaming: a split read from its parquet shards while training, where DetectionDataset reads files or the
+    image cache. Each process reads its share (datasets' split_dataset_by_node), training shuffles through a seeded
+    buffer (reshuffled each epoch), and each image is decoded and augmented in a DataLoader worker as DetectionDataset
+    does it: the same draws for the same image and epoch, training images scaled as the image cache scales them. Only
+    the mosaic differs: its other three images come from the worker's RecentTiles, not from the whole split."""
+
+    def __init__(self, samples: list[Sample], shards: list[tuple[int, str]], scale_to: int | None, **options):
+        super().__init__(samples, **options)
+        self.shards, self.scale_to = shards, scale_to
+        self.position = {s.source: k for k, s in enumerate(samples)}  # row in the split -> index in samples
+        self.recent = RecentTiles(MOSAIC_POOL if self.mosaic else 1)
+
+    def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int, collate):
+        import datasets
+
+        rows = datasets.IterableDataset.from_generator(indexed_images, gen_kwargs={"shards": self.shards})
+        stream = prepared_share(accelerator, rows, self.prepare, ["index", "image"], shuffle_buffer, seed)
+        share = math.ceil(len(self) / accelerator.num_processes)
+        pad = None if shuffle_buffer else pad_row  # evaluation drops these rows
+        return stream_loader(
+            accelerator, stream, batch_size, workers, share, lambda rows: collate([(r["pixels"], r["target"]) for r in rows]), pad
+        )
+
+    def prepare(self, row: dict) -> dict | None:
+        """A row as DetectionDataset gives its sample; None for a row left out (--max-*-samples, too large) or one that
+        cannot be decoded (with a warning naming it)."""
+        index = self.position.get(row["index"])
+        if index is None:
+            return None
+        try:
+            image = open_rgb(Image.open(stored_file(row["image"])))[0]
+        except Exception as err:  # PIL raises many types for broken files; all mean "cannot use this image"
+            print(f"warning: skipped row {row['index']} of the stream ({type(err).__name__}: {err})", flush=True)
+            return None
+        s = self.samples[index]
+        if self.scale_to:
+            image = image.resize(scaled_size(s.width, s.height, self.scale_to), Image.BILINEAR)
+            tile = scaled_tile(torch.from_numpy(np.array(image)).permute(2, 0, 1), s)  # laid out as the cache's
+        else:
+            tile = full_size_tile(image, s)
+        pixels, target = self.augmented(index, self.recent, self.recent.add(tile, int(self.epoch)))
+        return {"pixels": pixels, "target": target}
+
+    def first_images(self, count: int) -> list[Image.Image]:
+        kept = (row for row in indexed_images(self.shards) if row["index"] in self.position)
+        return [open_rgb(Image.open(stored_file(row["image"])))[0] for row in itertools.islice(kept, count)]
+
+
+def indexed_images(shards: list[tuple[int, str]]):
+    """The image column of parquet shards, each row with its index in the split. Only that column is read."""
+    import pyarrow.parquet as pq
+    from datasets.utils.file_utils import xopen
+
+    for start, file in shards:
+        with xopen(file, "rb") as f:
+            images = (
+                image for batch in pq.ParquetFile(f).iter_batches(columns=["image"]) for image in batch["image"].to_pylist()
+            )
+            yield from ({"index": start + k, "image": image} for k, image in enumerate(images))
+
+
+def pad_row(row: dict) -> dict:
+    return {**row, "target": {**row["target"], "image_id": PADDING}}
 
 
 IMAGE_CACHE_VERSION = 3  # bump when the cached representation changes
@@ -773,6 +949,12 @@ def default_cache_dir() -> Path:
 def image_identities(data: DetectionData) -> dict[str, list]:
     """Per split, what identifies each image for a run's fingerprint (shared.runtime.files_fingerprint): its file, or
     its Hub dataset's fingerprint and row, with its boxes and classes."""
+    if data.shards:  # --streaming: the shard files by content, and the boxes read ahead
+        return {
+            split: [(Path(f) if Path(f).is_file() else f,) for _, f in data.shards[split]]
+            + [(s.source, s.boxes, s.labels) for s in samples]
+            for split, samples in data.splits.items()
+        }
     hub = {split: dataset._fingerprint for split, dataset in data.hub.items()}
     return {
         split: [(hub.get(split), s.source if split in hub else Path(s.source), s.boxes, s.labels) for s in samples]
@@ -788,21 +970,28 @@ def spread(samples: list, limit: int | None) -> list:
 
 
 def detection_datasets(args, data: DetectionData, img_size: int, recipe: dict) -> dict:
-    """A DetectionDataset per split; the training one augmented (unless --no-augment) and read from the image cache."""
+    """A DetectionDataset per split (with --eval-only, val and test only); the training one augmented (unless
+    --no-augment) and read from the image cache, or with --streaming a StreamedImages per split."""
     augment = not args.no_augment and not args.eval_only
-    train_cache = None if args.eval_only else training_image_cache(args, data.splits["train"], data.hub.get("train"), img_size)
-    return {
-        split: DetectionDataset(
-            samples,
-            train_transform(img_size, recipe) if split == "train" and augment else eval_transform(img_size),
-            data.hub.get(split),
-            seed=args.seed,
-            colour_jitter=ColourJitter(recipe["colour"], recipe["photometric"]) if split == "train" and augment else None,
-            mosaic=Mosaic(img_size, recipe, mosaic_epochs(args.epochs, recipe)) if split == "train" and augment else None,
-            cache=train_cache if split == "train" else None,
-        )
-        for split, samples in data.splits.items()
-    }
+    cached = not (args.eval_only or args.streaming)
+    train_cache = training_image_cache(args, data.splits["train"], data.hub.get("train"), img_size) if cached else None
+    datasets = {}
+    for split, samples in data.splits.items():
+        if args.eval_only and split == "train":
+            continue
+        train = split == "train" and augment
+        options = {
+            "transform": train_transform(img_size, recipe) if train else eval_transform(img_size),
+            "seed": args.seed,
+            "colour_jitter": ColourJitter(recipe["colour"], recipe["photometric"]) if train else None,
+            "mosaic": Mosaic(img_size, recipe, mosaic_epochs(args.epochs, recipe)) if train else None,
+        }
+        if args.streaming:  # training images scaled as the image cache scales them
+            datasets[split] = StreamedImages(samples, data.shards[split], img_size if split == "train" else None, **options)
+        else:
+            cache = train_cache if split == "train" else None
+            datasets[split] = DetectionDataset(samples, hub_dataset=data.hub.get(split), cache=cache, **options)
+    return datasets
 
 
 def training_image_cache(args, samples, hub_dataset, img_size: int) -> "ImageCache | None":
@@ -827,8 +1016,11 @@ def disk_free(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def image_loader(dataset, args, plan, config: dict, shuffle: bool):
+def image_loader(accelerator, dataset, args, plan, config: dict, shuffle: bool):
     collate = make_collate(config["img_size"], channels_last=shuffle)  # the training loader: see make_collate
+    if isinstance(dataset, StreamedImages):
+        buffer = args.shuffle_buffer if shuffle else None
+        return dataset.loader(accelerator, plan.batch_size, args.workers, buffer, args.seed, collate)
     return make_loader(dataset, batch_size=plan.batch_size, shuffle=shuffle, workers=args.workers, collate_fn=collate)
 
 

@@ -46,6 +46,7 @@ from shared.runtime import (
     SPELLINGS,
     add_common_args,
     add_recipe_args,
+    add_streaming_args,
     familiar_spellings,
     files_fingerprint,
     flat_config,
@@ -133,6 +134,7 @@ def parse_args(argv=None):
     )
     d.add_argument("--no-cache", action="store_true", help="decode every training image from its file every time it is used")
     d.add_argument("--val-fraction", type=float, default=0.1, help="COCO/Hub data without a val split: the share held out")
+    add_streaming_args(d, "images")
     m = parser.add_argument_group("model")
     m.add_argument(
         "--model", default="fcos_tiny", help=f"detector name (default fcos_tiny): {', '.join(detection_model.available_models())}"
@@ -146,6 +148,8 @@ def parse_args(argv=None):
     add_common_args(parser, epochs=30, batch_size=16, nominal_batch_size=16)
     args = parser.parse_args(familiar_spellings(argv))
     resolve_recipe(args, RECIPE, RENAMED)
+    if args.streaming and args.eval_only:
+        parser.error("--streaming reads shards while training; to score a model on them drop --streaming (with --format hub)")
     return args
 
 
@@ -156,7 +160,7 @@ def main(argv=None):
 def train(args):
     """One run in args.output_dir: train and test, or with --eval-only score a model."""
     recipe = {key: getattr(args, key) for key in RECIPE}
-    data = detection_data.load_data(args.data, args.val_fraction, fmt=args.format, max_pixels=args.max_pixels)
+    data = detection_data.load_data(args.data, args.val_fraction, args.format, args.max_pixels, args.streaming)
     for split, samples in data.splits.items():
         data.splits[split] = detection_data.spread(samples, args.max_train_samples if split == "train" else args.max_eval_samples)
     weights = load_weights(args.weights, need_config=args.eval_only) if args.weights else None
@@ -179,10 +183,8 @@ def train(args):
         model = detection_model.build_model(config)
         model.load_state_dict(weights[0])
         detection_model.set_postprocess(model, args.eval_conf, args.eval_iou, args.max_det)
-        datasets = {
-            s: ds for s, ds in detection_data.detection_datasets(args, data, config["img_size"], recipe).items() if s != "train"
-        }
-        loaders = {split: detection_data.image_loader(ds, args, plan, config, shuffle=False) for split, ds in datasets.items()}
+        datasets = detection_data.detection_datasets(args, data, config["img_size"], recipe)
+        loaders = {s: detection_data.image_loader(accelerator, d, args, plan, config, False) for s, d in datasets.items()}
         model, *prepared = accelerator.prepare(model, *loaders.values())
         loaders = dict(zip(loaders, prepared, strict=True))
         summary = {"task": detection_model.TASK, "weights": str(args.weights), "labels": config["labels"]}
@@ -209,14 +211,13 @@ def train(args):
     if args.compile:
         model.backbone.compile()  # in place, so parameter names (checkpoints, model/) stay the same
     datasets = detection_data.detection_datasets(args, data, config["img_size"], recipe)
-    loaders = {
-        split: detection_data.image_loader(ds, args, plan, config, shuffle=split == "train") for split, ds in datasets.items()
-    }
+    loaders = {s: detection_data.image_loader(accelerator, d, args, plan, config, s == "train") for s, d in datasets.items()}
     # Weight decay as YOLO scales it: proportional to the effective batch relative to the nominal one.
     decay = args.weight_decay * plan.effective_batch_size / args.nominal_batch_size
     optimizer = detection_model.make_optimizer(parameter_groups(model, decay), args)
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
-    loaders = dict(zip(loaders, prepared, strict=True))
+    # Streamed loaders come ready: each process already reads its own share.
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *([] if args.streaming else loaders.values()))
+    loaders = dict(zip(loaders, prepared, strict=True)) if prepared else loaders
     train_dl = loaders["train"]
     steps_per_epoch = math.ceil(len(train_dl) / plan.accumulation_steps)
     total_steps = min(steps_per_epoch * args.epochs, args.max_train_steps or math.inf)
@@ -286,7 +287,7 @@ def train(args):
                 checkpoints.save(mid_epoch_progress(state, losses))
             if stopped:
                 accelerator.print(stop_message(f"at epoch {epoch + 1}", state.step))
-            if stopped or state.step == total_steps:
+            if stopped or state.step == args.max_train_steps:  # a stream's epochs may run a step over their estimate
                 break
         bar.close()
         if stopped:
@@ -312,7 +313,7 @@ def train(args):
         if args.patience and state.stale_epochs >= args.patience:
             accelerator.print(f"early stop: no improvement for {args.patience} epochs (best epoch {state.best_epoch + 1})")
             break
-        if state.step == total_steps:  # --max-train-steps reached
+        if state.step == args.max_train_steps:
             break
         if agree(accelerator, stop, None, epoch=epoch, step=state.step):  # a stop asked for during evaluation
             stopped = True
@@ -359,9 +360,7 @@ def model_config_for(args, data, weights, recipe: dict) -> dict:
         return weights[1]
     name = weights[1].get("model", args.model) if weights else args.model
     config = detection_model.model_config(name, data.names, args.img_size, recipe)
-    config["img_size"] = detection_model.input_size(
-        detection_model.build_model(config), args.img_size
-    )  # SSD models have their own fixed size
+    config["img_size"] = detection_model.input_size(detection_model.build_model(config), args.img_size)  # SSD: its own size
     return config
 
 
@@ -378,6 +377,8 @@ def run_fingerprint(accelerator, args, plan, data, config, recipe: dict) -> dict
         **recipe,
         **files_fingerprint(detection_data.image_identities(data)),
         **{k: getattr(args, k) for k in RUN_IDENTITY},
+        # A stream's order: its shuffle buffer, and how its shards meet the workers.
+        **({"shuffle_buffer": args.shuffle_buffer, "workers": args.workers} if args.streaming else {}),
     }
 
 
@@ -402,6 +403,7 @@ def evaluate(model, loader, accelerator, samples, names, metric, backend) -> tup
         ]
         # Per batch: on the last one, accelerate knows how many gathered entries are padding and drops them.
         predictions += accelerator.gather_for_metrics(batch, use_gather_object=True)
+    predictions = [p for p in predictions if p["image_id"] != detection_data.PADDING]  # --streaming: batch fillers
     by_id = {p["image_id"]: p for p in predictions}
     if len(by_id) != len(predictions) or set(by_id) != {s.image_id for s in samples}:
         raise RuntimeError(f"evaluation saw {len(predictions)} predictions for {len(by_id)} distinct of {len(samples)} images")

@@ -228,9 +228,9 @@ def results_without_timing(run_dir):
     return [{k: v for k, v in row.items() if k not in NOT_COMPARABLE} for row in csv.DictReader((run_dir / "results.csv").open())]
 
 
-def stopped_at_first_checkpoint(args, out):
-    """Start train_audio.py, SIGTERM it once its first checkpoint is written; the checkpoint it stopped with."""
-    cmd = [sys.executable, str(REPO / "scripts" / "train_audio.py"), *map(str, args)]
+def stopped_at_first_checkpoint(args, out, script="train_audio.py"):
+    """Start the training script, SIGTERM it once its first checkpoint is written; the checkpoint it stopped with."""
+    cmd = [sys.executable, str(REPO / "scripts" / script), *map(str, args)]
     proc = subprocess.Popen(cmd, env=script_env(**ONE_THREAD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list((out / "checkpoints").glob("step_*")) and proc.poll() is None and time.time() < deadline:

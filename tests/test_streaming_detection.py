@@ -1,0 +1,157 @@
+"""train_detection.py --streaming: parquet shards read while training. Two processes with two DataLoader workers each
+see every training image in an epoch (a filler row or two aside) and every evaluation image exactly once, each with
+its own ground truth; a run stopped mid-epoch (mosaic from the workers' recent images, multi-scale, accumulation) and
+resumed ends as the uninterrupted run; a streamed run learns, and its mAP is the cached path's on the same shards."""
+
+import collections
+import hashlib
+import json
+import subprocess
+import sys
+
+import datasets
+import detection_data
+import make_shards
+import pytest
+from conftest import REPO, free_port, run_script, script_env
+from test_audio_train import ONE_THREAD, parameters, results_without_timing, stopped_at_first_checkpoint
+
+SIZE = 64
+COVERAGE = """
+import hashlib, json, sys
+sys.path[:0] = [{scripts!r}, {repo!r}]
+from accelerate import Accelerator
+import detection_data as dd
+
+accelerator = Accelerator(cpu=True)
+data = dd.load_data({shards!r}, streaming=True)
+recipe = {{"fliplr": 0.5, "scale": 0.5, "min_box_size": 2.0, "mosaic": 1.0, "translate": 0.1}}
+seen = {{}}
+for name, samples in data.splits.items():
+    train = name == "train"
+    transform = dd.train_transform({size}, recipe) if train else dd.eval_transform({size})
+    mosaic = dd.Mosaic({size}, recipe, until_epoch=5) if train else None
+    images = dd.StreamedImages(samples, data.shards[name], {size} if train else None, transform=transform, mosaic=mosaic)
+    loader = images.loader(accelerator, 4, 2, 8 if train else None, 0, dd.make_collate({size}, channels_last=train))
+    images.set_epoch(1)
+    loader.set_epoch(1)
+    seen[name] = [
+        [t["image_id"], hashlib.sha1(image[:, : t["size"][0], : t["size"][1]].contiguous().numpy().tobytes()).hexdigest()]
+        for batch, targets in loader
+        for image, t in zip(batch, targets)
+        if t["image_id"] != dd.PADDING
+    ]
+json.dump(seen, open({out!r} + f"/{{accelerator.process_index}}.json", "w"))
+accelerator.end_training()
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """30 training images in 4 shards of 7-8 rows (two processes get 16 and 14), 7 val and 3 test in one shard each
+    (split by row: 4 and 3, 2 and 1)."""
+    return shards_of_shapes(tmp_path_factory.mktemp("det_stream"), (30, 7, 3), size=96, rows_per_shard=8)
+
+
+def shards_of_shapes(root, counts: tuple[int, int, int], size: int, rows_per_shard: int):
+    """make_demo_detection.py's shapes (train, val, test counts) as make_shards.py's parquet shards."""
+    splits = [arg for flag, count in zip(("--train", "--val", "--test"), counts, strict=True) for arg in (flag, count)]
+    run_script("make_demo_detection.py", "--output-dir", root / "shapes", *splits, "--size", size)
+    data = root / "shapes" / "data.yaml"
+    make_shards.main(["detection", "--data", str(data), "--output", str(root / "shards"), "--shard-size", str(rows_per_shard)])
+    return root / "shards"
+
+
+def evaluation_hashes(shards) -> dict[str, list]:
+    """Each val and test image as the cached path reads the same shards (as a Hub dataset): [image_id, pixel hash]."""
+    data = detection_data.load_data(str(shards), fmt="hub")
+    hashes = {}
+    for name in ("val", "test"):
+        images = detection_data.DetectionDataset(data.splits[name], detection_data.eval_transform(SIZE), data.hub[name])
+        hashes[name] = [[t["image_id"], hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()] for image, t in images]
+    return hashes
+
+
+def test_two_processes_see_every_image_once_with_its_own_ground_truth(shards, tmp_path):
+    out = tmp_path / "seen"
+    out.mkdir()
+    harness = tmp_path / "coverage.py"
+    where = {"scripts": str(REPO / "scripts"), "repo": str(REPO), "shards": str(shards), "out": str(out)}
+    harness.write_text(COVERAGE.format(size=SIZE, **where))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(harness)]
+    proc = subprocess.run(cmd, env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1)]
+    expected = evaluation_hashes(shards)
+    for name in ("val", "test"):  # exactly once, padding dropped, and each image is the one its image_id names
+        assert sorted(seen[0][name] + seen[1][name]) == sorted(expected[name]), name
+    train = [image_id for rank in (0, 1) for image_id, _ in seen[rank]["train"]]
+    assert len(seen[0]["train"]) == len(seen[1]["train"])  # the same steps on both processes
+    assert set(train) == set(range(30))  # every image in the epoch
+    assert len(train) - 30 < 4 and max(collections.Counter(train).values()) <= 2  # only batch fillers repeat
+
+
+def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(shards, tmp_path):
+    def args(out):
+        return [
+            "--data", shards, "--streaming", "--shuffle-buffer", 8, "--output-dir", out, "--epochs", 2, "--img-size", SIZE,
+            "--batch-size", 4, "--nominal-batch-size", 8, "--workers", 2, "--mosaic", 1, "--multi-scale", "--seed", 1,
+            "--mixed-precision", "no",
+        ]  # fmt: skip
+
+    one = tmp_path / "uninterrupted"
+    # Alongside the run that is stopped: one thread each, the two cores are not shared.
+    cmd = [sys.executable, str(REPO / "scripts" / "train_detection.py"), *map(str, args(one))]
+    first = subprocess.Popen(cmd, env=script_env(**ONE_THREAD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "resumed"
+    latest = stopped_at_first_checkpoint([*args(out), "--checkpoint-steps", 1], out, "train_detection.py")
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert "mosaic           probability 1, epochs 1-1 of 2" in stdout  # mosaic in the epoch that is stopped
+    progress = json.loads((latest / "progress.json").read_text())
+    assert progress["epoch"] == 0 and 0 < progress["batch_in_epoch"] < 8, progress  # stopped inside the first epoch
+
+    resumed = run_script("train_detection.py", *args(out), "--checkpoint-steps", 1, "--resume", env=ONE_THREAD)
+    assert f"resumed from {latest}" in resumed.stdout
+    a, b = parameters(one), parameters(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert results_without_timing(out) == results_without_timing(one)
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (one, out)]
+    assert metrics[0]["val"]["map"] == metrics[1]["val"]["map"] and metrics[0]["test"]["map"] == metrics[1]["test"]["map"]
+
+
+def test_two_streaming_processes_learn_and_score_as_the_cached_path(tmp_path):
+    """96 images at 64 px, 6 epochs: val mAP50 0.33 when measured (chance is about 0); 15 val and 7 test images, split
+    by row, so evaluation drops a filler row. The cached path scoring the model on the same shards (read as a Hub
+    dataset) gives the same mAP."""
+    shards = shards_of_shapes(tmp_path, (96, 15, 7), size=SIZE, rows_per_shard=24)
+    out = tmp_path / "run"
+    run_script(
+        "train_detection.py", "--data", shards, "--streaming", "--output-dir", out, "--epochs", 6, "--img-size", SIZE,
+        "--batch-size", 8, "--nominal-batch-size", 16, "--workers", 1, "--mixed-precision", "no", nproc=2,
+    )  # fmt: skip
+    streamed = json.loads((out / "metrics.json").read_text())
+    assert streamed["val"]["map50"] > 0.2, streamed["val"]
+    scored = tmp_path / "scored"
+    run_script("train_detection.py", "--data", shards, "--format", "hub", "--eval-only", "--weights", out / "model",
+               "--output-dir", scored, "--mixed-precision", "no", env=ONE_THREAD)  # fmt: skip
+    cached = json.loads((scored / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert streamed[split]["map"] == pytest.approx(cached[split]["map"], abs=1e-6), split
+        assert streamed[split]["map50"] == pytest.approx(cached[split]["map50"], abs=1e-6), split
+
+
+def test_streaming_refuses_what_a_stream_cannot_do(shards, tmp_path):
+    proc = run_script("train_detection.py", "--data", shards, "--streaming", "--eval-only", "--output-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and "drop --streaming (with --format hub)" in proc.stderr
+    no_val, no_sizes = tmp_path / "no_val", tmp_path / "no_sizes"
+    (no_val / "data").mkdir(parents=True)
+    (no_sizes / "data").mkdir(parents=True)
+    for shard in (shards / "data").glob("*.parquet"):
+        if shard.name.startswith("train"):
+            (no_val / "data" / shard.name).symlink_to(shard)
+        datasets.Dataset.from_parquet(str(shard)).remove_columns(["width"]).to_parquet(str(no_sizes / "data" / shard.name))
+    with pytest.raises(SystemExit, match="needs a train and a validation split"):
+        detection_data.load_data(str(no_val), streaming=True)
+    with pytest.raises(SystemExit, match=r"needs columns image, width, height and objects.*make_shards.py detection"):
+        detection_data.load_data(str(no_sizes), streaming=True)
