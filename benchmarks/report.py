@@ -396,41 +396,53 @@ def chaos_verdict(chaos: dict) -> str:
 
 
 def streaming_section(results: dict) -> list[str]:
-    """The decode cache against --streaming (benchmarks/streaming.py); none in a run made without it."""
+    """The decode caches against --streaming (benchmarks/streaming.py); none in a run made without it."""
     bench = results.get("streaming")
     if bench is None:
         return []
-    cached, streamed = bench["modes"]["cached"], bench["modes"]["streaming"]
-    gb, mb = 1e9, 1e6
+    machine, load = results["machine"], results["load"]
+    busy = load[0] > machine["cpus"] / 2  # the runs load the cores themselves: only the load before them tells
+    lines = [
+        "## Cached vs streaming",
+        "",
+        "Each training script from its data files through its decode cache, against the same script with --streaming "
+        "from the same data as parquet shards (scripts/make_shards.py), one mode after the other (benchmarks/streaming.py "
+        f"says what each row measures). Machine: {machine['cpu']}, {machine['cpus']} CPUs, load average (1 min) "
+        f"{' then '.join(f'{x:.2f}' for x in load)}"
+        + (": **other work was running at the start**, do not quote these figures." if busy else "."),
+        "",
+    ]
+    for task, unit, data in (("audio", "clips", "one-second 16 kHz clips"), ("detection", "images", "320 px images")):
+        lines += streaming_table(bench, task, unit, f"{bench['sizes'][task]:,} {data}")
+    return lines
+
+
+def streaming_table(bench: dict, task: str, unit: str, what: str) -> list[str]:
+    run = bench[task]
+    cached, streamed, inputs = run["modes"]["cached"], run["modes"]["streaming"], run["input_bytes"]
     rows = (
         ("time to the first optimizer step (whole command, empty cache)", "first_step_seconds", "{:.1f} s", 1),
-        ("clips/s per DataLoader worker (training loader alone, 1 worker)", "loader_clips_per_second", "{:.0f}", 1),
-        (f"training clips/s, 2 workers (steps {bench['warm_steps']}-{bench['steps']})", "train_clips_per_second", "{:.1f}", 1),
-        ("peak memory, process tree (summed PSS)", "peak_pss_bytes", "{:.2f} GB", gb),
-        ("disk besides the input (cache)", "disk_bytes", "{:.0f} MB", mb),
-    )
-    # The runs load the cores themselves: only the load before them tells of other work.
-    inputs, busy = bench["input_bytes"], results["load"][0] > results["machine"]["cpus"] / 2
+        (f"{unit}/s per DataLoader worker (training loader alone, 1 worker)", "loader_samples_per_second", "{:.0f}", 1),
+        (f"training {unit}/s, 2 workers (steps {bench['warm_steps']}-{bench['steps']})", "train_samples_per_second",
+         "{:.1f}", 1),
+        ("peak memory, process tree (summed PSS)", "peak_pss_bytes", "{:.2f} GB", 1e9),
+        ("disk besides the input (cache)", "disk_bytes", "{:.0f} MB", 1e6),
+    )  # fmt: skip
     return [
-        f"## Cached vs streaming: {bench['clips']:,} one-second 16 kHz clips",
+        f"### {task}: {what}, batch {run['batch']}",
         "",
-        f"train_audio.py from the audio files through its decode cache, against train_audio.py --streaming from the "
-        f"same clips as parquet shards (1,000 rows each); the default model, batch {bench['batch']}, one mode after the other. "
-        f"Input: {inputs['files'] / gb:.2f} GB of files, {inputs['shards'] / gb:.2f} GB of shards. Machine: "
-        f"{results['machine']['cpu']}, {results['machine']['cpus']} CPUs, load average (1 min) "
-        f"{' then '.join(f'{x:.2f}' for x in results['load'])}"
-        + (": **other work was running at the start**, do not quote these figures." if busy else "."),
+        f"Input: {inputs['files'] / 1e9:.2f} GB of files, {inputs['shards'] / 1e9:.2f} GB of shards.",
         "",
         "| | cached | streaming | streaming / cached |",
         "|---|---|---|---|",
         *(
-            f"| {what} | {form.format(cached[key] / unit)} | {form.format(streamed[key] / unit)} | "
+            f"| {name} | {form.format(cached[key] / unit_size)} | {form.format(streamed[key] / unit_size)} | "
             f"{ratio(streamed[key], cached[key])} |"
-            for what, key, form, unit in rows
+            for name, key, form, unit_size in rows
         ),
         "",
-        f"Streaming per worker against cached per worker (goal: within 10%): {verdict(bench['loader_ratio'], 0.9)}; "
-        f"in training, {bench['train_ratio']:.2f}x.",
+        f"Streaming per worker against cached per worker (goal: within 10%): {verdict(run['loader_ratio'], 0.9)}; "
+        f"in training, {run['train_ratio']:.2f}x.",
         "",
     ]
 
@@ -489,7 +501,7 @@ def commands_section(results: dict) -> list[str]:
         *results["commands"],
         *results.get("peer", {}).get("commands", []),
         *results.get("speech", {}).get("commands", []),
-        *results.get("streaming", {}).get("commands", []),
+        *(c for task in ("audio", "detection") for c in results.get("streaming", {}).get(task, {}).get("commands", [])),
         "```",
         "",
     ]

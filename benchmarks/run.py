@@ -7,7 +7,7 @@
                                                                                # the peer comparisons only, ~30 min
     .venv/bin/python benchmarks/run.py --only chaos --output /tmp/RESULTS_chaos.md  # kill -9 x 20 only, a few minutes
     .venv/bin/python benchmarks/run.py --only loaders --output /tmp/RESULTS_loaders.md  # input pipelines only, ~20 min
-    .venv/bin/python benchmarks/run.py --only streaming --output /tmp/RESULTS_streaming.md  # 100 k clips: ~30 min
+    .venv/bin/python benchmarks/run.py --only streaming --output benchmarks/RESULTS_streaming.md  # 100 k clips, 20 k images
 
 One process tree: this script writes the benchmark data once (benchmarks/.work/), then runs
 scripts/train_audio.py, scripts/train_detection.py and the baselines in benchmarks/ one after the
@@ -21,7 +21,7 @@ exact commands and the machine) is rendered from that file by benchmarks/report.
 Modules: training_runs.py (the subprocess runs and the decode cache), resnet_steps.py (in-process step
 tables, the 4 s ceiling, profiles, torch.compile), coco_timing.py, serving.py (serve.py under load, export_model.py
 parity and latency), compute.py, datagen.py, chaos.py (an audio run SIGKILLed 20 times), streaming.py (the decode
-cache against --streaming on 100 k clips), report.py; after those,
+caches against --streaming on 100 k clips and 20 k images), report.py; after those,
 the comparisons with the tools users would pick instead on held-out data: peer.py with peer_ultralytics.py and
 heldout_detection.py (ultralytics, in its own venv benchmarks/.peer-venv), speech_comparison.py with heldout_speech.py
 (the walk-through's audio pipeline)."""
@@ -77,7 +77,8 @@ FULL = {
     "knob_steps": 5,
     "compile": True,
     "chaos_kills": 20,
-    "streaming": {"clips": 100_000, "steps": 60, "loader_clips": 1024},  # one-second clips: 3.2 GB as files
+    # 100 k one-second clips (3.2 GB as files) and 20 k images of 320 px
+    "streaming": {"clips": 100_000, "images": 20_000, "steps": 60, "loader_samples": 1024},
     "serve_clients": 64,  # the serving load: concurrent clients and requests in all, per server
     "serve_requests": 512,
     "peer": {"train": 800, "val": 150, "test": 250, "size": 320, "epochs": [20, 50]},
@@ -97,7 +98,7 @@ QUICK = {
     "knob_steps": 2,
     "compile": False,
     "chaos_kills": 3,
-    "streaming": {"clips": 600, "steps": 15, "loader_clips": 128},
+    "streaming": {"clips": 600, "images": 240, "steps": 15, "loader_samples": 128},
     "serve_clients": 16,
     "serve_requests": 64,
     "only_s1_complete": True,

@@ -1,9 +1,10 @@
-"""Past one disk: train_audio.py reading its decode cache against train_audio.py --streaming reading parquet shards,
-on one synthetic set of one-second 16 kHz clips (make_demo_audio.py's speech_commands layout, 6 classes; the shards
-made from it by make_shards.py, 1,000 rows each). Per mode, one after the other:
+"""Past one disk: each training script reading its decode cache against the same script with --streaming reading
+parquet shards made from the same data by make_shards.py. Audio: one-second 16 kHz clips (make_demo_audio.py's
+Speech Commands layout, 6 classes; shards of 1,000 rows). Detection: make_demo_detection.py's shapes at 320 px,
+trained at the default 224 px (the image cache holds them scaled; shards of 500 rows). Per mode, one after the other:
 
 - time to the first optimizer step: the whole command of a one-step run, from an empty cache (the cached path
-  decodes every training clip before that step; streaming reads the label column and starts);
+  decodes every training sample before that step; streaming reads the label or box columns and starts);
 - samples/s per DataLoader worker: the training loader alone with one worker, in this process (the cache is warm);
 - steady-state training samples/s with --workers 2: the step times TensorBoard logged, from step 10 to the last;
 - peak memory of the whole process tree, workers included, as the sum of each process's proportional set size (PSS:
@@ -18,30 +19,51 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import detection_data
+import detection_model
 import make_demo_audio
+import make_demo_detection
 import make_shards
 import psutil
 import train_audio  # run.py puts scripts/ on the path
+import train_detection
 from accelerate import Accelerator
 from audio_data import CachedClips, StreamedClips, load_audio_data, load_run_data
-from audio_loaders import BATCH, rate
+from audio_loaders import rate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from training_runs import REPO, Runner, repo_relative
 
 SAMPLE_RATE = 16000
 WARM_STEPS = 10  # worker start-up, oneDNN kernel selection and the shuffle buffer's filling come before
+BATCH = {"audio": 32, "detection": 16}
 
 
-def write_sets(root: Path, clips: int) -> tuple[Path, Path]:
+def audio_sets(root: Path, clips: int) -> tuple[Path, Path]:
     """The clips as audio files, and as shards; each written once and kept for later runs."""
-    folder, shards = root / f"speech_{clips}", root / f"shards_{clips}"
+    folder, shards = root / f"speech_{clips}", root / f"speech_{clips}_shards"
     if not (folder / "validation_list.txt").exists():
         shutil.rmtree(folder, ignore_errors=True)
         make_demo_audio.main(["--output", str(folder), "--classes", "6", "--clips-per-class", str(clips // 6), "--seconds", "1"])
+    return folder, sharded("audio", folder, shards, 1000)
+
+
+def detection_sets(root: Path, images: int) -> tuple[Path, Path]:
+    """The images in YOLO layout (2.5% more each for val and test), and as shards; each written once and kept."""
+    folder, shards = root / f"shapes_{images}", root / f"shapes_{images}_shards"
+    if not (folder / "data.yaml").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        held_out = str(max(8, images // 40))
+        make_demo_detection.main(
+            ["--output-dir", str(folder), "--train", str(images), "--val", held_out, "--test", held_out, "--size", "320"]
+        )
+    return folder / "data.yaml", sharded("detection", folder / "data.yaml", shards, 500)
+
+
+def sharded(task: str, data: Path, shards: Path, rows: int) -> Path:
     if not (shards / "shards.json").exists():
         shutil.rmtree(shards, ignore_errors=True)
-        make_shards.main(["audio", "--data", str(folder), "--output", str(shards), "--shard-size", "1000"])
-    return folder, shards
+        make_shards.main([task, "--data", str(data), "--output", str(shards), "--shard-size", str(rows)])
+    return shards
 
 
 def watched(cmd: list[str], env: dict, log: Path) -> tuple[float, int]:
@@ -74,70 +96,97 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def steady_rate(run: Path) -> float:
+def steady_rate(run: Path, task_name: str, batch: int) -> float:
     """Training samples/s between step WARM_STEPS and the last step, from the wall times of the steps' logged loss."""
-    events = EventAccumulator(str(run / "logs" / "audio-classification"))
+    events = EventAccumulator(str(run / "logs" / task_name))
     events.Reload()
     steps = [e for e in events.Scalars("step/loss") if e.step >= WARM_STEPS]
-    return (steps[-1].step - steps[0].step) * BATCH / (steps[-1].wall_time - steps[0].wall_time)
+    return (steps[-1].step - steps[0].step) * batch / (steps[-1].wall_time - steps[0].wall_time)
 
 
-def loader_rate(mode: str, data: Path, cache: Path, clips: int) -> float:
+def audio_loader_rate(streaming: bool, data: Path, cache: Path, count: int) -> float:
     """Clips/s of the training loader with one worker: from the warm cache, or from the shards."""
-    accelerator, num_samples = Accelerator(cpu=True), SAMPLE_RATE
+    accelerator, num_samples, batch = Accelerator(cpu=True), SAMPLE_RATE, BATCH["audio"]
     span = num_samples * train_audio.TRAIN_SPAN
-    if mode == "streaming":
+    if streaming:
         split = load_run_data({"data": str(data), "streaming": True}).splits["train"]
-        loader = StreamedClips(split, SAMPLE_RATE, num_samples, span, ("audio", "label")).loader(accelerator, BATCH, 1, 1000, 0)
+        loader = StreamedClips(split, SAMPLE_RATE, num_samples, span, ("audio", "label")).loader(accelerator, batch, 1, 1000, 0)
     else:
         split = load_audio_data(str(data), clip_seconds=1.0).splits["train"]
         cached = CachedClips(split, SAMPLE_RATE, num_samples, cache, label="train", span=span)
         args = train_audio.parse_args(["--data", str(data), "--output-dir", "/nonexistent", "--workers", "1"])
-        loader = train_audio.clip_loader(accelerator, cached, args, SimpleNamespace(batch_size=BATCH), shuffle=True)
-    return rate(loader, clips)
+        loader = train_audio.clip_loader(accelerator, cached, args, SimpleNamespace(batch_size=batch), shuffle=True)
+    return rate(loader, count)
 
 
-def command(mode: str, data: Path, out: Path, cache: Path, *extra) -> list[str]:
-    cmd = [sys.executable, str(REPO / "scripts" / "train_audio.py"), "--data", str(data), "--output-dir", str(out)]
-    cmd += ["--cache-dir", str(cache), "--batch-size", str(BATCH), "--nominal-batch-size", str(BATCH), "--epochs", "1"]
-    cmd += ["--sample-rate", str(SAMPLE_RATE), "--max-eval-samples", "64", *map(str, extra)]
-    return cmd + (["--streaming"] if mode == "streaming" else [])
+def detection_loader_rate(streaming: bool, data: Path, cache: Path, count: int) -> float:
+    """Images/s of the training loader (augmentation and mosaic on) with one worker: from the warm image cache, or
+    from the shards."""
+    argv = ["--data", str(data), "--output-dir", "/nonexistent", "--cache-dir", str(cache), "--workers", "1"]
+    args = train_detection.parse_args(argv + (["--streaming"] if streaming else []))
+    data = detection_data.load_data(args.data, args.val_fraction, args.format, args.max_pixels, args.streaming)
+    recipe = {key: getattr(args, key) for key in train_detection.RECIPE}
+    train = detection_data.detection_datasets(args, data, args.img_size, recipe)["train"]
+    plan, config = SimpleNamespace(batch_size=BATCH["detection"]), {"img_size": args.img_size}
+    return rate(detection_data.image_loader(Accelerator(cpu=True), train, args, plan, config, True), count)
 
 
-def benchmark(work: Path, clips: int, steps: int, loader_clips: int) -> dict:
-    """Both modes in turn on the same clips (written first, not timed)."""
-    print(f"streaming vs cached, {clips} clips ...", flush=True)
-    folder, shards = write_sets(work / "data" / "streaming", clips)
-    runner, root, rows, commands = Runner(work), work / "streaming", {}, []
+TASKS = {
+    "audio": ("train_audio.py", "audio-classification", audio_loader_rate, ["--sample-rate", SAMPLE_RATE]),
+    "detection": ("train_detection.py", detection_model.TASK, detection_loader_rate, []),
+}
+
+
+def command(task: str, streaming: bool, data: Path, out: Path, cache: Path, *extra) -> list[str]:
+    script, _, _, own = TASKS[task]
+    cmd = [sys.executable, str(REPO / "scripts" / script), "--data", str(data), "--output-dir", str(out), "--epochs", "1"]
+    cmd += ["--cache-dir", str(cache), "--batch-size", BATCH[task], "--nominal-batch-size", BATCH[task], *own]
+    cmd += ["--max-eval-samples", 64, *extra, "--overwrite"] + (["--streaming"] if streaming else [])
+    return [str(c) for c in cmd]
+
+
+def compare(work: Path, task: str, files: Path, shards: Path, steps: int, loader_samples: int) -> dict:
+    """Both modes of one task in turn: the measurements of the module's docstring."""
+    runner, root, rows, commands = Runner(work), work / "streaming" / task, {}, []
     root.mkdir(parents=True, exist_ok=True)
-    for mode, data in (("cached", folder), ("streaming", shards)):
-        cache = root / f"cache_{mode}"
+    _, task_name, loader_rate, _ = TASKS[task]
+    for mode, data in (("cached", files), ("streaming", shards)):
+        cache, streaming = root / f"cache_{mode}", mode == "streaming"
         shutil.rmtree(cache, ignore_errors=True)
-        first = command(mode, data, root / f"{mode}_first", cache, "--max-train-steps", 1, "--overwrite")
-        steady = command(mode, data, root / f"{mode}_steady", cache, "--max-train-steps", steps, "--log-every", 1, "--overwrite")
+        first = command(task, streaming, data, root / f"{mode}_first", cache, "--max-train-steps", 1)
+        steady = command(task, streaming, data, root / f"{mode}_steady", cache, "--max-train-steps", steps, "--log-every", 1)
         first_seconds, first_pss = watched(first, runner.env, root / f"{mode}_first.log")
         disk = folder_bytes(cache) if cache.exists() else 0
-        per_worker = loader_rate(mode, data, cache, loader_clips)
-        steady_seconds, steady_pss = watched(steady, runner.env, root / f"{mode}_steady.log")
+        per_worker = loader_rate(streaming, data, cache, loader_samples)
+        _, steady_pss = watched(steady, runner.env, root / f"{mode}_steady.log")
         rows[mode] = {
             "first_step_seconds": first_seconds,
-            "loader_clips_per_second": per_worker,
-            "train_clips_per_second": steady_rate(root / f"{mode}_steady"),
+            "loader_samples_per_second": per_worker,
+            "train_samples_per_second": steady_rate(root / f"{mode}_steady", task_name, BATCH[task]),
             "peak_pss_bytes": max(first_pss, steady_pss),
             "disk_bytes": disk,
-            "steady_seconds": steady_seconds,
         }
         commands += [" ".join(repo_relative(c) for c in cmd) for cmd in (first, steady)]
-        print(f"  {mode}: {rows[mode]}", flush=True)
+        print(f"  {task} {mode}: {rows[mode]}", flush=True)
     return {
-        "clips": clips,
-        "steps": steps,
-        "loader_clips": loader_clips,
-        "batch": BATCH,
-        "warm_steps": WARM_STEPS,
-        "input_bytes": {"files": folder_bytes(folder), "shards": folder_bytes(shards / "data")},
+        "batch": BATCH[task],
+        "input_bytes": {
+            "files": folder_bytes(files if files.is_dir() else files.parent),
+            "shards": folder_bytes(shards / "data"),
+        },
         "modes": rows,
-        "loader_ratio": rows["streaming"]["loader_clips_per_second"] / rows["cached"]["loader_clips_per_second"],
-        "train_ratio": rows["streaming"]["train_clips_per_second"] / rows["cached"]["train_clips_per_second"],
+        "loader_ratio": rows["streaming"]["loader_samples_per_second"] / rows["cached"]["loader_samples_per_second"],
+        "train_ratio": rows["streaming"]["train_samples_per_second"] / rows["cached"]["train_samples_per_second"],
         "commands": commands,
     }
+
+
+def benchmark(work: Path, clips: int, images: int, steps: int, loader_samples: int) -> dict:
+    """Both tasks, each on its own data (written first, not timed)."""
+    data = work / "data" / "streaming"
+    print(f"streaming vs cached: audio, {clips} clips ...", flush=True)
+    audio = compare(work, "audio", *audio_sets(data, clips), steps, loader_samples)
+    print(f"streaming vs cached: detection, {images} images ...", flush=True)
+    detection = compare(work, "detection", *detection_sets(data, images), steps, loader_samples)
+    return {"steps": steps, "warm_steps": WARM_STEPS, "loader_samples": loader_samples, "sizes": {"audio": clips,
+            "detection": images}, "audio": audio, "detection": detection}  # fmt: skip

@@ -518,23 +518,37 @@ class ShardStream:
 
 def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioData:
     """--streaming: the splits of a shard folder or Hub id, read as training goes. Only the label column is read ahead
-    (the class counts and the fingerprint need it); it must be a ClassLabel, as make_shards.py writes it."""
+    (the class counts and the fingerprint need it): a ClassLabel, as make_shards.py writes it, or class ids (a
+    WebDataset's `.cls` files), then named by their numbers."""
     import datasets
 
     streams, files, sources = open_streams(name)
     features = streams["train"].features or {}
-    if not isinstance(features.get(label_column), datasets.ClassLabel):
+    label = features.get(label_column)
+    if not (isinstance(label, datasets.ClassLabel) or getattr(label, "dtype", "").startswith(("int", "uint"))):
         raise DataError(
-            f"--data {name} --streaming: column {label_column!r} is not a ClassLabel (features: {features}); name the "
-            "class column with --label-column, or make the shards with scripts/make_shards.py"
+            f"--data {name} --streaming: column {label_column!r} is neither a ClassLabel nor class ids (features: "
+            f"{features}); name the class column with --label-column, or make the shards with scripts/make_shards.py"
         )
     splits, labels = {}, columns_ahead(name, [label_column], streams)
+    # Each clip as its file's bytes (or path), undecoded. Not Audio(decode=False): rows that come from Python
+    # (WebDataset) are encoded again by their features, and Audio's encoder needs torchcodec.
+    stored = datasets.Features({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
     for part, source in sources.items():
         targets = np.fromiter((row[label_column] for row in labels[source]), dtype=np.int64)
-        stream = ShardStream(streams[source].select_columns([audio_column, label_column]).decode(False), files.get(source, []))
-        splits[part] = Split(stream, targets, [f"{name}[{source}]"] * len(targets))
+        stream = streams[source].select_columns([audio_column, label_column]).cast_column(audio_column, stored)
+        splits[part] = Split(ShardStream(stream, files.get(source, [])), targets, [f"{name}[{source}]"] * len(targets))
+    names = label.names if isinstance(label, datasets.ClassLabel) else _class_ids(name, splits)
     notes = [f"streamed splits: {', '.join(f'{p}={s}' for p, s in sources.items())}"]
-    return AudioData("hub", list(features[label_column].names), splits, notes=notes)
+    return AudioData("hub", list(names), splits, notes=notes)
+
+
+def _class_ids(name: str, splits: dict[str, Split]) -> list[str]:
+    """Classes given as ids 0..N-1 (WebDataset `.cls` files), named by their numbers."""
+    highest = max(int(split.targets.max(initial=-1)) for split in splits.values())
+    if min(int(split.targets.min(initial=0)) for split in splits.values()) < 0:
+        raise DataError(f"--data {name} --streaming: class ids must run from 0 to the number of classes - 1")
+    return [str(k) for k in range(highest + 1)]
 
 
 class StreamedClips:
