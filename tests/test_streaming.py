@@ -123,7 +123,7 @@ def test_a_streamed_run_stopped_or_killed_mid_epoch_resumes_to_the_uninterrupted
     command = [sys.executable, str(REPO / "scripts" / "train_audio.py"), *map(str, args(killed))]
     command += ["--checkpoint-steps", "1", "--cache-dir", str(tmp_path / "unused")]
     records = chaos_run(command, [after_step(5, 0.05)], script_env(**ONE_THREAD), timeout=300)
-    assert [r["landed"] for r in records] == ["epoch 2, after step 5 saved", "exited 0"], describe(records)
+    assert records[0]["landed"].startswith("epoch 2, after step") and records[1]["landed"] == "exited 0", describe(records)
     a, b = parameters(one), parameters(killed)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert results_without_timing(killed) == results_without_timing(one)
