@@ -16,11 +16,12 @@ from audio_data import CachedClips, load_audio_data
 BATCH = 32
 
 
-def launchkit_rate(data: Path, clip_seconds: float, cache_dir: Path, clips: int) -> float:
-    """The cache is built before the clock starts: once per data set and clip length, for every later run."""
+def launchkit_rate(data: Path, clip_seconds: float, cache_dir: Path, clips: int, fmt: str | None = "folders") -> float:
+    """The cache is built before the clock starts: once per data set and clip length, for every later run. fmt: the
+    data's layout (None: told from the folder, as training tells it)."""
     argv = ["--data", str(data), "--output-dir", "/nonexistent", "--clip-seconds", str(clip_seconds), "--workers", "1"]
     args = train_audio.parse_args(argv)
-    split = load_audio_data(str(data), "folders", clip_seconds=clip_seconds).splits["train"]
+    split = load_audio_data(str(data), fmt, clip_seconds=clip_seconds).splits["train"]
     num_samples = round(clip_seconds * args.sample_rate)
     cached = CachedClips(
         split, args.sample_rate, num_samples, cache_dir, label="train", span=num_samples * train_audio.TRAIN_SPAN

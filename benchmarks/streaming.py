@@ -28,8 +28,8 @@ import psutil
 import train_audio  # run.py puts scripts/ on the path
 import train_detection
 from accelerate import Accelerator
-from audio_data import CachedClips, StreamedClips, load_audio_data, load_run_data
-from audio_loaders import rate
+from audio_data import StreamedClips, load_run_data
+from audio_loaders import launchkit_rate, rate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from training_runs import REPO, Runner, repo_relative
 
@@ -106,17 +106,11 @@ def steady_rate(run: Path, task_name: str, batch: int) -> float:
 
 def audio_loader_rate(streaming: bool, data: Path, cache: Path, count: int) -> float:
     """Clips/s of the training loader with one worker: from the warm cache, or from the shards."""
-    accelerator, num_samples, batch = Accelerator(cpu=True), SAMPLE_RATE, BATCH["audio"]
-    span = num_samples * train_audio.TRAIN_SPAN
-    if streaming:
-        split = load_run_data({"data": str(data), "streaming": True}).splits["train"]
-        loader = StreamedClips(split, SAMPLE_RATE, num_samples, span, ("audio", "label")).loader(accelerator, batch, 1, 1000, 0)
-    else:
-        split = load_audio_data(str(data), clip_seconds=1.0).splits["train"]
-        cached = CachedClips(split, SAMPLE_RATE, num_samples, cache, label="train", span=span)
-        args = train_audio.parse_args(["--data", str(data), "--output-dir", "/nonexistent", "--workers", "1"])
-        loader = train_audio.clip_loader(accelerator, cached, args, SimpleNamespace(batch_size=batch), shuffle=True)
-    return rate(loader, count)
+    if not streaming:
+        return launchkit_rate(data, 1.0, cache, count, fmt=None)
+    split = load_run_data({"data": str(data), "streaming": True}).splits["train"]
+    clips = StreamedClips(split, SAMPLE_RATE, SAMPLE_RATE, SAMPLE_RATE * train_audio.TRAIN_SPAN, ("audio", "label"))
+    return rate(clips.loader(Accelerator(cpu=True), BATCH["audio"], 1, 1000, 0), count)
 
 
 def detection_loader_rate(streaming: bool, data: Path, cache: Path, count: int) -> float:

@@ -34,6 +34,7 @@ from shared.runtime import (
     open_streams,
     prepared_share,
     print_summary,
+    shard_identities,
     stored_file,
     stream_loader,
     write_json,
@@ -513,7 +514,7 @@ class ShardStream:
         return ShardStream(self.dataset.take(limit), self.files)
 
     def items(self) -> list[tuple]:
-        return [(Path(f),) if Path(f).is_file() else (f,) for f in self.files]
+        return shard_identities(self.files)
 
 
 def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioData:
@@ -566,9 +567,8 @@ class StreamedClips:
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int):
         dataset = self.split.sources.dataset
         stream = prepared_share(accelerator, dataset, self.decode, list(dataset.column_names or []), shuffle_buffer, seed)
-        share = math.ceil(len(self) / accelerator.num_processes)
         pad = None if shuffle_buffer else (lambda row: {**row, "target": PADDING})  # evaluation drops these rows
-        return stream_loader(accelerator, stream, batch_size, workers, share, _collate_rows, pad)
+        return stream_loader(accelerator, stream, batch_size, workers, len(self), _collate_rows, pad)
 
     def first_windows(self, count: int) -> torch.Tensor:
         """The first `count` clips' first windows, for the log-mel mean/std (a stream has no evenly spaced rows)."""
@@ -589,7 +589,7 @@ def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, column
 
 
 def _collate_rows(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    waves = torch.stack([torch.as_tensor(row["wave"]) for row in rows])  # workers hand numpy over as tensors
+    waves = torch.stack([torch.as_tensor(row["wave"]) for row in rows])  # rows come from the workers as numpy
     return waves, torch.tensor([row["target"] for row in rows]), torch.tensor([row["length"] for row in rows])
 
 

@@ -33,6 +33,7 @@ from shared.runtime import (
     open_streams,
     prepared_share,
     print_summary,
+    shard_identities,
     stored_file,
     stream_loader,
 )
@@ -837,11 +838,12 @@ class StreamedImages(DetectionDataset):
 
         rows = datasets.IterableDataset.from_generator(indexed_images, gen_kwargs={"shards": self.shards})
         stream = prepared_share(accelerator, rows, self.prepare, ["index", "image"], shuffle_buffer, seed)
-        share = math.ceil(len(self) / accelerator.num_processes)
         pad = None if shuffle_buffer else pad_row  # evaluation drops these rows
-        return stream_loader(
-            accelerator, stream, batch_size, workers, share, lambda rows: collate([(r["pixels"], r["target"]) for r in rows]), pad
-        )
+
+        def batch(rows):
+            return collate([(r["pixels"], r["target"]) for r in rows])
+
+        return stream_loader(accelerator, stream, batch_size, workers, len(self), batch, pad)
 
     def prepare(self, row: dict) -> dict | None:
         """A row as DetectionDataset gives its sample; None for a row left out (--max-*-samples, too large) or one that
@@ -951,8 +953,7 @@ def image_identities(data: DetectionData) -> dict[str, list]:
     its Hub dataset's fingerprint and row, with its boxes and classes."""
     if data.shards:  # --streaming: the shard files by content, and the boxes read ahead
         return {
-            split: [(Path(f) if Path(f).is_file() else f,) for _, f in data.shards[split]]
-            + [(s.source, s.boxes, s.labels) for s in samples]
+            split: shard_identities([f for _, f in data.shards[split]]) + [(s.source, s.boxes, s.labels) for s in samples]
             for split, samples in data.splits.items()
         }
     hub = {split: dataset._fingerprint for split, dataset in data.hub.items()}

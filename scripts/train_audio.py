@@ -55,6 +55,7 @@ from shared.runtime import (
     resolve_recipe,
     seed_per_process,
     setup_accelerator,
+    stream_order,
     write_args_json,
     write_json,
 )
@@ -326,6 +327,7 @@ def run_fingerprint(accelerator, args, plan, data, config) -> dict:
         "protocol": data.protocol,
         **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},
         **{k: getattr(args, k) for k in (*RECIPE, *ORDER_ARGS, "freq_mask", "time_mask")},
+        **stream_order(args),
     }
 
 

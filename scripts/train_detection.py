@@ -54,6 +54,7 @@ from shared.runtime import (
     resolve_recipe,
     seed_per_process,
     setup_accelerator,
+    stream_order,
     write_args_json,
     write_json,
 )
@@ -377,8 +378,7 @@ def run_fingerprint(accelerator, args, plan, data, config, recipe: dict) -> dict
         **recipe,
         **files_fingerprint(detection_data.image_identities(data)),
         **{k: getattr(args, k) for k in RUN_IDENTITY},
-        # A stream's order: its shuffle buffer, and how its shards meet the workers.
-        **({"shuffle_buffer": args.shuffle_buffer, "workers": args.workers} if args.streaming else {}),
+        **stream_order(args),
     }
 
 

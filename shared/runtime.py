@@ -364,9 +364,11 @@ def prepared_share(accelerator: Accelerator, stream, prepare, columns: list[str]
     return kept.map(lambda row: row["prepared"], remove_columns=["prepared"])
 
 
-def stream_loader(accelerator: Accelerator, stream, batch_size: int, workers: int, share: int, collate, pad=None):
-    """EvenBatches in Accelerate's own DataLoader (not prepared, which would split the stream again): batches on the
-    device, the end of the epoch known to gradient accumulation, skip_first_batches for a resume."""
+def stream_loader(accelerator: Accelerator, stream, batch_size: int, workers: int, rows: int, collate, pad=None):
+    """EvenBatches over this process's share of a stream of `rows` rows, in Accelerate's own DataLoader (not prepared,
+    which would split the stream again): batches on the device, the end of the epoch known to gradient accumulation,
+    skip_first_batches for a resume."""
+    share = -(-rows // accelerator.num_processes)
     batches = EvenBatches(stream, batch_size, workers, share, collate, pad)
     # Own generators, as make_loader's: starting an iteration must not draw from the RNG augmentation uses.
     return DataLoaderShard(batches, device=accelerator.device, batch_size=None, generator=torch.Generator())
@@ -412,6 +414,17 @@ def columns_ahead(name: str, columns: list[str], streams: dict) -> dict:
         return datasets.load_dataset_builder(name, columns=columns).as_streaming_dataset()
     except (TypeError, ValueError):  # builders without the option refuse it with either
         return {split: stream.select_columns(columns) for split, stream in streams.items()}
+
+
+def shard_identities(files: list[str]) -> list[tuple]:
+    """A stream's data files as files_fingerprint takes them: a local file by its content, a remote one by its name."""
+    return [(Path(f),) if Path(f).is_file() else (f,) for f in files]
+
+
+def stream_order(args) -> dict:
+    """What fixes a stream's order besides the seed, for a run's fingerprint: its shuffle buffer, and how its shards
+    meet the DataLoader workers. Nothing for a run that does not stream."""
+    return {"shuffle_buffer": args.shuffle_buffer, "workers": args.workers} if args.streaming else {}
 
 
 def stored_file(item: dict):
