@@ -1,6 +1,6 @@
 """Detection data: YOLO, COCO json and Hub datasets read into samples per split (boxes xyxy in pixels of the upright
 image, labels 0-based), bad input fixed or skipped and counted in a DataReport; box-aware augmentation; batching;
---streaming: parquet shards read while training (StreamedImages)."""
+--streaming: shards read while training (StreamedImages)."""
 
 import hashlib
 import itertools
@@ -48,7 +48,7 @@ DARK = {"red", "blue", "magenta", "purple", "brown"}  # white names on these, bl
 PAD_VALUE = 114  # the grey YOLO letterboxes with
 PADDING = -1  # --streaming: the image_id of rows that only even out the processes' evaluation batches
 MOSAIC_POOL = 64  # --streaming: a mosaic draws its other three images from this many a worker decoded last
-GROUND_TRUTH = ["width", "height", "objects"]  # the columns --streaming reads ahead: all but the image
+GROUND_TRUTH = ["image_id", "width", "height", "objects"]  # the columns --streaming reads ahead: all but the image
 
 
 @dataclass
@@ -70,7 +70,8 @@ class DetectionData:
     hub: dict = field(default_factory=dict)  # split -> datasets.Dataset for Hub data
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> the file, folder or Hub split it came from
-    shards: dict[str, list] = field(default_factory=dict)  # --streaming: split -> its (first row, parquet file)s
+    shards: dict[str, list] = field(default_factory=dict)  # --streaming: split -> its data files
+    streams: dict = field(default_factory=dict)  # --streaming: split -> a datasets IterableDataset of image_id and image
 
 
 class DataReport:
@@ -179,8 +180,8 @@ def load_data(
     data: str, val_fraction: float = 0.1, fmt: str | None = None, max_pixels: int = MAX_PIXELS, streaming: bool = False
 ) -> DetectionData:
     """--data: a data.yaml (YOLO), a COCO instances json, a save_to_disk folder, or with fmt "hub" a Hub dataset id.
-    fmt forces the parser; without it the format is told from the path. streaming: --data is a folder of parquet
-    shards or a Hub id, read while training (streamed_data)."""
+    fmt forces the parser; without it the format is told from the path. streaming: --data is a folder of shards or a
+    Hub id, read while training (streamed_data)."""
     if streaming:
         return streamed_data(data, max_pixels)
     path = Path(data)
@@ -487,13 +488,13 @@ def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list
         sizes = zip(ds["width"], ds["height"], strict=True)
     else:
         sizes = (open_rgb(ds[i]["image"])[0].size for i in range(len(ds)))
-    return hub_samples(zip(sizes, ds["objects"], strict=False), split, report, names)
+    return hub_samples(enumerate(zip(sizes, ds["objects"], strict=False)), split, report, names)
 
 
 def hub_samples(rows, split: str, report: DataReport, names: list[str]) -> list[Sample]:
-    """Row i ((width, height), objects{bbox, category}) as image i, its boxes cleaned; too large images skipped."""
+    """Each row (id, ((width, height), objects{bbox, category})) as image id, its boxes cleaned; too large images skipped."""
     samples = []
-    for i, ((w, h), obj) in enumerate(rows):
+    for i, ((w, h), obj) in rows:
         file = f"{split}/{i}"
         if w * h > report.max_pixels:
             report.add(split, file, "too_large")
@@ -520,45 +521,41 @@ def split_off(splits: dict, sources: dict, fraction: float) -> dict:
 
 
 def streamed_data(name: str, max_pixels: int = MAX_PIXELS) -> DetectionData:
-    """--streaming: the splits of a folder of parquet shards (make_shards.py's) or a Hub id, read while training. All
-    columns but the image are read ahead: the boxes of training, the ground truth of evaluation, the class counts.
-    Each image is then read from its file by row, so it carries its index in the split (the Sample it belongs to)."""
+    """--streaming: the splits of a shard folder (make_shards.py's, or other data files `datasets` reads) or a Hub id,
+    read while training. All columns but the image are read ahead: the boxes of training, the ground truth of
+    evaluation, the class counts. The images are streamed with their image_id, which ties each to its boxes."""
+    import datasets
+
     streams, files, sources = open_streams(name)
     features = streams["train"].features or {}
     if not set(GROUND_TRUTH + ["image"]) <= set(features) or not class_names(features):
         raise SystemExit(
-            f"--data {name} --streaming: needs columns image, width, height and objects{{bbox, category}} with category a "
-            f"ClassLabel (has {features}); write the shards with scripts/make_shards.py detection"
+            f"--data {name} --streaming: needs columns image, image_id, width, height and objects{{bbox, category}} with "
+            f"category a ClassLabel (has {features}); write the shards with scripts/make_shards.py detection"
         )
-    other = next((f for split in sources.values() for f in files[split] if not f.endswith(".parquet")), None)
-    if other:
-        raise SystemExit(f"--data {name} --streaming: reads parquet shards, not {other}; write them with scripts/make_shards.py")
     report, ahead, names = DataReport(max_pixels), columns_ahead(name, GROUND_TRUTH, streams), class_names(features)
-    splits = {
-        part: hub_samples((((r["width"], r["height"]), r["objects"]) for r in ahead[source]), part, report, names)
+    splits = {}
+    for part, source in sources.items():
+        rows = list(ahead[source])
+        ids = Counter(r["image_id"] for r in rows)
+        if len(ids) < len(rows):
+            raise SystemExit(f"--data {name} --streaming: image_id {ids.most_common(1)[0][0]} is not unique in {source}")
+        splits[part] = hub_samples(
+            ((r["image_id"], ((r["width"], r["height"]), r["objects"])) for r in rows), part, report, names
+        )
+    images = {
+        part: streams[source].select_columns(["image_id", "image"]).cast_column("image", datasets.Image(decode=False))
         for part, source in sources.items()
     }
     return DetectionData(
         names,
         splits,
         report,
-        description=f"streamed parquet shards {name}",
+        description=f"streamed shards {name}",
         sources={part: f"{name} split {source}" for part, source in sources.items()},
-        shards={part: first_rows(files[source]) for part, source in sources.items()},
+        shards={part: files.get(source, []) for part, source in sources.items()},
+        streams=images,
     )
-
-
-def first_rows(files: list[str]) -> list[tuple[int, str]]:
-    """Each parquet file with the index in its split of its first row (from the files' footers)."""
-    import pyarrow.parquet as pq
-    from datasets.utils.file_utils import xopen
-
-    starts, start = [], 0
-    for file in files:
-        starts.append((start, file))
-        with xopen(file, "rb") as f:
-            start += pq.ParquetFile(f).metadata.num_rows
-    return starts
 
 
 def require_boxes(data: DetectionData, report_path: Path):
@@ -821,23 +818,20 @@ class RecentTiles:
 
 
 class StreamedImages(DetectionDataset):
-    """--streaming: a split read from its parquet shards while training, where DetectionDataset reads files or the
+    """--streaming: a split read from its shards while training, where DetectionDataset reads files or the
     image cache. Each process reads its share (datasets' split_dataset_by_node), training shuffles through a seeded
     buffer (reshuffled each epoch), and each image is decoded and augmented in a DataLoader worker as DetectionDataset
     does it: the same draws for the same image and epoch, training images scaled as the image cache scales them. Only
     the mosaic differs: its other three images come from the worker's RecentTiles, not from the whole split."""
 
-    def __init__(self, samples: list[Sample], shards: list[tuple[int, str]], scale_to: int | None, **options):
+    def __init__(self, samples: list[Sample], stream, scale_to: int | None, **options):
         super().__init__(samples, **options)
-        self.shards, self.scale_to = shards, scale_to
-        self.position = {s.source: k for k, s in enumerate(samples)}  # row in the split -> index in samples
+        self.stream, self.scale_to = stream, scale_to
+        self.position = {s.source: k for k, s in enumerate(samples)}  # image_id -> index in samples
         self.recent = RecentTiles(MOSAIC_POOL if self.mosaic else 1)
 
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int, collate):
-        import datasets
-
-        rows = datasets.IterableDataset.from_generator(indexed_images, gen_kwargs={"shards": self.shards})
-        stream = prepared_share(accelerator, rows, self.prepare, ["index", "image"], shuffle_buffer, seed)
+        stream = prepared_share(accelerator, self.stream, self.prepare, ["image_id", "image"], shuffle_buffer, seed)
         pad = None if shuffle_buffer else pad_row  # evaluation drops these rows
 
         def batch(rows):
@@ -848,13 +842,13 @@ class StreamedImages(DetectionDataset):
     def prepare(self, row: dict) -> dict | None:
         """A row as DetectionDataset gives its sample; None for a row left out (--max-*-samples, too large) or one that
         cannot be decoded (with a warning naming it)."""
-        index = self.position.get(row["index"])
+        index = self.position.get(row["image_id"])
         if index is None:
             return None
         try:
             image = open_rgb(Image.open(stored_file(row["image"])))[0]
         except Exception as err:  # PIL raises many types for broken files; all mean "cannot use this image"
-            print(f"warning: skipped row {row['index']} of the stream ({type(err).__name__}: {err})", flush=True)
+            print(f"warning: skipped image_id {row['image_id']} of the stream ({type(err).__name__}: {err})", flush=True)
             return None
         s = self.samples[index]
         if self.scale_to:
@@ -866,21 +860,8 @@ class StreamedImages(DetectionDataset):
         return {"pixels": pixels, "target": target}
 
     def first_images(self, count: int) -> list[Image.Image]:
-        kept = (row for row in indexed_images(self.shards) if row["index"] in self.position)
+        kept = (row for row in self.stream if row["image_id"] in self.position)
         return [open_rgb(Image.open(stored_file(row["image"])))[0] for row in itertools.islice(kept, count)]
-
-
-def indexed_images(shards: list[tuple[int, str]]):
-    """The image column of parquet shards, each row with its index in the split. Only that column is read."""
-    import pyarrow.parquet as pq
-    from datasets.utils.file_utils import xopen
-
-    for start, file in shards:
-        with xopen(file, "rb") as f:
-            images = (
-                image for batch in pq.ParquetFile(f).iter_batches(columns=["image"]) for image in batch["image"].to_pylist()
-            )
-            yield from ({"index": start + k, "image": image} for k, image in enumerate(images))
 
 
 def pad_row(row: dict) -> dict:
@@ -951,9 +932,9 @@ def default_cache_dir() -> Path:
 def image_identities(data: DetectionData) -> dict[str, list]:
     """Per split, what identifies each image for a run's fingerprint (shared.runtime.files_fingerprint): its file, or
     its Hub dataset's fingerprint and row, with its boxes and classes."""
-    if data.shards:  # --streaming: the shard files by content, and the boxes read ahead
+    if data.streams:  # --streaming: the shard files by content, and the boxes read ahead
         return {
-            split: shard_identities([f for _, f in data.shards[split]]) + [(s.source, s.boxes, s.labels) for s in samples]
+            split: shard_identities(data.shards[split]) + [(s.source, s.boxes, s.labels) for s in samples]
             for split, samples in data.splits.items()
         }
     hub = {split: dataset._fingerprint for split, dataset in data.hub.items()}
@@ -988,7 +969,7 @@ def detection_datasets(args, data: DetectionData, img_size: int, recipe: dict) -
             "mosaic": Mosaic(img_size, recipe, mosaic_epochs(args.epochs, recipe)) if train else None,
         }
         if args.streaming:  # training images scaled as the image cache scales them
-            datasets[split] = StreamedImages(samples, data.shards[split], img_size if split == "train" else None, **options)
+            datasets[split] = StreamedImages(samples, data.streams[split], img_size if split == "train" else None, **options)
         else:
             cache = train_cache if split == "train" else None
             datasets[split] = DetectionDataset(samples, hub_dataset=data.hub.get(split), cache=cache, **options)

@@ -11,11 +11,11 @@ with the splits and labels training would use and every unusable file left out a
 OUTPUT gets data/{split}-{i:05d}-of-{n:05d}.parquet (splits train, validation and test), README.md (rows and shards
 per split) and shards.json (rows and shards per split, every skipped file with its reason).
 Audio rows: audio (the clip's original file bytes: decoding happens later, in the DataLoader workers) and label (a
-ClassLabel). Detection rows: image (the original file bytes), width and height (of the upright image), objects{bbox
-(COCO [x, y, w, h] pixels), category (a ClassLabel)}: the columns `--format hub` reads. The data flags are those of
-train_audio.py and train_detection.py (audio's --cache-dir is not used); a fold dataset gives the shards of one
---fold. Audio clips are decoded whole once (at --sample-rate) to find the unreadable ones; detection images are
-checked as training checks them."""
+ClassLabel). Detection rows: image_id (the row's number in its split), image (the original file bytes), width and
+height (of the upright image), objects{bbox (COCO [x, y, w, h] pixels), category (a ClassLabel)}: the columns
+`--format hub` reads. The data flags are those of train_audio.py and train_detection.py (audio's --cache-dir is not
+used); a fold dataset gives the shards of one --fold. Audio clips are decoded whole once (at --sample-rate) to find
+the unreadable ones; detection images are checked as training checks them."""
 
 import argparse
 import io
@@ -141,6 +141,7 @@ def detection_splits(args) -> tuple[datasets.Features, dict[str, SplitRows], dic
     bbox = datasets.List(datasets.List(datasets.Value("float32"), length=4))
     features = datasets.Features(
         {
+            "image_id": datasets.Value("int64"),
             "image": datasets.Image(),
             "width": datasets.Value("int32"),
             "height": datasets.Value("int32"),
@@ -173,7 +174,7 @@ def detection_row(samples: list, hub, k: int) -> dict:
     s = samples[k]
     xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in s.boxes.tolist()]  # the Hub's COCO convention
     image, objects = {"bytes": image_bytes(s, hub), "path": s.file_name}, {"bbox": xywh, "category": s.labels.tolist()}
-    return {"image": image, "width": s.width, "height": s.height, "objects": objects}
+    return {"image_id": k, "image": image, "width": s.width, "height": s.height, "objects": objects}
 
 
 # ----------------------------------------------------------------------------- shards

@@ -1,7 +1,8 @@
-"""train_detection.py --streaming: parquet shards read while training. Two processes with two DataLoader workers each
+"""train_detection.py --streaming: shards (parquet, arrow) read while training. Two processes with two DataLoader workers each
 see every training image in an epoch (a filler row or two aside) and every evaluation image exactly once, each with
 its own ground truth; a run stopped mid-epoch (mosaic from the workers' recent images, multi-scale, accumulation) and
-resumed ends as the uninterrupted run; a streamed run learns, and its mAP is the cached path's on the same shards."""
+resumed ends as the uninterrupted run; a streamed run learns, and its mAP is the cached path's on the same shards;
+arrow files stream the same images as parquet."""
 
 import collections
 import hashlib
@@ -12,7 +13,10 @@ import sys
 import datasets
 import detection_data
 import make_shards
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from accelerate import Accelerator
 from conftest import REPO, free_port, run_script, script_env
 from test_audio_train import ONE_THREAD, parameters, results_without_timing, stopped_at_first_checkpoint
 
@@ -31,7 +35,7 @@ for name, samples in data.splits.items():
     train = name == "train"
     transform = dd.train_transform({size}, recipe) if train else dd.eval_transform({size})
     mosaic = dd.Mosaic({size}, recipe, until_epoch=5) if train else None
-    images = dd.StreamedImages(samples, data.shards[name], {size} if train else None, transform=transform, mosaic=mosaic)
+    images = dd.StreamedImages(samples, data.streams[name], {size} if train else None, transform=transform, mosaic=mosaic)
     loader = images.loader(accelerator, 4, 2, 8 if train else None, 0, dd.make_collate({size}, channels_last=train))
     images.set_epoch(1)
     loader.set_epoch(1)
@@ -153,5 +157,29 @@ def test_streaming_refuses_what_a_stream_cannot_do(shards, tmp_path):
         datasets.Dataset.from_parquet(str(shard)).remove_columns(["width"]).to_parquet(str(no_sizes / "data" / shard.name))
     with pytest.raises(SystemExit, match="needs a train and a validation split"):
         detection_data.load_data(str(no_val), streaming=True)
-    with pytest.raises(SystemExit, match=r"needs columns image, width, height and objects.*make_shards.py detection"):
+    with pytest.raises(SystemExit, match=r"needs columns image, image_id, width, height and objects.*make_shards.py"):
         detection_data.load_data(str(no_sizes), streaming=True)
+
+
+def test_arrow_files_stream_the_same_images_as_parquet(shards, tmp_path):
+    """Any data files `datasets` reads stream: the parquet shards rewritten as arrow files give each val and test image,
+    under its image_id, with the cached path's pixels."""
+    (tmp_path / "data").mkdir()
+    for shard in (shards / "data").glob("*.parquet"):
+        table = pq.read_table(shard)  # with the schema metadata that holds the features (Image, ClassLabel)
+        with pa.ipc.new_stream(str(tmp_path / "data" / f"{shard.stem}.arrow"), table.schema) as out:
+            out.write_table(table)
+    data = detection_data.load_data(str(tmp_path), streaming=True)
+    expected, accelerator = evaluation_hashes(shards), Accelerator(cpu=True)
+    for name in ("val", "test"):
+        images = detection_data.StreamedImages(
+            data.splits[name], data.streams[name], None, transform=detection_data.eval_transform(SIZE)
+        )
+        loader = images.loader(accelerator, 4, 0, None, 0, detection_data.make_collate(SIZE, channels_last=False))
+        seen = [
+            [t["image_id"], hashlib.sha1(image[:, : t["size"][0], : t["size"][1]].contiguous().numpy().tobytes()).hexdigest()]
+            for batch, targets in loader
+            for image, t in zip(batch, targets, strict=True)
+            if t["image_id"] != detection_data.PADDING
+        ]
+        assert sorted(seen) == sorted(expected[name]), name
