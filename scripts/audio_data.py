@@ -49,6 +49,7 @@ FOLD_LAYOUTS = {
     "esc50": ("meta/esc50.csv", "filename", "category", "target", "audio"),
 }
 NOISE_FOLDER = "_background_noise_"
+NOISE_SPLIT = "noise"  # shards' and Hub data's split of background recordings (what make_shards.py writes NOISE_FOLDER as)
 UNKNOWN, SILENCE = "_unknown_", "_silence_"
 CACHE_VERSION = 3  # bump when the cached representation changes
 PCM_DTYPE = np.dtype("<i2")  # the cache file's samples, little-endian whatever machine wrote it
@@ -114,7 +115,7 @@ class AudioData:
     format: str
     labels: list[str]
     splits: dict[str, Split]  # "train", "val" and, when the data has one, "test"
-    noise_files: list[str] = field(default_factory=list)
+    noise_files: list = field(default_factory=list)  # paths, or stored {"bytes", "path"} rows of a NOISE_SPLIT
     notes: list[str] = field(default_factory=list)  # how val and test were chosen, for the start-up summary
     protocol: dict | None = None  # a task that changes the classes (--wanted-words), for reports and resume
 
@@ -481,7 +482,8 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
             for ix in _stratified_split(list(range(len(full.targets))), val_fraction, full.targets)
         )
         notes.append(f"no validation split: {val_fraction:.0%} of train per class held out (fixed seed)")
-    return AudioData("hub", labels, splits, notes=notes)
+    noise = loaded[NOISE_SPLIT].cast_column(audio_column, datasets.Audio(decode=False)) if NOISE_SPLIT in loaded else {}
+    return AudioData("hub", labels, splits, list(noise[audio_column]) if noise else [], notes=notes)
 
 
 class HubAudio:
@@ -541,7 +543,8 @@ def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioD
         splits[part] = Split(ShardStream(stream, files.get(source, [])), targets, [f"{name}[{source}]"] * len(targets))
     names = label.names if isinstance(label, datasets.ClassLabel) else _class_ids(name, splits)
     notes = [f"streamed splits: {', '.join(f'{p}={s}' for p, s in sources.items())}"]
-    return AudioData("hub", list(names), splits, notes=notes)
+    noise = streams[NOISE_SPLIT].cast_column(audio_column, stored) if NOISE_SPLIT in streams else []
+    return AudioData("hub", list(names), splits, [row[audio_column] for row in noise], notes=notes)
 
 
 def _class_ids(name: str, splits: dict[str, Split]) -> list[str]:
@@ -791,14 +794,15 @@ def require_usable_splits(clips: dict[str, CachedClips], report_path: Path):
             )
 
 
-def load_noise(files: list[str], sample_rate: int) -> tuple[torch.Tensor, list[dict]]:
-    """Background noise recordings concatenated into one float32 waveform, and the files skipped as unreadable."""
+def load_noise(files: list, sample_rate: int) -> tuple[torch.Tensor, list[dict]]:
+    """Background noise recordings (AudioData.noise_files) concatenated into one float32 waveform, and the files skipped
+    as unreadable."""
     waves, skipped = [], []
     for f in files:
         try:
-            waves.append(read_audio(f, sample_rate))
+            waves.append(read_audio(f if isinstance(f, str) else stored_file(f), sample_rate))
         except BadClip as err:
-            skipped.append({"path": f, "reason": str(err)})
+            skipped.append({"path": f if isinstance(f, str) else f["path"], "reason": str(err)})
     return (torch.cat(waves) if waves else torch.zeros(0)), skipped
 
 
@@ -839,6 +843,11 @@ def clip_items(split: Split) -> list[tuple]:
         return [(split.sources.fingerprint(), i, t) for i, t in enumerate(split.targets.tolist())]
     where = [(Path(s),) if isinstance(s, str) else (Path(s.path), s.start, s.frames) for s in split.sources]
     return [(*w, t) for w, t in zip(where, split.targets.tolist(), strict=True)]
+
+
+def noise_items(files: list) -> list:
+    """AudioData.noise_files as files_fingerprint takes them: a file by its content, a stored row by its bytes' hash."""
+    return [Path(f) if isinstance(f, str) else hashlib.sha1(f["bytes"] or f["path"].encode()).hexdigest() for f in files]
 
 
 def data_report(args, data: AudioData, clips: dict[str, CachedClips], noise_skipped: list[dict]) -> dict:

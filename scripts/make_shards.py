@@ -8,8 +8,9 @@ with the splits and labels training would use and every unusable file left out a
     python scripts/train_audio.py --data shards/speech --format hub --output-dir runs/audio   # or load_dataset(folder)
     python scripts/train_audio.py --data shards/speech --streaming --output-dir runs/audio    # read while training
 
-OUTPUT gets data/{split}-{i:05d}-of-{n:05d}.parquet (splits train, validation and test), README.md (rows and shards
-per split) and shards.json (rows and shards per split, every skipped file with its reason).
+OUTPUT gets data/{split}-{i:05d}-of-{n:05d}.parquet (splits train, validation, test, and noise: Speech Commands'
+_background_noise_, mixed in by training), README.md (rows and shards per split) and shards.json (rows and shards
+per split, every skipped file with its reason).
 Audio rows: audio (the clip's original file bytes: decoding happens later, in the DataLoader workers) and label (a
 ClassLabel). Detection rows: image_id (the row's number in its split), image (the original file bytes), width and
 height (of the upright image), objects{bbox (COCO [x, y, w, h] pixels), category (a ClassLabel)}: the columns
@@ -38,7 +39,7 @@ import detection_data
 from shared.cache import decoded_in_order
 from shared.runtime import write_json
 
-HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # training's split names -> the Hub's
+HUB_SPLITS = {"train": "train", "val": "validation", "test": "test", "noise": "noise"}  # training's split names -> the Hub's
 BYTES = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}  # how Audio and Image store a file
 # The DataReport kinds that drop a whole image (the others fix or drop a box or a label line).
 IMAGE_SKIPS = {kind for kind, action in detection_data.DataReport.ACTIONS.items() if action.startswith("image skipped")}
@@ -113,14 +114,19 @@ def audio_splits(args) -> tuple[datasets.Features, dict[str, SplitRows], dict]:
         splits[name] = SplitRows(list(sizes.values()), partial(audio_row, split, list(sizes), root))
     about = {"format": data.format, "notes": data.notes, "protocol": data.protocol, "labels": data.labels}
     about["checked_at_sample_rate"] = args.sample_rate
-    if data.noise_files:  # the keyword task's _silence_ windows are in the shards; the noise for augmentation is not
-        about["background_noise_not_sharded"] = data.noise_files
+    if data.noise_files:  # the recordings augmentation mixes in, as the split training reads them from
+        rows = SplitRows([os.path.getsize(f) for f in data.noise_files], partial(noise_row, data.noise_files, root))
+        splits[audio_data.NOISE_SPLIT] = rows
     return features, splits, {**about, "skipped_count": len(skipped), "skipped": skipped}
 
 
 def audio_row(split: "audio_data.Split", kept: list[int], root: Path, k: int) -> dict:
     audio = {"bytes": stored_audio(split.sources[kept[k]]), "path": relative(split.names[kept[k]], root)}
     return {"audio": audio, "label": int(split.targets[kept[k]])}
+
+
+def noise_row(files: list[str], root: Path, k: int) -> dict:
+    return {"audio": {"bytes": Path(files[k]).read_bytes(), "path": relative(files[k], root)}, "label": -1}  # no class
 
 
 def relative(name: str, root: Path) -> str:

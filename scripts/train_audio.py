@@ -322,7 +322,7 @@ def run_fingerprint(accelerator, args, plan, data, config) -> dict:
         "batch_size": plan.batch_size,  # what --batch-size auto found
         "mixed_precision": accelerator.mixed_precision,
         **files_fingerprint(
-            {**{n: audio_data.clip_items(s) for n, s in data.splits.items()}, "noise": list(map(Path, data.noise_files))}
+            {**{n: audio_data.clip_items(s) for n, s in data.splits.items()}, "noise": audio_data.noise_items(data.noise_files)}
         ),
         "protocol": data.protocol,
         **{k: config[k] for k in ("sample_rate", "clip_seconds", "n_mels")},

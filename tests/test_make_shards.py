@@ -12,7 +12,7 @@ import make_shards
 import numpy as np
 import pytest
 import torch
-from audio_data import CachedClips, Clip, KeywordTask, load_audio_data, read_audio
+from audio_data import CachedClips, Clip, KeywordTask, load_audio_data, load_noise, load_run_data, noise_items, read_audio
 from conftest import run_script
 from detection_data import load_data, to_coco
 
@@ -59,11 +59,11 @@ def test_speech_commands_shards_keep_splits_labels_and_skip_what_training_skips(
 
     train_shards = -(-summary["splits"]["train"]["rows"] // 4)  # --shard-size 4 rows
     files = sorted(p.name for p in (out / "data").iterdir())
-    assert files == ["test-00000-of-00001.parquet"] + [
+    assert files == ["noise-00000-of-00001.parquet", "test-00000-of-00001.parquet"] + [
         f"train-{i:05d}-of-{train_shards:05d}.parquet" for i in range(train_shards)
     ] + ["validation-00000-of-00001.parquet"]
     shards = read_back(out)
-    assert set(shards) == {"train", "validation", "test"}
+    assert set(shards) == {"train", "validation", "test", "noise"}  # noise: _background_noise_, for augmentation
     assert shards["train"].features["label"].names == data.labels
     for name, split in data.splits.items():
         kept = [i for i, n in enumerate(split.names) if not n.endswith("broken.wav")]
@@ -199,3 +199,20 @@ def test_folders_of_the_same_name_and_overwritten_shards_read_back_their_own_row
     assert [len(read_back(tmp_path / f"in{n}" / "shards")["train"]) for n in (4, 6)] == [4, 6]
     shard("detection", "--data", tmp_path / "d6" / "data.yaml", "--output", tmp_path / "in4" / "shards", "--overwrite")
     assert len(read_back(tmp_path / "in4" / "shards")["train"]) == 6
+
+
+def test_background_noise_is_a_split_both_modes_mix_in(tmp_path):
+    """Speech Commands' _background_noise_ becomes the shards' noise split: read cached (--format hub) or streamed, the
+    recordings are the folder's, sample for sample, and each enters the run's fingerprint."""
+    demo_audio(tmp_path / "sc", seconds=0.5)
+    out = tmp_path / "shards"
+    shard("audio", "--data", tmp_path / "sc", "--output", out, "--workers", 0)
+    folder = load_audio_data(str(tmp_path / "sc")).noise_files
+    expected, _ = load_noise(folder, 8000)
+    assert len(folder) >= 2 and len(expected) > 8000
+    assert json.loads((out / "shards.json").read_text())["splits"]["noise"]["rows"] == len(folder)
+    for run in ({"data": str(out), "format": "hub"}, {"data": str(out), "streaming": True}):
+        noise_files = load_run_data(run).noise_files
+        noise, skipped = load_noise(noise_files, 8000)
+        assert skipped == [] and torch.equal(noise, expected), run
+        assert len(set(noise_items(noise_files))) == len(folder), run
