@@ -482,8 +482,10 @@ def _hub_dataset(name: str, audio_column: str, label_column: str, val_fraction: 
             for ix in _stratified_split(list(range(len(full.targets))), val_fraction, full.targets)
         )
         notes.append(f"no validation split: {val_fraction:.0%} of train per class held out (fixed seed)")
-    noise = loaded[NOISE_SPLIT].cast_column(audio_column, datasets.Audio(decode=False)) if NOISE_SPLIT in loaded else {}
-    return AudioData("hub", labels, splits, list(noise[audio_column]) if noise else [], notes=notes)
+    noise = (
+        loaded[NOISE_SPLIT].cast_column(audio_column, datasets.Audio(decode=False))[audio_column] if NOISE_SPLIT in loaded else []
+    )
+    return AudioData("hub", labels, splits, list(noise), notes=notes)
 
 
 class HubAudio:

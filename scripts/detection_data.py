@@ -488,13 +488,13 @@ def read_hub_split(ds, split: str, report: DataReport, names: list[str]) -> list
         sizes = zip(ds["width"], ds["height"], strict=True)
     else:
         sizes = (open_rgb(ds[i]["image"])[0].size for i in range(len(ds)))
-    return hub_samples(enumerate(zip(sizes, ds["objects"], strict=False)), split, report, names)
+    return hub_samples(zip(itertools.count(), sizes, ds["objects"]), split, report, names)
 
 
 def hub_samples(rows, split: str, report: DataReport, names: list[str]) -> list[Sample]:
-    """Each row (id, ((width, height), objects{bbox, category})) as image id, its boxes cleaned; too large images skipped."""
+    """Each row (id, (width, height), objects{bbox, category}) as image id, its boxes cleaned; too large images skipped."""
     samples = []
-    for i, ((w, h), obj) in rows:
+    for i, (w, h), obj in rows:
         file = f"{split}/{i}"
         if w * h > report.max_pixels:
             report.add(split, file, "too_large")
@@ -540,13 +540,9 @@ def streamed_data(name: str, max_pixels: int = MAX_PIXELS) -> DetectionData:
         ids = Counter(r["image_id"] for r in rows)
         if len(ids) < len(rows):
             raise SystemExit(f"--data {name} --streaming: image_id {ids.most_common(1)[0][0]} is not unique in {source}")
-        splits[part] = hub_samples(
-            ((r["image_id"], ((r["width"], r["height"]), r["objects"])) for r in rows), part, report, names
-        )
-    images = {
-        part: streams[source].select_columns(["image_id", "image"]).cast_column("image", datasets.Image(decode=False))
-        for part, source in sources.items()
-    }
+        splits[part] = hub_samples(((r["image_id"], (r["width"], r["height"]), r["objects"]) for r in rows), part, report, names)
+    images = columns_ahead(name, ["image_id", "image"], streams)  # the workers read no box column again
+    images = {part: images[source].cast_column("image", datasets.Image(decode=False)) for part, source in sources.items()}
     return DetectionData(
         names,
         splits,

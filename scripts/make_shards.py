@@ -126,7 +126,7 @@ def audio_row(split: "audio_data.Split", kept: list[int], root: Path, k: int) ->
 
 
 def noise_row(files: list[str], root: Path, k: int) -> dict:
-    return {"audio": {"bytes": Path(files[k]).read_bytes(), "path": relative(files[k], root)}, "label": -1}  # no class
+    return {"audio": {"bytes": stored_audio(files[k]), "path": relative(files[k], root)}, "label": -1}  # no class
 
 
 def relative(name: str, root: Path) -> str:

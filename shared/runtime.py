@@ -406,8 +406,8 @@ def open_streams(name: str) -> tuple[dict, dict, dict]:
 
 
 def columns_ahead(name: str, columns: list[str], streams: dict) -> dict:
-    """Each split's `columns` alone, read before training (labels, sizes, boxes): parquet reads those columns only (a
-    46 MB shard folder: 0.04 s instead of 3.6 s); other formats take no column list, and are read whole."""
+    """Each split's `columns` alone (read ahead, or streamed to the workers): parquet reads those columns only (a 46 MB
+    shard folder: 0.04 s instead of 3.6 s); other formats take no column list, and are read whole."""
     import datasets
 
     try:
