@@ -521,26 +521,31 @@ def split_off(splits: dict, sources: dict, fraction: float) -> dict:
 
 
 def streamed_data(name: str, max_pixels: int = MAX_PIXELS) -> DetectionData:
-    """--streaming: the splits of a shard folder (make_shards.py's, or other data files `datasets` reads) or a Hub id,
-    read while training. All columns but the image are read ahead: the boxes of training, the ground truth of
-    evaluation, the class counts. The images are streamed with their image_id, which ties each to its boxes."""
+    """--streaming: the splits of a shard folder (make_shards.py's, WebDataset tar files, other data files `datasets`
+    reads) or a Hub id, read while training. All columns but the image are read ahead: the boxes of training, the
+    ground truth of evaluation, the class counts. The images are streamed with their image_id, which ties each to its
+    boxes. Classes given as ids rather than a ClassLabel are named by their numbers."""
     import datasets
 
     streams, files, sources = open_streams(name)
+    streams = webdataset_as_columns(streams)
     features = streams["train"].features or {}
-    if not set(GROUND_TRUTH + ["image"]) <= set(features) or not class_names(features):
+    if not set(GROUND_TRUTH + ["image"]) <= set(features):
         raise SystemExit(
-            f"--data {name} --streaming: needs columns image, image_id, width, height and objects{{bbox, category}} with "
-            f"category a ClassLabel (has {features}); write the shards with scripts/make_shards.py detection"
+            f"--data {name} --streaming: needs columns image, image_id, width, height and objects{{bbox, category}}, or "
+            f"WebDataset samples KEY.jpg beside KEY.json holding the others (has {features}); write the shards with "
+            "scripts/make_shards.py detection"
         )
-    report, ahead, names = DataReport(max_pixels), columns_ahead(name, GROUND_TRUTH, streams), class_names(features)
+    report, ahead = DataReport(max_pixels), columns_ahead(name, GROUND_TRUTH, streams)
+    rows = {part: list(ahead[source]) for part, source in sources.items()}
+    names = class_names(features) or class_ids(rows.values())
     splits = {}
     for part, source in sources.items():
-        rows = list(ahead[source])
-        ids = Counter(r["image_id"] for r in rows)
-        if len(ids) < len(rows):
+        ids = Counter(r["image_id"] for r in rows[part])
+        if len(ids) < len(rows[part]):
             raise SystemExit(f"--data {name} --streaming: image_id {ids.most_common(1)[0][0]} is not unique in {source}")
-        splits[part] = hub_samples(((r["image_id"], (r["width"], r["height"]), r["objects"]) for r in rows), part, report, names)
+        samples = ((r["image_id"], (r["width"], r["height"]), r["objects"]) for r in rows[part])
+        splits[part] = hub_samples(samples, part, report, names)
     images = columns_ahead(name, ["image_id", "image"], streams)  # the workers read no box column again
     images = {part: images[source].cast_column("image", datasets.Image(decode=False)) for part, source in sources.items()}
     return DetectionData(
@@ -552,6 +557,30 @@ def streamed_data(name: str, max_pixels: int = MAX_PIXELS) -> DetectionData:
         shards={part: files.get(source, []) for part, source in sources.items()},
         streams=images,
     )
+
+
+def class_ids(splits) -> list[str]:
+    """Classes given as ids 0..N-1 (no ClassLabel, as in WebDataset json), named by their numbers."""
+    highest = max((max(r["objects"]["category"], default=-1) for rows in splits for r in rows), default=-1)
+    return [str(k) for k in range(highest + 1)]
+
+
+def webdataset_as_columns(streams: dict) -> dict:
+    """WebDataset samples (KEY.jpg, .jpeg, .png or .webp beside KEY.json holding image_id, width, height and objects)
+    as the columns other data files have; other streams as they are."""
+    import datasets
+
+    features = streams["train"].features or {}
+    image = next((suffix for suffix in ("jpg", "jpeg", "png", "webp") if suffix in features), None)
+    if image is None or not isinstance(features.get("json"), dict):
+        return streams
+    columns = datasets.Features({**features["json"], "image": datasets.Image(decode=False)})
+    return {
+        split: stream.cast_column(image, datasets.Image(decode=False)).map(
+            lambda row: {**row["json"], "image": row[image]}, remove_columns=list(features), features=columns
+        )
+        for split, stream in streams.items()
+    }
 
 
 def require_boxes(data: DetectionData, report_path: Path):

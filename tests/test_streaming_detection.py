@@ -1,14 +1,16 @@
-"""train_detection.py --streaming: shards (parquet, arrow) read while training. Two processes with two DataLoader workers each
-see every training image in an epoch (a filler row or two aside) and every evaluation image exactly once, each with
-its own ground truth; a run stopped mid-epoch (mosaic from the workers' recent images, multi-scale, accumulation) and
-resumed ends as the uninterrupted run; a streamed run learns, and its mAP is the cached path's on the same shards;
-arrow files stream the same images as parquet."""
+"""train_detection.py --streaming: shards (parquet, arrow, WebDataset) read while training. Two processes with two
+DataLoader workers each see every training image in an epoch (a filler row or two aside) and every evaluation image
+exactly once, each with its own ground truth; a run stopped mid-epoch (mosaic from the workers' recent images,
+multi-scale, accumulation) and resumed ends as the uninterrupted run; a streamed run learns, and its mAP is the cached
+path's on the same shards; arrow and WebDataset files stream the same images as parquet."""
 
 import collections
 import hashlib
+import io
 import json
 import subprocess
 import sys
+import tarfile
 
 import datasets
 import detection_data
@@ -161,17 +163,42 @@ def test_streaming_refuses_what_a_stream_cannot_do(shards, tmp_path):
         detection_data.load_data(str(no_sizes), streaming=True)
 
 
-def test_arrow_files_stream_the_same_images_as_parquet(shards, tmp_path):
-    """Any data files `datasets` reads stream: the parquet shards rewritten as arrow files give each val and test image,
-    under its image_id, with the cached path's pixels."""
-    (tmp_path / "data").mkdir()
+def write_arrow(shards, folder):
+    """The shards as arrow IPC files, with the schema metadata that holds the features (Image, ClassLabel)."""
+    (folder / "data").mkdir(parents=True)
     for shard in (shards / "data").glob("*.parquet"):
-        table = pq.read_table(shard)  # with the schema metadata that holds the features (Image, ClassLabel)
-        with pa.ipc.new_stream(str(tmp_path / "data" / f"{shard.stem}.arrow"), table.schema) as out:
+        table = pq.read_table(shard)
+        with pa.ipc.new_stream(str(folder / "data" / f"{shard.stem}.arrow"), table.schema) as out:
             out.write_table(table)
-    data = detection_data.load_data(str(tmp_path), streaming=True)
+    return folder
+
+
+def write_webdataset(shards, folder):
+    """The shards as WebDataset tar files: KEY.jpg (the image's bytes) beside KEY.json (every other column)."""
+    folder.mkdir(parents=True)
+    for shard in (shards / "data").glob("*.parquet"):
+        with tarfile.open(folder / f"{shard.stem}.tar", "w") as tar:
+            for row in pq.read_table(shard).to_pylist():
+                others = json.dumps({key: value for key, value in row.items() if key != "image"}).encode()
+                for suffix, payload in (("jpg", row["image"]["bytes"]), ("json", others)):
+                    member = tarfile.TarInfo(f"{row['image_id']:06d}.{suffix}")
+                    member.size = len(payload)
+                    tar.addfile(member, io.BytesIO(payload))
+    return folder
+
+
+@pytest.mark.parametrize("write, names", [(write_arrow, ["square", "circle", "triangle"]), (write_webdataset, ["0", "1", "2"])])
+def test_arrow_and_webdataset_files_stream_the_same_images_as_parquet(shards, tmp_path, write, names):
+    """Any data files `datasets` reads stream: the parquet shards rewritten as arrow files, or as WebDataset tar files
+    (classes then named by their ids), give each val and test image, under its image_id, with the cached path's pixels
+    and boxes."""
+    data = detection_data.load_data(str(write(shards, tmp_path / "copy")), streaming=True)
     expected, accelerator = evaluation_hashes(shards), Accelerator(cpu=True)
+    cached = detection_data.load_data(str(shards), fmt="hub")
+    assert data.names == names
     for name in ("val", "test"):
+        boxes = [[(s.image_id, s.boxes.tolist(), s.labels.tolist()) for s in d.splits[name]] for d in (data, cached)]
+        assert boxes[0] == boxes[1] and sum(len(b) for _, b, _ in boxes[0]), name
         images = detection_data.StreamedImages(
             data.splits[name], data.streams[name], None, transform=detection_data.eval_transform(SIZE)
         )
