@@ -590,7 +590,7 @@ def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, column
     except BadClip as err:
         print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
         return None
-    return {"wave": np.pad(pcm, (0, span - len(pcm))), "target": target, "length": len(pcm)}
+    return {"wave": np.pad(pcm, (0, span - len(pcm))) if len(pcm) < span else pcm, "target": target, "length": len(pcm)}
 
 
 def _collate_rows(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -665,15 +665,16 @@ def read_audio(source, sample_rate: int, num_samples: int | None = None) -> torc
             frames, mono, block = min(frames, limit), [], max(1, DOWNMIX_BLOCK // f.channels)
             # The channels' mean a block at a time: a 200 kB Ogg file can hold 255 channels of two minutes (6 GB).
             while frames > 0 and len(data := f.read(min(frames, block), dtype="float32", always_2d=True)):
-                mono.append(data.mean(axis=1))
+                mono.append(data.mean(axis=1) if f.channels > 1 else data[:, 0])
                 frames -= len(data)
+            integers = f.subtype.startswith("PCM")  # whose samples are never NaN or infinite
     except (sf.SoundFileError, RuntimeError, OSError) as err:
         # libsndfile's own words, without the file name: reports show the path beside the reason
         raise BadClip(f"unreadable: {getattr(err, 'error_string', err)}") from None
     if not mono:
         raise BadClip("empty: no audio frames")
     wave = torch.from_numpy(np.concatenate(mono))
-    if not torch.isfinite(wave).all():
+    if not integers and not torch.isfinite(wave).all():
         raise BadClip("contains NaN or infinite samples")
     if orig != new:
         wave = AF.resample(wave, orig, new)
