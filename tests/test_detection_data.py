@@ -267,7 +267,8 @@ def test_image_cache_holds_each_upright_image_scaled_to_img_size_and_is_built_on
         expected = {"wide.png": (200, 100), "small.png": (200, 150), "rotated.jpg": (100, 200)}[Path(s.source).name]
         if upright.size != expected:
             upright = upright.resize(expected, Image.BILINEAR)
-        assert torch.equal(cache.image(i), torch.from_numpy(np.array(upright)).permute(2, 0, 1)), s.source
+        reference = torch.from_numpy(np.array(upright)).permute(2, 0, 1)  # PIL's filter; torch rounds within 1 of it
+        assert cache.image(i).shape == reference.shape and (cache.image(i).int() - reference).abs().max() <= 1, s.source
 
     def no_rebuild(*args):
         raise AssertionError("the cache was built again")
