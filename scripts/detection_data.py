@@ -546,7 +546,8 @@ def streamed_data(name: str, max_pixels: int = MAX_PIXELS) -> DetectionData:
             raise SystemExit(f"--data {name} --streaming: image_id {ids.most_common(1)[0][0]} is not unique in {source}")
         samples = ((r["image_id"], (r["width"], r["height"]), r["objects"]) for r in rows[part])
         splits[part] = hub_samples(samples, part, report, names)
-    images = columns_ahead(name, ["image_id", "image"], streams)  # the workers read no box column again
+    # The workers read no box column again; they read the images, and training's decoded pixels where there are some.
+    images = columns_ahead(name, ["image_id", "image", *(c for c in features if c.startswith("pixels_"))], streams)
     images = {part: images[source].cast_column("image", datasets.Image(decode=False)) for part, source in sources.items()}
     return DetectionData(
         names,
@@ -871,17 +872,22 @@ class StreamedImages(DetectionDataset):
         if index is None:
             return None
         try:
-            image = open_rgb(Image.open(stored_file(row["image"])))[0]
+            tile = self.tile_of(row, self.samples[index])
         except Exception as err:  # PIL raises many types for broken files; all mean "cannot use this image"
             print(f"warning: skipped image_id {row['image_id']} of the stream ({type(err).__name__}: {err})", flush=True)
             return None
-        s = self.samples[index]
-        if self.scale_to:
-            tile = scaled_tile(scaled_pixels(image, scaled_size(s.width, s.height, self.scale_to)), s)
-        else:
-            tile = full_size_tile(image, s)
         pixels, target = self.augmented(index, self.recent, self.recent.add(tile, int(self.epoch)))
         return {"pixels": pixels, "target": target}
+
+    def tile_of(self, row: dict, s: Sample) -> Tile:
+        """The row's image before augmentation: for training scaled as the image cache holds it, read from the shards'
+        pixels for this size when make_shards.py --img-size stored them, else decoded."""
+        if not self.scale_to:
+            return full_size_tile(open_rgb(Image.open(stored_file(row["image"])))[0], s)
+        (w, h), stored = scaled_size(s.width, s.height, self.scale_to), row.get(pixels_column(self.scale_to))
+        if stored is None:
+            return scaled_tile(scaled_pixels(open_rgb(Image.open(stored_file(row["image"])))[0], (w, h)), s)
+        return scaled_tile(torch.frombuffer(bytearray(stored), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1), s)
 
     def first_images(self, count: int) -> list[Image.Image]:
         kept = (row for row in self.stream if row["image_id"] in self.position)
@@ -938,7 +944,18 @@ class _ScaleJob(DetectionDataset):
         self.sizes = sizes
 
     def __getitem__(self, index: int) -> bytes:
-        return scaled_pixels(self.load(index), self.sizes[index]).permute(1, 2, 0).numpy().tobytes()  # H x W x RGB
+        return cached_pixels(self.load(index), self.sizes[index])
+
+
+def cached_pixels(image: Image.Image, size: tuple[int, int]) -> bytes:
+    """The image scaled to size (width, height) as the image cache and make_shards.py --img-size store it: uint8
+    height x width x RGB."""
+    return scaled_pixels(image, size).permute(1, 2, 0).numpy().tobytes()
+
+
+def pixels_column(img_size: int) -> str:
+    """The shards' column of training images decoded and scaled for --img-size (make_shards.py --img-size)."""
+    return f"pixels_{img_size}"
 
 
 def scaled_pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ with the splits and labels training would use and every unusable file left out a
 
     python scripts/make_shards.py audio --data demo_data/speech_commands --output shards/speech --shard-size 500MB
     python scripts/make_shards.py audio --data us8k --fold 3 --output shards/us8k_fold3 --shard-size 2000
-    python scripts/make_shards.py detection --data demo_data/shapes/data.yaml --output shards/shapes
+    python scripts/make_shards.py detection --data demo_data/shapes/data.yaml --output shards/shapes --img-size 640
     python scripts/train_audio.py --data shards/speech --format hub --output-dir runs/audio   # or load_dataset(folder)
     python scripts/train_audio.py --data shards/speech --streaming --output-dir runs/audio    # read while training
 
@@ -14,9 +14,11 @@ per split, every skipped file with its reason).
 Audio rows: audio (the clip's original file bytes: decoding happens later, in the DataLoader workers) and label (a
 ClassLabel). Detection rows: image_id (the row's number in its split), image (the original file bytes), width and
 height (of the upright image), objects{bbox (COCO [x, y, w, h] pixels), category (a ClassLabel)}: the columns
-`--format hub` reads. The data flags are those of train_audio.py and train_detection.py (audio's --cache-dir is not
-used); a fold dataset gives the shards of one --fold. Audio clips are decoded whole once (at --sample-rate) to find
-the unreadable ones; detection images are checked as training checks them."""
+`--format hub` reads; with --img-size N also pixels_N, each training image decoded and scaled as train_detection.py
+--img-size N trains on it (what its image cache holds), so --streaming workers copy pixels instead of decoding. The
+data flags are those of train_audio.py and train_detection.py (audio's --cache-dir is not used); a fold dataset
+gives the shards of one --fold. Audio clips are decoded whole once (at --sample-rate) to find the unreadable ones;
+detection images are checked as training checks them."""
 
 import argparse
 import io
@@ -31,6 +33,7 @@ from pathlib import Path
 import datasets
 import soundfile as sf
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 import audio_data
@@ -154,12 +157,18 @@ def detection_splits(args) -> tuple[datasets.Features, dict[str, SplitRows], dic
             "objects": {"bbox": bbox, "category": datasets.List(names)},
         }
     )
+    pixels = detection_data.pixels_column(args.img_size) if args.img_size else None
+    if pixels:
+        features[pixels] = datasets.Value("binary")
     splits = {}
     for name, samples in data.splits.items():
         hub = data.hub.get(name)
         hub = hub.cast_column("image", datasets.Image(decode=False)) if hub is not None else None
         sizes = [os.path.getsize(s.source) if hub is None else len(image_bytes(s, hub)) for s in samples]
-        splits[name] = SplitRows(sizes, partial(detection_row, samples, hub))
+        scale_to = args.img_size if name == "train" else None  # evaluation reads images at full size
+        if pixels and scale_to:
+            sizes = [n + 3 * w * h for n, (w, h) in zip(sizes, (scaled_size(s, scale_to) for s in samples), strict=True)]
+        splits[name] = SplitRows(sizes, partial(detection_row, samples, hub, pixels, scale_to))
     report = data.report.to_dict(data)
     skipped = [{"path": f, "reason": kind} for f, kinds in report["files"].items() for kind in kinds if kind in IMAGE_SKIPS]
     # The same report as training's data_report.json: boxes fixed or dropped are counted there, per file and split.
@@ -176,11 +185,19 @@ def image_bytes(sample: "detection_data.Sample", hub) -> bytes:
     return stored["bytes"] or Path(stored["path"]).read_bytes()
 
 
-def detection_row(samples: list, hub, k: int) -> dict:
+def scaled_size(sample: "detection_data.Sample", img_size: int) -> tuple[int, int]:
+    return detection_data.scaled_size(sample.width, sample.height, img_size)
+
+
+def detection_row(samples: list, hub, pixels: str | None, scale_to: int | None, k: int) -> dict:
     s = samples[k]
     xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in s.boxes.tolist()]  # the Hub's COCO convention
     image, objects = {"bytes": image_bytes(s, hub), "path": s.file_name}, {"bbox": xywh, "category": s.labels.tolist()}
-    return {"image_id": k, "image": image, "width": s.width, "height": s.height, "objects": objects}
+    row = {"image_id": k, "image": image, "width": s.width, "height": s.height, "objects": objects}
+    if pixels:  # the training images as the image cache holds them; none for evaluation's
+        upright = detection_data.open_rgb(Image.open(io.BytesIO(image["bytes"])))[0] if scale_to else None
+        row[pixels] = detection_data.cached_pixels(upright, scaled_size(s, scale_to)) if scale_to else None
+    return row
 
 
 # ----------------------------------------------------------------------------- shards
@@ -249,6 +266,12 @@ def parse_args(argv=None):
     detection.add_argument("--format", choices=detection_data.FORMATS, help="layout of --data (default: from the path)")
     detection.add_argument("--max-pixels", type=int, default=detection_data.MAX_PIXELS, help="larger images are skipped")
     detection.add_argument("--val-fraction", type=float, default=0.1, help="COCO/Hub data without val: the share held out")
+    detection.add_argument(
+        "--img-size",
+        type=int,
+        help="also store each training image decoded and scaled as train_detection.py --img-size N trains on it (column "
+        "pixels_N, about 3 x N x N bytes per image): --streaming workers then copy pixels instead of decoding",
+    )
     audio.add_argument("--workers", type=int, default=4, help="processes checking that clips decode (default 4)")
     for sub in (audio, detection):
         sub.add_argument("--output", type=Path, required=True, help="folder for data/, README.md and shards.json")

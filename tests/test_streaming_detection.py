@@ -18,6 +18,7 @@ import make_shards
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from accelerate import Accelerator
 from conftest import REPO, free_port, run_script, script_env
 from test_audio_train import ONE_THREAD, parameters, results_without_timing, stopped_at_first_checkpoint
@@ -210,3 +211,27 @@ def test_arrow_and_webdataset_files_stream_the_same_images_as_parquet(shards, tm
             if t["image_id"] != detection_data.PADDING
         ]
         assert sorted(seen) == sorted(expected[name]), name
+
+
+def test_shards_with_training_pixels_stream_the_image_caches_tiles_without_decoding(shards, tmp_path, monkeypatch):
+    """make_shards.py --img-size stores each training image as the image cache holds it: streamed at that size, every
+    training tile is the cache's, byte for byte, with no image decoded; at another size the images are decoded."""
+    data_yaml = shards.parent / "shapes" / "data.yaml"
+    decoded = tmp_path / "decoded"
+    make_shards.main(
+        ["detection", "--data", str(data_yaml), "--output", str(decoded), "--shard-size", "8", "--img-size", str(SIZE)]
+    )
+    cache = detection_data.ImageCache(detection_data.load_data(str(data_yaml)).splits["train"], None, SIZE, tmp_path / "cache")
+    data = detection_data.load_data(str(decoded), streaming=True)
+    assert all(row[f"pixels_{SIZE}"] is None for row in data.streams["val"])  # evaluation reads images at full size
+
+    def tiles(scale_to: int) -> dict:
+        images = detection_data.StreamedImages(data.splits["train"], data.streams["train"], scale_to, transform=None)
+        return {r["image_id"]: images.tile_of(r, images.samples[images.position[r["image_id"]]]).image for r in images.stream}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(detection_data, "open_rgb", None)  # decoding any image fails
+        stored = tiles(SIZE)
+    assert sorted(stored) == list(range(30)) and all(torch.equal(tile, cache.image(i)) for i, tile in stored.items())
+    larger = tiles(2 * SIZE)
+    assert all(max(tile.shape[1:]) == 2 * SIZE for tile in larger.values()) and len(larger) == 30
