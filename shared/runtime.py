@@ -400,13 +400,29 @@ def hub_split_names(available) -> dict[str, str]:
     return {part: source for part, source in sources.items() if source in available}
 
 
+def dataset_source(name: str) -> str:
+    """What --streaming hands `datasets` for --data: a local folder as it is; offline, a Hub id's snapshot in the Hub
+    cache (HF_HUB_CACHE, where `hf download --repo-type dataset ID` and load_dataset put its files), when there is one;
+    otherwise the name. Offline, `datasets` looks a Hub id up in its own Arrow cache only, which streaming never fills."""
+    import datasets
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if os.path.isdir(name) or not datasets.config.HF_HUB_OFFLINE:
+        return name
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):  # not in the Hub cache (or known to be there in part), or not an id
+        return name
+
+
 def open_streams(name: str) -> tuple[dict, dict, dict]:
     """--streaming: a shard folder's or Hub id's splits as `datasets` IterableDatasets, the data files of each, and
     training's split names -> the dataset's. One dataset builder gives the streams and their files."""
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(name)
+        builder = datasets.load_dataset_builder(dataset_source(name))
         streams, files = builder.as_streaming_dataset(), builder.config.data_files or {}
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise SystemExit(
@@ -428,7 +444,7 @@ def columns_ahead(name: str, columns: list[str], streams: dict) -> dict:
     import datasets
 
     try:
-        return datasets.load_dataset_builder(name, columns=columns).as_streaming_dataset()
+        return datasets.load_dataset_builder(dataset_source(name), columns=columns).as_streaming_dataset()
     except (TypeError, ValueError):  # builders without the option refuse it with either
         return {split: stream.select_columns(columns) for split, stream in streams.items()}
 

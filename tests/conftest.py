@@ -1,12 +1,16 @@
-"""Helpers every test module uses: run a launchkit script as a user would, in 1 or 2 processes."""
+"""Helpers every test module uses: run a launchkit script as a user would, in 1 or 2 processes; an offline Hub cache."""
 
+import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import evaluate
+import huggingface_hub
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +23,35 @@ def caches_in_a_folder_of_the_session(tmp_path_factory):
     """The decode caches of every run the tests start (and of the scripts' default --cache-dir) go to a folder of this
     test session, not to the user's ~/.cache."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face Hub cache in tmp_path, offline, for this test: hub_cache(folder, "user/name") puts the
+    folder's files in it as downloading dataset repo user/name leaves them, and returns the snapshot folder."""
+    cache = tmp_path / "hub_cache"
+    # huggingface_hub and datasets read HF_HUB_CACHE and HF_HUB_OFFLINE when imported: set what they read.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return lambda folder, repo_id: downloaded(cache, folder, repo_id)
+
+
+def downloaded(cache: Path, folder: Path, repo_id: str) -> Path:
+    """huggingface_hub's layout: refs/main names the commit, whose snapshot links each file to its content in blobs/."""
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
 
 
 def load_metric(name: str):

@@ -166,6 +166,16 @@ def test_webdataset_tar_shards_stream_the_same_clips_with_class_ids_for_names(sp
     assert tars == parquet and sum(parquet["train"].values()) == 51
 
 
+def test_a_hub_id_streams_offline_from_the_hub_cache(speech, tmp_path, hub_cache):
+    """--data user/name offline, the dataset repo downloaded to the Hub cache (make_shards.py's folder as pushed): the
+    same classes and the same clips in each split as the folder, read from the cache's snapshot."""
+    shards = shards_of(speech, tmp_path / "shards", 17)
+    snapshot = hub_cache(shards, "someuser/speech")
+    data = audio_data.load_run_data({"data": "someuser/speech", "streaming": True})
+    assert all(f.startswith(f"{snapshot}/") for split in data.splits.values() for f in split.sources.files)
+    assert streamed_clips("someuser/speech", ("audio", "label")) == streamed_clips(shards, ("audio", "label"))
+
+
 def test_streaming_refuses_what_a_stream_cannot_do(speech, tmp_path):
     proc = run_script("train_audio.py", "--data", speech, "--streaming", "--eval-only", "--output-dir", tmp_path, check=False)
     assert proc.returncode != 0 and "--streaming trains on shards made for one split" in proc.stderr

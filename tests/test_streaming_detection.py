@@ -164,6 +164,29 @@ def test_streaming_refuses_what_a_stream_cannot_do(shards, tmp_path):
         detection_data.load_data(str(no_sizes), streaming=True)
 
 
+def streamed(data) -> dict[str, tuple[list, list]]:
+    """Each split: (image_id, boxes, labels) of every image as read ahead, and (image_id, image file bytes) as streamed."""
+    return {
+        name: (
+            [(s.image_id, s.boxes.tolist(), s.labels.tolist()) for s in samples],
+            [(row["image_id"], row["image"]["bytes"]) for row in data.streams[name]],
+        )
+        for name, samples in data.splits.items()
+    }
+
+
+def test_a_hub_id_streams_offline_from_the_hub_cache(shards, hub_cache):
+    """--data user/name offline, the dataset repo downloaded to the Hub cache (make_shards.py's folder as pushed): the
+    same classes and, in each split, the same image_ids with the same boxes, labels and image bytes as the folder,
+    read from the cache's snapshot."""
+    snapshot = hub_cache(shards, "someuser/shapes")
+    hub, folder = (detection_data.load_data(name, streaming=True) for name in ("someuser/shapes", str(shards)))
+    assert all(f.startswith(f"{snapshot}/") for files in hub.shards.values() for f in files)
+    expected = streamed(folder)
+    assert [len(ahead) for ahead, _ in expected.values()] == [30, 7, 3]
+    assert hub.names == folder.names and streamed(hub) == expected
+
+
 def write_arrow(shards, folder):
     """The shards as arrow IPC files, with the schema metadata that holds the features (Image, ClassLabel)."""
     (folder / "data").mkdir(parents=True)
