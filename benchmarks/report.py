@@ -406,7 +406,8 @@ def streaming_section(results: dict) -> list[str]:
         "## Cached vs streaming",
         "",
         "Each training script from its data files through its decode cache, against the same script with --streaming "
-        "from the same data as parquet shards (scripts/make_shards.py), one mode after the other (benchmarks/streaming.py "
+        "from the same data as parquet shards (scripts/make_shards.py; for detection also shards that hold the training "
+        "images decoded, make_shards.py --img-size), one mode after the other (benchmarks/streaming.py "
         f"says what each row measures). Machine: {machine['cpu']}, {machine['cpus']} CPUs, load average (1 min) "
         f"{' then '.join(f'{x:.2f}' for x in load)}"
         + (": **other work was running at the start**, do not quote these figures." if busy else "."),
@@ -417,33 +418,49 @@ def streaming_section(results: dict) -> list[str]:
     return lines
 
 
+STREAM_MODES = {"streaming": "streaming", "pixels": "streaming, shards with decoded training images"}
+
+
 def streaming_table(bench: dict, task: str, unit: str, what: str) -> list[str]:
     run = bench[task]
-    cached, streamed, inputs = run["modes"]["cached"], run["modes"]["streaming"], run["input_bytes"]
+    cached, inputs = run["modes"]["cached"], run["input_bytes"]
+    streamed = {mode: row for mode, row in run["modes"].items() if mode != "cached"}
     rows = (
         ("time to the first optimizer step (whole command, empty cache)", "first_step_seconds", "{:.1f} s", 1),
-        (f"{unit}/s per DataLoader worker (training loader alone, 1 worker)", "loader_samples_per_second", "{:.0f}", 1),
+        (f"{unit}/s per DataLoader worker (training loader alone, 1 worker; median of {bench['loader_runs']})",
+         "loader_samples_per_second", "{:.0f}", 1),
         (f"training {unit}/s, 2 workers (steps {bench['warm_steps']}-{bench['steps']})", "train_samples_per_second",
          "{:.1f}", 1),
         ("peak memory, process tree (summed PSS)", "peak_pss_bytes", "{:.2f} GB", 1e9),
         ("disk besides the input (cache)", "disk_bytes", "{:.0f} MB", 1e6),
     )  # fmt: skip
+    shards = ", ".join(f"{inputs[mode] / 1e9:.2f} GB of shards ({STREAM_MODES[mode]})" for mode in streamed)
     return [
         f"### {task}: {what}, batch {run['batch']}",
         "",
-        f"Input: {inputs['files'] / 1e9:.2f} GB of files, {inputs['shards'] / 1e9:.2f} GB of shards.",
+        f"Input: {inputs['files'] / 1e9:.2f} GB of files, {shards}.",
         "",
-        "| | cached | streaming | streaming / cached |",
-        "|---|---|---|---|",
+        "| | cached | " + " | ".join(f"{STREAM_MODES[mode]} | / cached" for mode in streamed) + " |",
+        "|---|---|" + "---|---|" * len(streamed),
         *(
-            f"| {name} | {form.format(cached[key] / unit_size)} | {form.format(streamed[key] / unit_size)} | "
-            f"{ratio(streamed[key], cached[key])} |"
-            for name, key, form, unit_size in rows
+            f"| {name} | {form.format(cached[key] / size)} | "
+            + " | ".join(f"{form.format(row[key] / size)} | {ratio(row[key], cached[key])}" for row in streamed.values())
+            + " |"
+            for name, key, form, size in rows
         ),
         "",
-        f"Streaming per worker against cached per worker (goal: within 10%): {verdict(run['loader_ratio'], 0.9)}; "
-        f"in training, {run['train_ratio']:.2f}x.",
-        "",
+        *(
+            line
+            for mode, row in streamed.items()
+            for line in (
+                f"Per worker, {STREAM_MODES[mode]} against cached (goal: within 10%): "
+                f"{verdict(row['loader_samples_per_second'] / cached['loader_samples_per_second'], 0.9)}; in training, "
+                f"{ratio(row['train_samples_per_second'], cached['train_samples_per_second'])}. The runs per worker: "
+                f"cached {', '.join(f'{r:.0f}' for r in cached['loader_runs'])}; {mode} "
+                f"{', '.join(f'{r:.0f}' for r in row['loader_runs'])}.",
+                "",
+            )
+        ),
     ]
 
 

@@ -1,17 +1,22 @@
 """Past one disk: each training script reading its decode cache against the same script with --streaming reading
 parquet shards made from the same data by make_shards.py. Audio: one-second 16 kHz clips (make_demo_audio.py's
 Speech Commands layout, 6 classes; shards of 1,000 rows). Detection: make_demo_detection.py's shapes at 320 px,
-trained at the default 224 px (the image cache holds them scaled; shards of 500 rows). Per mode, one after the other:
+trained at the default 224 px (the image cache holds them scaled; shards of 500 rows), and a third mode streaming
+shards that also hold the training images decoded at 224 px (make_shards.py --img-size 224: what the cache holds).
+Per mode, one after the other:
 
 - time to the first optimizer step: the whole command of a one-step run, from an empty cache (the cached path
   decodes every training sample before that step; streaming reads the label or box columns and starts);
-- samples/s per DataLoader worker: the training loader alone with one worker, in this process (the cache is warm);
+- samples/s per DataLoader worker: the training loader alone with one worker, in this process (the cache is warm),
+  after both modes have run: the modes in turn, LOADER_RUNS times, the median of each (two shared cores vary by 20%
+  from one run to the next);
 - steady-state training samples/s with --workers 2: the step times TensorBoard logged, from step 10 to the last;
 - peak memory of the whole process tree, workers included, as the sum of each process's proportional set size (PSS:
   a page shared by n processes counts 1/n in each, where summed RSS would count the forked workers' shared pages again
   and again), sampled every 0.1 s; and the disk the mode needs besides its input (the cache; none for streaming)."""
 
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -34,6 +39,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from training_runs import REPO, Runner, repo_relative
 
 SAMPLE_RATE = 16000
+LOADER_RUNS = 5
 WARM_STEPS = 10  # worker start-up, oneDNN kernel selection and the shuffle buffer's filling come before
 BATCH = {"audio": 32, "detection": 16}
 
@@ -47,8 +53,9 @@ def audio_sets(root: Path, clips: int) -> tuple[Path, Path]:
     return folder, sharded("audio", folder, shards, 1000)
 
 
-def detection_sets(root: Path, images: int) -> tuple[Path, Path]:
-    """The images in YOLO layout (2.5% more each for val and test), and as shards; each written once and kept."""
+def detection_sets(root: Path, images: int) -> tuple[Path, Path, Path]:
+    """The images in YOLO layout (2.5% more each for val and test), as shards, and as shards with the training images
+    decoded at 224 px; each written once and kept."""
     folder, shards = root / f"shapes_{images}", root / f"shapes_{images}_shards"
     if not (folder / "data.yaml").exists():
         shutil.rmtree(folder, ignore_errors=True)
@@ -56,13 +63,14 @@ def detection_sets(root: Path, images: int) -> tuple[Path, Path]:
         make_demo_detection.main(
             ["--output-dir", str(folder), "--train", str(images), "--val", held_out, "--test", held_out, "--size", "320"]
         )
-    return folder / "data.yaml", sharded("detection", folder / "data.yaml", shards, 500)
+    pixels = sharded("detection", folder / "data.yaml", root / f"shapes_{images}_pixels", 500, "--img-size", "224")
+    return folder / "data.yaml", sharded("detection", folder / "data.yaml", shards, 500), pixels
 
 
-def sharded(task: str, data: Path, shards: Path, rows: int) -> Path:
+def sharded(task: str, data: Path, shards: Path, rows: int, *extra: str) -> Path:
     if not (shards / "shards.json").exists():
         shutil.rmtree(shards, ignore_errors=True)
-        make_shards.main([task, "--data", str(data), "--output", str(shards), "--shard-size", str(rows)])
+        make_shards.main([task, "--data", str(data), "--output", str(shards), "--shard-size", str(rows), *extra])
     return shards
 
 
@@ -139,38 +147,40 @@ def command(task: str, streaming: bool, data: Path, out: Path, cache: Path, *ext
     return [str(c) for c in cmd]
 
 
-def compare(work: Path, task: str, files: Path, shards: Path, steps: int, loader_samples: int) -> dict:
-    """Both modes of one task in turn: the measurements of the module's docstring."""
+def compare(work: Path, task: str, files: Path, *shards: Path, steps: int, loader_samples: int) -> dict:
+    """Every mode of one task in turn (cached, streaming, and for detection pixels: the shards with decoded training
+    images): the measurements of the module's docstring."""
     runner, root, rows, commands = Runner(work), work / "streaming" / task, {}, []
     root.mkdir(parents=True, exist_ok=True)
     _, task_name, loader_rate, _ = TASKS[task]
-    for mode, data in (("cached", files), ("streaming", shards)):
-        cache, streaming = root / f"cache_{mode}", mode == "streaming"
+    modes = dict(zip(("cached", "streaming", "pixels"), (files, *shards), strict=False))  # pixels: detection's third
+    for mode, data in modes.items():
+        cache, streaming = root / f"cache_{mode}", mode != "cached"
         shutil.rmtree(cache, ignore_errors=True)
         first = command(task, streaming, data, root / f"{mode}_first", cache, "--max-train-steps", 1)
         steady = command(task, streaming, data, root / f"{mode}_steady", cache, "--max-train-steps", steps, "--log-every", 1)
         first_seconds, first_pss = watched(first, runner.env, root / f"{mode}_first.log")
         disk = folder_bytes(cache) if cache.exists() else 0
-        per_worker = loader_rate(streaming, data, cache, loader_samples)
         _, steady_pss = watched(steady, runner.env, root / f"{mode}_steady.log")
         rows[mode] = {
             "first_step_seconds": first_seconds,
-            "loader_samples_per_second": per_worker,
             "train_samples_per_second": steady_rate(root / f"{mode}_steady", task_name, BATCH[task]),
             "peak_pss_bytes": max(first_pss, steady_pss),
             "disk_bytes": disk,
+            "loader_runs": [],
         }
         commands += [" ".join(repo_relative(c) for c in cmd) for cmd in (first, steady)]
-        print(f"  {task} {mode}: {rows[mode]}", flush=True)
+    for _ in range(LOADER_RUNS):  # the modes in turn, so that a slow spell of the machine touches each alike
+        for mode, data in modes.items():
+            rows[mode]["loader_runs"].append(loader_rate(mode != "cached", data, root / f"cache_{mode}", loader_samples))
+    for mode, row in rows.items():
+        row["loader_samples_per_second"] = statistics.median(row["loader_runs"])
+        print(f"  {task} {mode}: {row}", flush=True)
     return {
         "batch": BATCH[task],
-        "input_bytes": {
-            "files": folder_bytes(files if files.is_dir() else files.parent),
-            "shards": folder_bytes(shards / "data"),
-        },
+        "input_bytes": {"files": folder_bytes(files if files.is_dir() else files.parent)}
+        | {mode: folder_bytes(data / "data") for mode, data in modes.items() if mode != "cached"},
         "modes": rows,
-        "loader_ratio": rows["streaming"]["loader_samples_per_second"] / rows["cached"]["loader_samples_per_second"],
-        "train_ratio": rows["streaming"]["train_samples_per_second"] / rows["cached"]["train_samples_per_second"],
         "commands": commands,
     }
 
@@ -179,8 +189,8 @@ def benchmark(work: Path, clips: int, images: int, steps: int, loader_samples: i
     """Both tasks, each on its own data (written first, not timed)."""
     data = work / "data" / "streaming"
     print(f"streaming vs cached: audio, {clips} clips ...", flush=True)
-    audio = compare(work, "audio", *audio_sets(data, clips), steps, loader_samples)
+    audio = compare(work, "audio", *audio_sets(data, clips), steps=steps, loader_samples=loader_samples)
     print(f"streaming vs cached: detection, {images} images ...", flush=True)
-    detection = compare(work, "detection", *detection_sets(data, images), steps, loader_samples)
-    return {"steps": steps, "warm_steps": WARM_STEPS, "loader_samples": loader_samples, "sizes": {"audio": clips,
-            "detection": images}, "audio": audio, "detection": detection}  # fmt: skip
+    detection = compare(work, "detection", *detection_sets(data, images), steps=steps, loader_samples=loader_samples)
+    return {"steps": steps, "warm_steps": WARM_STEPS, "loader_samples": loader_samples, "loader_runs": LOADER_RUNS,
+            "sizes": {"audio": clips, "detection": images}, "audio": audio, "detection": detection}  # fmt: skip
