@@ -22,6 +22,7 @@ detection images are checked as training checks them."""
 
 import argparse
 import io
+import math
 import os
 import shutil
 import sys
@@ -167,7 +168,7 @@ def detection_splits(args) -> tuple[datasets.Features, dict[str, SplitRows], dic
         sizes = [os.path.getsize(s.source) if hub is None else len(image_bytes(s, hub)) for s in samples]
         scale_to = args.img_size if name == "train" else None  # evaluation reads images at full size
         if pixels and scale_to:
-            sizes = [n + 3 * w * h for n, (w, h) in zip(sizes, (scaled_size(s, scale_to) for s in samples), strict=True)]
+            sizes = [n + 3 * math.prod(scaled_size(s, scale_to)) for n, s in zip(sizes, samples, strict=True)]
         splits[name] = SplitRows(sizes, partial(detection_row, samples, hub, pixels, scale_to))
     report = data.report.to_dict(data)
     skipped = [{"path": f, "reason": kind} for f, kinds in report["files"].items() for kind in kinds if kind in IMAGE_SKIPS]
@@ -189,14 +190,18 @@ def scaled_size(sample: "detection_data.Sample", img_size: int) -> tuple[int, in
     return detection_data.scaled_size(sample.width, sample.height, img_size)
 
 
+def training_pixels(image: bytes, sample: "detection_data.Sample", img_size: int) -> bytes:
+    """The image as train_detection.py's image cache holds it for --img-size img_size."""
+    return detection_data.cached_pixels(detection_data.open_rgb(Image.open(io.BytesIO(image)))[0], scaled_size(sample, img_size))
+
+
 def detection_row(samples: list, hub, pixels: str | None, scale_to: int | None, k: int) -> dict:
     s = samples[k]
     xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in s.boxes.tolist()]  # the Hub's COCO convention
     image, objects = {"bytes": image_bytes(s, hub), "path": s.file_name}, {"bbox": xywh, "category": s.labels.tolist()}
     row = {"image_id": k, "image": image, "width": s.width, "height": s.height, "objects": objects}
-    if pixels:  # the training images as the image cache holds them; none for evaluation's
-        upright = detection_data.open_rgb(Image.open(io.BytesIO(image["bytes"])))[0] if scale_to else None
-        row[pixels] = detection_data.cached_pixels(upright, scaled_size(s, scale_to)) if scale_to else None
+    if pixels:  # evaluation reads its images at full size
+        row[pixels] = training_pixels(image["bytes"], s, scale_to) if scale_to else None
     return row
 
 
