@@ -594,7 +594,7 @@ def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, column
 
 
 def _collate_rows(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    waves = torch.stack([torch.as_tensor(row["wave"]) for row in rows])  # rows come from the workers as numpy
+    waves = torch.stack([row["wave"] for row in rows])
     return waves, torch.tensor([row["target"] for row in rows]), torch.tensor([row["length"] for row in rows])
 
 

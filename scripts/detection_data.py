@@ -883,15 +883,20 @@ class StreamedImages(DetectionDataset):
         """The row's image before augmentation: for training scaled as the image cache holds it, read from the shards'
         pixels for this size when make_shards.py --img-size stored them, else decoded."""
         if not self.scale_to:
-            return full_size_tile(open_rgb(Image.open(stored_file(row["image"])))[0], s)
+            return full_size_tile(stored_image(row["image"]), s)
         (w, h), stored = scaled_size(s.width, s.height, self.scale_to), row.get(pixels_column(self.scale_to))
         if stored is None:
-            return scaled_tile(scaled_pixels(open_rgb(Image.open(stored_file(row["image"])))[0], (w, h)), s)
+            return scaled_tile(scaled_pixels(stored_image(row["image"]), (w, h)), s)
         return scaled_tile(torch.frombuffer(bytearray(stored), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1), s)
 
     def first_images(self, count: int) -> list[Image.Image]:
         kept = (row for row in self.stream if row["image_id"] in self.position)
-        return [open_rgb(Image.open(stored_file(row["image"])))[0] for row in itertools.islice(kept, count)]
+        return [stored_image(row["image"]) for row in itertools.islice(kept, count)]
+
+
+def stored_image(value: dict) -> Image.Image:
+    """An undecoded Image value ({"bytes", "path"}: a stream's, a shard row's) decoded as training reads images."""
+    return open_rgb(Image.open(stored_file(value)))[0]
 
 
 def pad_row(row: dict) -> dict:

@@ -34,7 +34,6 @@ from pathlib import Path
 import datasets
 import soundfile as sf
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `shared` from any working directory
 import audio_data
@@ -190,9 +189,9 @@ def scaled_size(sample: "detection_data.Sample", img_size: int) -> tuple[int, in
     return detection_data.scaled_size(sample.width, sample.height, img_size)
 
 
-def training_pixels(image: bytes, sample: "detection_data.Sample", img_size: int) -> bytes:
-    """The image as train_detection.py's image cache holds it for --img-size img_size."""
-    return detection_data.cached_pixels(detection_data.open_rgb(Image.open(io.BytesIO(image)))[0], scaled_size(sample, img_size))
+def training_pixels(image: dict, sample: "detection_data.Sample", img_size: int) -> bytes:
+    """The row's image as train_detection.py's image cache holds it for --img-size img_size."""
+    return detection_data.cached_pixels(detection_data.stored_image(image), scaled_size(sample, img_size))
 
 
 def detection_row(samples: list, hub, pixels: str | None, scale_to: int | None, k: int) -> dict:
@@ -201,7 +200,7 @@ def detection_row(samples: list, hub, pixels: str | None, scale_to: int | None, 
     image, objects = {"bytes": image_bytes(s, hub), "path": s.file_name}, {"bbox": xywh, "category": s.labels.tolist()}
     row = {"image_id": k, "image": image, "width": s.width, "height": s.height, "objects": objects}
     if pixels:  # evaluation reads its images at full size
-        row[pixels] = training_pixels(image["bytes"], s, scale_to) if scale_to else None
+        row[pixels] = training_pixels(image, s, scale_to) if scale_to else None
     return row
 
 
