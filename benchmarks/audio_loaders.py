@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import baseline_audio
 import torch
 import train_audio  # run.py puts scripts/ on the path
-from audio_data import CachedClips, load_audio_data
+from audio_data import TRAIN_SPAN, CachedClips, load_audio_data
 
 BATCH = 32
 
@@ -23,9 +23,7 @@ def launchkit_rate(data: Path, clip_seconds: float, cache_dir: Path, clips: int,
     args = train_audio.parse_args(argv)
     split = load_audio_data(str(data), fmt, clip_seconds=clip_seconds).splits["train"]
     num_samples = round(clip_seconds * args.sample_rate)
-    cached = CachedClips(
-        split, args.sample_rate, num_samples, cache_dir, label="train", span=num_samples * train_audio.TRAIN_SPAN
-    )
+    cached = CachedClips(split, args.sample_rate, num_samples, cache_dir, label="train", span=num_samples * TRAIN_SPAN)
     loader = train_audio.clip_loader(None, cached, args, SimpleNamespace(batch_size=BATCH), shuffle=True)  # no --streaming
     return rate(loader, clips)
 

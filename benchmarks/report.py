@@ -406,8 +406,8 @@ def streaming_section(results: dict) -> list[str]:
         "## Cached vs streaming",
         "",
         "Each training script from its data files through its decode cache, against the same script with --streaming "
-        "from the same data as parquet shards (scripts/make_shards.py; for detection also shards that hold the training "
-        "images decoded, make_shards.py --img-size), one mode after the other (benchmarks/streaming.py "
+        "from the same data as parquet shards (scripts/make_shards.py), and from shards that also hold the training "
+        "samples decoded (make_shards.py --pcm, --img-size), one mode after the other (benchmarks/streaming.py "
         f"says what each row measures). Machine: {machine['cpu']}, {machine['cpus']} CPUs, load average (1 min) "
         f"{' then '.join(f'{x:.2f}' for x in load)}"
         + (": **other work was running at the start**, do not quote these figures." if busy else "."),
@@ -418,11 +418,8 @@ def streaming_section(results: dict) -> list[str]:
     return lines
 
 
-STREAM_MODES = {"streaming": "streaming", "pixels": "streaming, shards with decoded training images"}
-
-
 def streaming_table(bench: dict, task: str, unit: str, what: str) -> list[str]:
-    run = bench[task]
+    run, modes = bench[task], {"streaming": "streaming", "decoded": f"streaming, shards with decoded training {unit}"}
     cached, inputs = run["modes"]["cached"], run["input_bytes"]
     streamed = {mode: row for mode, row in run["modes"].items() if mode != "cached"}
     rows = (
@@ -434,13 +431,13 @@ def streaming_table(bench: dict, task: str, unit: str, what: str) -> list[str]:
         ("peak memory, process tree (summed PSS)", "peak_pss_bytes", "{:.2f} GB", 1e9),
         ("disk besides the input (cache)", "disk_bytes", "{:.0f} MB", 1e6),
     )  # fmt: skip
-    shards = ", ".join(f"{inputs[mode] / 1e9:.2f} GB of shards ({STREAM_MODES[mode]})" for mode in streamed)
+    shards = ", ".join(f"{inputs[mode] / 1e9:.2f} GB of shards ({modes[mode]})" for mode in streamed)
     return [
         f"### {task}: {what}, batch {run['batch']}",
         "",
         f"Input: {inputs['files'] / 1e9:.2f} GB of files, {shards}.",
         "",
-        "| | cached | " + " | ".join(f"{STREAM_MODES[mode]} | / cached" for mode in streamed) + " |",
+        "| | cached | " + " | ".join(f"{modes[mode]} | / cached" for mode in streamed) + " |",
         "|---|---|" + "---|---|" * len(streamed),
         *(
             f"| {name} | {form.format(cached[key] / size)} | "
@@ -453,7 +450,7 @@ def streaming_table(bench: dict, task: str, unit: str, what: str) -> list[str]:
             line
             for mode, row in streamed.items()
             for line in (
-                f"Per worker, {STREAM_MODES[mode]} against cached (goal: within 10%): "
+                f"Per worker, {modes[mode]} against cached (goal: within 10%): "
                 f"{verdict(row['loader_samples_per_second'] / cached['loader_samples_per_second'], 0.9)}; in training, "
                 f"{ratio(row['train_samples_per_second'], cached['train_samples_per_second'])}. The runs per worker: "
                 f"cached {', '.join(f'{r:.0f}' for r in cached['loader_runs'])}; {mode} "

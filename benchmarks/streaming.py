@@ -1,8 +1,8 @@
 """Past one disk: each training script reading its decode cache against the same script with --streaming reading
 parquet shards made from the same data by make_shards.py. Audio: one-second 16 kHz clips (make_demo_audio.py's
 Speech Commands layout, 6 classes; shards of 1,000 rows). Detection: make_demo_detection.py's shapes at 320 px,
-trained at the default 224 px (the image cache holds them scaled; shards of 500 rows), and a third mode streaming
-shards that also hold the training images decoded at 224 px (make_shards.py --img-size 224: what the cache holds).
+trained at the default 224 px (the image cache holds them scaled; shards of 500 rows). A third mode streams shards that
+also hold the training samples decoded as the cache holds them (make_shards.py --pcm; --img-size 224).
 Per mode, one after the other:
 
 - time to the first optimizer step: the whole command of a one-step run, from an empty cache (the cached path
@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import detection_data
+import detection_data  # run.py puts scripts/ on the path
 import detection_model
 import make_demo_audio
 import make_demo_detection
 import make_shards
 import psutil
-import train_audio  # run.py puts scripts/ on the path
 import train_detection
 from accelerate import Accelerator
-from audio_data import StreamedClips, load_run_data
+from audio_data import TRAIN_SPAN, StreamedClips, load_run_data
 from audio_loaders import launchkit_rate, rate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from training_runs import REPO, Runner, repo_relative
@@ -44,13 +43,15 @@ WARM_STEPS = 10  # worker start-up, oneDNN kernel selection and the shuffle buff
 BATCH = {"audio": 32, "detection": 16}
 
 
-def audio_sets(root: Path, clips: int) -> tuple[Path, Path]:
-    """The clips as audio files, and as shards; each written once and kept for later runs."""
+def audio_sets(root: Path, clips: int) -> tuple[Path, Path, Path]:
+    """The clips as audio files, as shards, and as shards with the training clips decoded as the cache holds them;
+    each written once and kept for later runs."""
     folder, shards = root / f"speech_{clips}", root / f"speech_{clips}_shards"
     if not (folder / "validation_list.txt").exists():
         shutil.rmtree(folder, ignore_errors=True)
         make_demo_audio.main(["--output", str(folder), "--classes", "6", "--clips-per-class", str(clips // 6), "--seconds", "1"])
-    return folder, sharded("audio", folder, shards, 1000)
+    decoded = sharded("audio", folder, root / f"speech_{clips}_pcm", 1000, "--sample-rate", str(SAMPLE_RATE), "--pcm")
+    return folder, sharded("audio", folder, shards, 1000), decoded
 
 
 def detection_sets(root: Path, images: int) -> tuple[Path, Path, Path]:
@@ -117,7 +118,7 @@ def audio_loader_rate(streaming: bool, data: Path, cache: Path, count: int) -> f
     if not streaming:
         return launchkit_rate(data, 1.0, cache, count, fmt=None)
     split = load_run_data({"data": str(data), "streaming": True}).splits["train"]
-    clips = StreamedClips(split, SAMPLE_RATE, SAMPLE_RATE, SAMPLE_RATE * train_audio.TRAIN_SPAN, ("audio", "label"))
+    clips = StreamedClips(split, SAMPLE_RATE, SAMPLE_RATE, SAMPLE_RATE * TRAIN_SPAN, ("audio", "label"))
     return rate(clips.loader(Accelerator(cpu=True), BATCH["audio"], 1, 1000, 0), count)
 
 
@@ -148,12 +149,12 @@ def command(task: str, streaming: bool, data: Path, out: Path, cache: Path, *ext
 
 
 def compare(work: Path, task: str, files: Path, *shards: Path, steps: int, loader_samples: int) -> dict:
-    """Every mode of one task in turn (cached, streaming, and for detection pixels: the shards with decoded training
-    images): the measurements of the module's docstring."""
+    """Every mode of one task in turn (cached, streaming, and decoded: the shards with decoded training samples): the
+    measurements of the module's docstring."""
     runner, root, rows, commands = Runner(work), work / "streaming" / task, {}, []
     root.mkdir(parents=True, exist_ok=True)
     _, task_name, loader_rate, _ = TASKS[task]
-    modes = dict(zip(("cached", "streaming", "pixels"), (files, *shards), strict=False))  # pixels: detection's third
+    modes = dict(zip(("cached", "streaming", "decoded"), (files, *shards), strict=True))
     for mode, data in modes.items():
         cache, streaming = root / f"cache_{mode}", mode != "cached"
         shutil.rmtree(cache, ignore_errors=True)

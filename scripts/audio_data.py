@@ -60,6 +60,9 @@ MAX_RATIO_TERM = 2560  # the resampling kernel grows with the ratio's terms; 384
 CV_FILE, CV_METRICS = "cv_metrics.json", ("accuracy", "macro_f1")  # the cross-validation summary of --fold all
 ALL_FOLDS = "all"
 PADDING = -1  # --streaming: the target of rows that only even out the processes' evaluation batches
+# Training clips keep up to TRAIN_SPAN x --clip-seconds of their audio, for random crops: enough places to vary a clip's
+# window, while the training cache stays at most this many times the clip length per clip.
+TRAIN_SPAN = 3
 
 
 class DataError(SystemExit):
@@ -524,7 +527,8 @@ class ShardStream:
 def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioData:
     """--streaming: the splits of a shard folder or Hub id, read as training goes. Only the label column is read ahead
     (the class counts and the fingerprint need it): a ClassLabel, as make_shards.py writes it, or class ids (a
-    WebDataset's `.cls` files), then named by their numbers."""
+    WebDataset's `.cls` files), then named by their numbers. Columns of decoded samples (make_shards.py --pcm) stream
+    beside the audio."""
     import datasets
 
     streams, files, sources = open_streams(name)
@@ -541,7 +545,8 @@ def _streamed_dataset(name: str, audio_column: str, label_column: str) -> AudioD
     stored = datasets.Features({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
     for part, source in sources.items():
         targets = np.fromiter((row[label_column] for row in labels[source]), dtype=np.int64)
-        stream = streams[source].select_columns([audio_column, label_column]).cast_column(audio_column, stored)
+        decoded = [c for c in streams[source].column_names or [] if c.startswith("pcm_")]
+        stream = streams[source].select_columns([audio_column, label_column, *decoded]).cast_column(audio_column, stored)
         splits[part] = Split(ShardStream(stream, files.get(source, [])), targets, [f"{name}[{source}]"] * len(targets))
     names = label.names if isinstance(label, datasets.ClassLabel) else _class_ids(name, splits)
     notes = [f"streamed splits: {', '.join(f'{p}={s}' for p, s in sources.items())}"]
@@ -560,42 +565,60 @@ def _class_ids(name: str, splits: dict[str, Split]) -> list[str]:
 class StreamedClips:
     """--streaming: a split read from its shards while training, where CachedClips reads its cache: each process reads
     its share (datasets' split_dataset_by_node), training shuffles through a buffer, and each clip is decoded in a
-    DataLoader worker exactly as CachedClips decodes it. A clip that cannot be decoded is skipped with a warning."""
+    DataLoader worker exactly as CachedClips decodes it, or copied from the shards' samples decoded so (make_shards.py
+    --pcm). A clip that cannot be decoded is skipped with a warning."""
 
     def __init__(self, split: Split, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]):
         self.split, self.targets, self.skipped, self.num_samples = split, split.targets, [], num_samples
-        self.decode = partial(_decode_row, sample_rate=sample_rate, num_samples=num_samples, span=span, columns=columns)
+        stored = pcm_column(sample_rate, num_samples, span)
+        # Only the columns the workers read: a stream hands every column to Python, 32 kB of unused bytes per 1 s clip.
+        dataset = split.sources.dataset
+        kept = [stored, columns[1]] if stored in (dataset.column_names or []) else list(columns)
+        self.stream = dataset.select_columns(kept)
+        self.decode = partial(
+            _decode_row, sample_rate=sample_rate, num_samples=num_samples, span=span, columns=columns, stored=stored
+        )
 
     def __len__(self):
         return len(self.targets)
 
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int):
-        dataset = self.split.sources.dataset
-        stream = prepared_share(accelerator, dataset, self.decode, list(dataset.column_names or []), shuffle_buffer, seed)
+        stream = prepared_share(accelerator, self.stream, self.decode, shuffle_buffer, seed, batch_size)
         pad = None if shuffle_buffer else (lambda row: {**row, "target": PADDING})  # evaluation drops these rows
         return stream_loader(accelerator, stream, batch_size, workers, len(self), _collate_rows, pad)
 
     def first_windows(self, count: int) -> torch.Tensor:
         """The first `count` clips' first windows, for the log-mel mean/std (a stream has no evenly spaced rows)."""
-        rows = (self.decode(row) for row in self.split.sources.dataset.take(count))
+        rows = (self.decode(row) for row in self.stream.take(count))
         return torch.stack([fix_length(torch.from_numpy(r["wave"]), self.num_samples) for r in rows if r is not None])
 
 
-def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str]) -> dict | None:
-    """A streamed row as CachedClips gives a clip: the samples the cache keeps, padded to span so a batch stacks (None
-    for a clip that cannot be decoded)."""
-    audio, target = row[columns[0]], row[columns[1]]
-    try:
-        pcm = kept_pcm(read_audio(stored_file(audio), sample_rate, span), num_samples, span)
-    except BadClip as err:
-        print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
-        return None
-    return {"wave": np.pad(pcm, (0, span - len(pcm))) if len(pcm) < span else pcm, "target": target, "length": len(pcm)}
+def pcm_column(sample_rate: int, num_samples: int, span: int) -> str:
+    """The shards' column of int16 samples at sample_rate as a split with this clip length and span keeps them."""
+    return f"pcm_{sample_rate}_{num_samples}_{span}"
+
+
+def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, columns: tuple[str, str], stored=None):
+    """A streamed row as CachedClips gives a clip, unpadded (None for a clip that cannot be decoded)."""
+    if row.get(stored) is not None:
+        pcm = np.frombuffer(row[stored], dtype=PCM_DTYPE).astype(np.int16)  # native order, and writable for torch
+    else:
+        audio = row[columns[0]]
+        try:
+            pcm = kept_pcm(read_audio(stored_file(audio), sample_rate, span), num_samples, span)
+        except BadClip as err:
+            print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
+            return None
+    return {"wave": pcm, "target": row[columns[1]], "length": len(pcm)}
 
 
 def _collate_rows(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    waves = torch.stack([row["wave"] for row in rows])
-    return waves, torch.tensor([row["target"] for row in rows]), torch.tensor([row["length"] for row in rows])
+    """Clips padded with silence to the batch's longest, as CachedClips pads them to the split's."""
+    lengths = torch.tensor([row["length"] for row in rows])
+    waves = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int16)
+    for wave, row in zip(waves, rows, strict=True):
+        wave[: row["length"]] = row["wave"]
+    return waves, torch.tensor([row["target"] for row in rows]), lengths
 
 
 def _labelled_files(root: Path, labels: list[str], required: bool = True) -> list[tuple[str, int]]:
@@ -957,7 +980,7 @@ def cross_validate(args, train_fold):
 # ----------------------------------------------------------------------------- the data flags of train_audio.py
 
 
-def add_data_args(parser: argparse.ArgumentParser, train_span: int):
+def add_data_args(parser: argparse.ArgumentParser):
     """What --data holds and how its clips are read."""
     d = parser.add_argument_group("data")
     d.add_argument("--data", required=True, help="dataset folder, a save_to_disk folder, or a Hugging Face dataset id")
@@ -1005,7 +1028,7 @@ def add_data_args(parser: argparse.ArgumentParser, train_span: int):
         type=float,
         help="clips are cut or zero-padded to this length (default: 4 for UrbanSound8K, 5 for ESC-50, 1 otherwise). "
         f"Validation, test and predict take each clip's start; training takes a random window of the first "
-        f"{train_span} x this length of longer clips (a new place every epoch)",
+        f"{TRAIN_SPAN} x this length of longer clips (a new place every epoch)",
     )
     add_streaming_args(d, "clips")
     cache = cache_root() / "audio"

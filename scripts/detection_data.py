@@ -857,7 +857,7 @@ class StreamedImages(DetectionDataset):
         self.recent = RecentTiles(MOSAIC_POOL if self.mosaic else 1)
 
     def loader(self, accelerator, batch_size: int, workers: int, shuffle_buffer: int | None, seed: int, collate):
-        stream = prepared_share(accelerator, self.stream, self.prepare, ["image_id", "image"], shuffle_buffer, seed)
+        stream = prepared_share(accelerator, self.stream, self.prepare, shuffle_buffer, seed, batch_size)
         pad = None if shuffle_buffer else pad_row  # evaluation drops these rows
 
         def batch(rows):

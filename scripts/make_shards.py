@@ -2,7 +2,7 @@
 """Turn a dataset in any layout the training scripts read into parquet shards in the Hugging Face Hub's own layout,
 with the splits and labels training would use and every unusable file left out and listed.
 
-    python scripts/make_shards.py audio --data demo_data/speech_commands --output shards/speech --shard-size 500MB
+    python scripts/make_shards.py audio --data demo_data/speech_commands --output shards/speech --shard-size 500MB --pcm
     python scripts/make_shards.py audio --data us8k --fold 3 --output shards/us8k_fold3 --shard-size 2000
     python scripts/make_shards.py detection --data demo_data/shapes/data.yaml --output shards/shapes --img-size 640
     python scripts/train_audio.py --data shards/speech --format hub --output-dir runs/audio   # or load_dataset(folder)
@@ -12,13 +12,15 @@ OUTPUT gets data/{split}-{i:05d}-of-{n:05d}.parquet (splits train, validation, t
 _background_noise_, mixed in by training), README.md (rows and shards per split) and shards.json (rows and shards
 per split, every skipped file with its reason).
 Audio rows: audio (the clip's original file bytes: decoding happens later, in the DataLoader workers) and label (a
-ClassLabel). Detection rows: image_id (the row's number in its split), image (the original file bytes), width and
-height (of the upright image), objects{bbox (COCO [x, y, w, h] pixels), category (a ClassLabel)}: the columns
-`--format hub` reads; with --img-size N also pixels_N, each training image decoded and scaled as train_detection.py
---img-size N trains on it (what its image cache holds), so --streaming workers copy pixels instead of decoding. The
-data flags are those of train_audio.py and train_detection.py (audio's --cache-dir is not used); a fold dataset
-gives the shards of one --fold. Audio clips are decoded whole once (at --sample-rate) to find the unreadable ones;
-detection images are checked as training checks them."""
+ClassLabel); with --pcm also pcm_RATE_SAMPLES_SPAN, each training clip decoded as train_audio.py --sample-rate RATE
+--clip-seconds SAMPLES/RATE trains on it (what its cache holds: int16, at most SPAN samples), so --streaming workers
+copy samples instead of decoding. Detection rows: image_id (the row's number in its split), image (the original file
+bytes), width and height (of the upright image), objects{bbox (COCO [x, y, w, h] pixels), category (a ClassLabel)}:
+the columns `--format hub` reads; with --img-size N also pixels_N, each training image decoded and scaled as
+train_detection.py --img-size N trains on it (what its image cache holds). The data flags are those of train_audio.py
+and train_detection.py (audio's --cache-dir is not used); a fold dataset gives the shards of one --fold. Audio clips
+are decoded whole once (at --sample-rate) to find the unreadable ones; detection images are checked as training checks
+them."""
 
 import argparse
 import io
@@ -59,20 +61,22 @@ class SplitRows:
 
 class CheckClips(torch.utils.data.Dataset):
     """Decodes each clip with read_audio, as training does, so a clip is skipped for the reason training would give;
-    yields (index, size of the bytes stored, None) or (index, None, reason)."""
+    yields (index, size of the bytes stored, None) or (index, None, reason). kept: (clip length, span) in samples when
+    the row also stores the samples training keeps (--pcm)."""
 
-    def __init__(self, sources, sample_rate: int):
-        self.sources, self.sample_rate = sources, sample_rate
+    def __init__(self, sources, sample_rate: int, kept: tuple[int, int] | None):
+        self.sources, self.sample_rate, self.kept = sources, sample_rate, kept
 
     def __len__(self):
         return len(self.sources)
 
     def __getitem__(self, i):
         try:
-            audio_data.read_audio(self.sources[i], self.sample_rate)
-            return i, len(stored_audio(self.sources[i])), None
+            frames = len(audio_data.read_audio(self.sources[i], self.sample_rate))
         except audio_data.BadClip as err:
             return i, None, str(err)
+        pcm_bytes = 2 * min(max(frames, self.kept[0]), self.kept[1]) if self.kept else 0
+        return i, len(stored_audio(self.sources[i])) + pcm_bytes, None
 
 
 def stored_audio(source) -> bytes:
@@ -105,16 +109,24 @@ def audio_splits(args) -> tuple[datasets.Features, dict[str, SplitRows], dict]:
     data = audio_data.load_run_data(vars(args))
     root = Path(args.data)
     features = datasets.Features({"audio": datasets.Audio(), "label": datasets.ClassLabel(names=data.labels)})
+    num_samples = round((args.clip_seconds or audio_data.DEFAULT_CLIP_SECONDS[data.format]) * args.sample_rate)
+    kept = (num_samples, num_samples * audio_data.TRAIN_SPAN) if args.pcm else None
+    pcm = audio_data.pcm_column(args.sample_rate, *kept) if kept else None
+    if pcm:
+        features[pcm] = datasets.Value("binary")
     splits, skipped = {}, []
     for name, split in data.splits.items():
-        checked = decoded_in_order(CheckClips(split.sources, args.sample_rate), args.workers, f"checking {name} clips")
+        train_kept = kept if name == "train" else None  # evaluation decodes its clips
+        job = CheckClips(split.sources, args.sample_rate, train_kept)
+        checked = decoded_in_order(job, args.workers, f"checking {name} clips")
         sizes = {}
         for i, size, reason in checked:
             if reason is None:
                 sizes[i] = size
             else:  # the entry training's data_report.json has for the clip
                 skipped.append({"split": name, "path": split.names[i], "reason": reason})
-        splits[name] = SplitRows(list(sizes.values()), partial(audio_row, split, list(sizes), root))
+        row = partial(audio_row, split, list(sizes), root, pcm, args.sample_rate, train_kept)
+        splits[name] = SplitRows(list(sizes.values()), row)
     about = {"format": data.format, "notes": data.notes, "protocol": data.protocol, "labels": data.labels}
     about["checked_at_sample_rate"] = args.sample_rate
     if data.noise_files:  # the recordings augmentation mixes in, as the split training reads them from
@@ -123,9 +135,18 @@ def audio_splits(args) -> tuple[datasets.Features, dict[str, SplitRows], dict]:
     return features, splits, {**about, "skipped_count": len(skipped), "skipped": skipped}
 
 
-def audio_row(split: "audio_data.Split", kept: list[int], root: Path, k: int) -> dict:
-    audio = {"bytes": stored_audio(split.sources[kept[k]]), "path": relative(split.names[kept[k]], root)}
-    return {"audio": audio, "label": int(split.targets[kept[k]])}
+def audio_row(split: "audio_data.Split", rows: list[int], root: Path, pcm: str | None, rate: int, kept, k: int) -> dict:
+    source = split.sources[rows[k]]
+    row = {"audio": {"bytes": stored_audio(source), "path": relative(split.names[rows[k]], root)}}
+    row["label"] = int(split.targets[rows[k]])
+    if pcm:  # what train_audio.py's cache holds for the clip
+        row[pcm] = training_pcm(source, rate, *kept) if kept else None
+    return row
+
+
+def training_pcm(source, sample_rate: int, num_samples: int, span: int) -> bytes:
+    wave = audio_data.read_audio(source, sample_rate, span)
+    return audio_data.kept_pcm(wave, num_samples, span).astype(audio_data.PCM_DTYPE).tobytes()
 
 
 def noise_row(files: list[str], root: Path, k: int) -> dict:
@@ -241,7 +262,9 @@ def write_shards(folder: Path, split: str, rows: SplitRows, features: datasets.F
     plain = datasets.Features({c: BYTES if isinstance(f, media) else f for c, f in features.items()})
     shards = plan_shards(rows.sizes, shard_size)
     for i, shard in enumerate(shards):
-        table = datasets.Dataset.from_list([rows.row(k) for k in shard], features=plain).cast(features)
+        # A column a split does not fill (the noise split's pcm) is null in its rows.
+        table = datasets.Dataset.from_list([dict.fromkeys(features) | rows.row(k) for k in shard], features=plain)
+        table = table.cast(features)
         table.to_parquet(str(folder / f"{split}-{i:05d}-of-{len(shards):05d}.parquet"))
     return len(shards)
 
@@ -264,7 +287,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
     audio = tasks.add_parser("audio", help="the layouts of train_audio.py")
-    audio_data.add_data_args(audio, train_span=3)  # train_audio.TRAIN_SPAN, for the --clip-seconds help
+    audio_data.add_data_args(audio)
     detection = tasks.add_parser("detection", help="the layouts of train_detection.py")
     detection.add_argument("--data", required=True, help="YOLO data.yaml, COCO instances .json, or a Hub id (--format hub)")
     detection.add_argument("--format", choices=detection_data.FORMATS, help="layout of --data (default: from the path)")
@@ -275,6 +298,13 @@ def parse_args(argv=None):
         type=int,
         help="also store each training image decoded and scaled as train_detection.py --img-size N trains on it (column "
         "pixels_N, about 3 x N x N bytes per image): --streaming workers then copy pixels instead of decoding",
+    )
+    audio.add_argument(
+        "--pcm",
+        action="store_true",
+        help="also store each training clip decoded as train_audio.py trains on it at --sample-rate and --clip-seconds "
+        "(column pcm_RATE_SAMPLES_SPAN: int16, 2 bytes a sample): --streaming workers then copy samples instead of "
+        "decoding",
     )
     audio.add_argument("--workers", type=int, default=4, help="processes checking that clips decode (default 4)")
     for sub in (audio, detection):

@@ -100,14 +100,11 @@ SCHEDULES = ("cosine", "onecycle")
 ORDER_ARGS = ("model", "nominal_batch_size", "epochs", "seed", "fold", "val_fold", "val_fraction", "no_augment", "sync_bn")
 METRIC = Path(__file__).resolve().parent / "metrics" / "classification"  # an evaluate module, loaded by path
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
-# Training clips keep up to TRAIN_SPAN x --clip-seconds of their audio in the cache, for random crops: enough
-# places to vary a clip's window, while the training cache stays at most this many times the clip length per clip.
-TRAIN_SPAN = 3
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPELLINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    audio_data.add_data_args(parser, TRAIN_SPAN)
+    audio_data.add_data_args(parser)
     m = parser.add_argument_group("model and features")
     m.add_argument("--model", default="resnet18", help="any torchvision classification model name (default resnet18)")
     m.add_argument("--pretrained", action="store_true", help="start from ImageNet weights cached in the torch hub folder")
@@ -334,12 +331,12 @@ def run_fingerprint(accelerator, args, plan, data, config) -> dict:
 def decode_splits(args, data, config) -> dict[str, audio_data.CachedClips]:
     """Decode once, cache, reuse. Every process asks for the cache; the first to take its file lock decodes,
     the others wait on the lock (not on a collective, which would time out while a large data set decodes).
-    The training split keeps up to TRAIN_SPAN clip lengths of each clip, for random crops."""
+    The training split keeps up to audio_data.TRAIN_SPAN clip lengths of each clip, for random crops."""
     num_samples, clips = audio_model.clip_samples(config), {}
     for name, split in data.splits.items():
         if args.eval_only and name == "train":
             continue
-        span = num_samples * (TRAIN_SPAN if name == "train" and not args.no_augment else 1)
+        span = num_samples * (audio_data.TRAIN_SPAN if name == "train" and not args.no_augment else 1)
         if args.streaming:
             clips[name] = audio_data.StreamedClips(
                 split, config["sample_rate"], num_samples, span, (args.audio_column, args.label_column)

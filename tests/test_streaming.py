@@ -181,3 +181,36 @@ def test_streaming_refuses_what_a_stream_cannot_do(speech, tmp_path):
     assert proc.returncode != 0 and "--streaming trains on shards made for one split" in proc.stderr
     proc = run_script("train_audio.py", "--data", speech, "--streaming", "--output-dir", tmp_path / "run", check=False)
     assert proc.returncode != 0 and "needs a train and a validation split" in proc.stderr
+
+
+def test_shards_with_training_pcm_stream_the_caches_clips_without_decoding(speech, tmp_path, monkeypatch):
+    """make_shards.py --pcm stores each training clip as the cache holds it: streamed with that clip length, every
+    training batch holds the cache's samples, byte for byte, with no clip decoded; with another span the clips are
+    decoded (the cache's samples for that span), and evaluation splits decode theirs."""
+    num_samples, span = RATE // 4, RATE * 3 // 4  # 0.25 s clips, kept up to 0.75 s: the 0.5 s clips whole
+    decoded = tmp_path / "decoded"
+    args = ["--sample-rate", str(RATE), "--clip-seconds", "0.25", "--shard-size", "8", "--pcm"]
+    make_shards.main(["audio", "--data", str(speech), "--output", str(decoded), *args])
+    column = audio_data.pcm_column(RATE, num_samples, span)
+    data = audio_data.load_run_data({"data": str(decoded), "streaming": True})
+    assert all(row[column] is None for row in data.splits["val"].sources.dataset)  # evaluation decodes its clips
+
+    def batches(end: int) -> list[tuple[bytes, int]]:
+        clips = audio_data.StreamedClips(data.splits["train"], RATE, num_samples, end, ("audio", "label"))
+        return [
+            (wave[:length].numpy().tobytes(), int(target))
+            for waves, targets, lengths in clips.loader(Accelerator(cpu=True), 4, 0, None, 0)
+            for wave, target, length in zip(waves, targets, lengths, strict=True)
+        ]
+
+    def cached(end: int) -> list[tuple[bytes, int]]:
+        split = audio_data.load_run_data({"data": str(speech)}).splits["train"]
+        cache = audio_data.CachedClips(split, RATE, num_samples, tmp_path / "cache", span=end)
+        return [(wave[:length].numpy().tobytes(), target) for wave, target, length in (cache[i] for i in range(len(cache)))]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(audio_data, "read_audio", None)  # decoding any clip fails
+        stored = batches(span)
+    assert len(stored) == 51 and stored == cached(span)
+    assert {len(wave) // 2 for wave, _ in stored} == {RATE // 2}  # whole clips, not padded to the span
+    assert batches(num_samples) == cached(num_samples)
