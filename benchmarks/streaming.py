@@ -7,9 +7,9 @@ Per mode, one after the other:
 
 - time to the first optimizer step: the whole command of a one-step run, from an empty cache (the cached path
   decodes every training sample before that step; streaming reads the label or box columns and starts);
-- samples/s per DataLoader worker: the training loader alone with one worker, in this process (the cache is warm),
-  after both modes have run: the modes in turn, LOADER_RUNS times, the median of each (two shared cores vary by 20%
-  from one run to the next);
+- samples/s per DataLoader worker: the training loader alone with one worker, in this process, after every mode has
+  run: each mode once untimed (its data into the page cache: the worker's own work is measured, not the disk's), then
+  the modes in turn, LOADER_RUNS times, the median of each (two shared cores vary by 20% from one run to the next);
 - steady-state training samples/s with --workers 2: the step times TensorBoard logged, from step 10 to the last;
 - peak memory of the whole process tree, workers included, as the sum of each process's proportional set size (PSS:
   a page shared by n processes counts 1/n in each, where summed RSS would count the forked workers' shared pages again
@@ -171,6 +171,8 @@ def compare(work: Path, task: str, files: Path, *shards: Path, steps: int, loade
             "loader_runs": [],
         }
         commands += [" ".join(repo_relative(c) for c in cmd) for cmd in (first, steady)]
+    for mode, data in modes.items():  # untimed: each mode's data into the page cache, where the cache's is after its build
+        loader_rate(mode != "cached", data, root / f"cache_{mode}", loader_samples)
     for _ in range(LOADER_RUNS):  # the modes in turn, so that a slow spell of the machine touches each alike
         for mode, data in modes.items():
             rows[mode]["loader_runs"].append(loader_rate(mode != "cached", data, root / f"cache_{mode}", loader_samples))
