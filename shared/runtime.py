@@ -24,7 +24,6 @@ from accelerate.utils import (
     ProjectConfiguration,
     find_executable_batch_size,
     gather,
-    recursively_apply,
     set_seed,
 )
 
@@ -359,12 +358,24 @@ class EvenBatches(torch.utils.data.IterableDataset):
 
 
 def as_arrays(rows: list):
-    """A worker's rows with their tensors as numpy arrays (pickled with the rows), as_tensors undoes it."""
-    return recursively_apply(lambda tensor: tensor.numpy(), rows)
+    """A worker's rows with their tensors as numpy arrays (pickled with the rows), as_tensors undoes it. A walk of
+    our own: accelerate's recursively_apply, which handles every container, cost 5-10 us a row on each side, and
+    streamed clips came 20% faster without it."""
+    return _converted(rows, torch.Tensor, torch.Tensor.numpy)
 
 
 def as_tensors(rows: list):
-    return recursively_apply(torch.from_numpy, rows, test_type=lambda x: isinstance(x, np.ndarray))
+    return _converted(rows, np.ndarray, torch.from_numpy)
+
+
+def _converted(value, kind: type, convert):
+    if isinstance(value, kind):
+        return convert(value)
+    if isinstance(value, dict):
+        return {key: _converted(item, kind, convert) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_converted(item, kind, convert) for item in value)
+    return value
 
 
 def prepared_share(accelerator: Accelerator, stream, prepare, shuffle_buffer: int | None, seed: int, size: int):
