@@ -616,7 +616,7 @@ def _decode_row(row: dict, sample_rate: int, num_samples: int, span: int, column
     else:
         audio = row[columns[0]]
         try:
-            pcm = kept_pcm(read_audio(stored_file(audio), sample_rate, span), num_samples, span)
+            pcm = kept_pcm(stored_file(audio), sample_rate, num_samples, span)
         except BadClip as err:
             print(f"warning: skipped clip {audio.get('path')} of the stream ({err})", flush=True)
             return None
@@ -745,9 +745,10 @@ def to_pcm16(wave: torch.Tensor) -> np.ndarray:
     return (within_full_scale(wave) * 32767).round().to(torch.int16).numpy()
 
 
-def kept_pcm(wave: torch.Tensor, num_samples: int, span: int) -> np.ndarray:
-    """What a clip keeps for training: at most its first span samples, at least num_samples (short clips padded with
-    silence), as int16."""
+def kept_pcm(source, sample_rate: int, num_samples: int, span: int) -> np.ndarray:
+    """What the cache keeps of a clip (read_audio's sources) at sample_rate: at most its first span samples, at least
+    num_samples (short clips padded with silence), as int16. BadClip as read_audio."""
+    wave = read_audio(source, sample_rate, span)
     return to_pcm16(fix_length(wave, min(max(wave.shape[-1], num_samples), span)))
 
 
@@ -760,7 +761,7 @@ class _DecodeJob(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, kept_pcm(read_audio(self.sources[i], self.sample_rate, self.span), self.num_samples, self.span), None
+            return i, kept_pcm(self.sources[i], self.sample_rate, self.num_samples, self.span), None
         except BadClip as err:
             return i, None, str(err)
 

@@ -139,14 +139,9 @@ def audio_row(split: "audio_data.Split", rows: list[int], root: Path, pcm: str |
     source = split.sources[rows[k]]
     row = {"audio": {"bytes": stored_audio(source), "path": relative(split.names[rows[k]], root)}}
     row["label"] = int(split.targets[rows[k]])
-    if pcm:  # what train_audio.py's cache holds for the clip
-        row[pcm] = training_pcm(source, rate, *kept) if kept else None
+    if kept:  # what train_audio.py's cache holds for the clip
+        row[pcm] = audio_data.kept_pcm(source, rate, *kept).astype(audio_data.PCM_DTYPE).tobytes()
     return row
-
-
-def training_pcm(source, sample_rate: int, num_samples: int, span: int) -> bytes:
-    wave = audio_data.read_audio(source, sample_rate, span)
-    return audio_data.kept_pcm(wave, num_samples, span).astype(audio_data.PCM_DTYPE).tobytes()
 
 
 def noise_row(files: list[str], root: Path, k: int) -> dict:
@@ -220,8 +215,8 @@ def detection_row(samples: list, hub, pixels: str | None, scale_to: int | None, 
     xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in s.boxes.tolist()]  # the Hub's COCO convention
     image, objects = {"bytes": image_bytes(s, hub), "path": s.file_name}, {"bbox": xywh, "category": s.labels.tolist()}
     row = {"image_id": k, "image": image, "width": s.width, "height": s.height, "objects": objects}
-    if pixels:  # evaluation reads its images at full size
-        row[pixels] = training_pixels(image, s, scale_to) if scale_to else None
+    if scale_to:  # evaluation reads its images at full size
+        row[pixels] = training_pixels(image, s, scale_to)
     return row
 
 
@@ -262,7 +257,7 @@ def write_shards(folder: Path, split: str, rows: SplitRows, features: datasets.F
     plain = datasets.Features({c: BYTES if isinstance(f, media) else f for c, f in features.items()})
     shards = plan_shards(rows.sizes, shard_size)
     for i, shard in enumerate(shards):
-        # A column a split does not fill (the noise split's pcm) is null in its rows.
+        # A column a split does not fill (decoded samples outside training) is null in its rows.
         table = datasets.Dataset.from_list([dict.fromkeys(features) | rows.row(k) for k in shard], features=plain)
         table = table.cast(features)
         table.to_parquet(str(folder / f"{split}-{i:05d}-of-{len(shards):05d}.parquet"))

@@ -19,13 +19,7 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.data_loader import DataLoaderShard
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    ProjectConfiguration,
-    find_executable_batch_size,
-    gather,
-    set_seed,
-)
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, find_executable_batch_size, gather, set_seed
 
 # files_fingerprint reads this much at each file's start, middle and end: enough to tell a replaced file, cheap for 100k.
 SAMPLED_BYTES = 4096
